@@ -1,0 +1,153 @@
+"""The one configuration object of IMoE-Ray.
+
+Every stage reads its settings from `Config`; nothing else looks at the environment.
+A YAML file gives the settings, `--set section.field=value` on the CLI overrides them, and
+pydantic validates the result once, at the edge, with messages that name the bad field.
+Every field has a default that works offline on a laptop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(_Section):
+    path: str | None = Field(None, description="HF dataset id or path, .txt/.jsonl/.parquet file, or a directory of them")
+    text_column: str = "text"
+    id_column: str | None = Field("id", description="column with stable ids; generated from the text when absent")
+    split: str = Field("train", description="split to read from a Hugging Face dataset")
+    chunk_tokens: int = Field(256, ge=16, le=8192, description="chunk length in encoder tokens")
+    chunk_overlap: int = Field(32, ge=0, description="tokens shared by neighbouring chunks")
+    min_chunk_tokens: int = Field(8, ge=1, description="shorter trailing chunks are merged into the previous one")
+
+    @model_validator(mode="after")
+    def _overlap_below_length(self) -> "CorpusConfig":
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
+class EmbeddingConfig(_Section):
+    encoder: str = Field(DEFAULT_ENCODER, description="'embedded:all-MiniLM-L6-v2', a HF model id, or a local directory")
+    batch_size: int = Field(64, ge=1)
+    max_tokens: int = Field(256, ge=8, description="truncation length when encoding")
+    concurrency: int | None = Field(None, ge=1, description="embedding actors; default: one per GPU, else one per 2 CPUs")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per actor; default: CPUs per actor")
+    part_rows: int = Field(2048, ge=1, description="rows per resumable embedding part file")
+
+
+class DiscoveryConfig(_Section):
+    max_categories: int | None = Field(None, ge=2, description="optional cap on n_C; n_C itself is found automatically")
+    min_cluster_fraction: float = Field(0.01, gt=0, lt=0.5, description="smallest category as a fraction of the chunks")
+    min_cluster_size: int = Field(8, ge=2, description="smallest category in chunks (the larger of this and the fraction wins)")
+    reduce_dims: int = Field(10, ge=2, description="UMAP dimensions before density clustering")
+    n_neighbors: int = Field(15, ge=2)
+    threshold: float = Field(0.2, gt=0, lt=1, description="t_C: membership above which a chunk belongs to a category")
+    complexity_k: float = Field(0.0, ge=0, description="k of t_C = t_base*(1-log(1+k*c)/log(1+k)); 0 keeps t_C fixed")
+    n_keywords: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class ShardingConfig(_Section):
+    write_lancedb: bool = True
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray")
+    include_dashboard: bool = False
+
+
+class Config(_Section):
+    store: str = Field("store", description="local directory or any URI pyarrow.fs opens")
+    corpus: CorpusConfig = CorpusConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    sharding: ShardingConfig = ShardingConfig()
+    ray: RayConfig = RayConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections, used by stage manifests to detect changes."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+Stage = Literal["ingest", "embed", "discover", "shard"]
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override's value the way YAML would ('3' -> 3, 'null' -> None, 'a' -> 'a')."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        dotted, value = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} names no field")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = _parse_scalar(value)
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
+    """Build the validated Config from an optional YAML file, CLI overrides and explicit fields.
+
+    Precedence, lowest first: defaults, the YAML file, `overrides`, `fields` (dotted keys allowed).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    explicit = [f"{k}={json.dumps(v)}" for k, v in fields.items() if v is not None]
+    data = apply_overrides(data, explicit)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
