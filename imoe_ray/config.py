@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -82,16 +82,19 @@ class Config(_Section):
     sharding: ShardingConfig = ShardingConfig()
     ray: RayConfig = RayConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named sections, used by stage manifests to detect changes."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+    def fields_hash(self, *names: str) -> str:
+        """A short stable hash of the named sections or dotted fields ("corpus", "embedding.encoder"),
+        used by stage manifests to tell whether a stage's settings changed."""
+        payload = {}
+        for name in names:
+            value: Any = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            payload[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-Stage = Literal["ingest", "embed", "discover", "shard"]
 
 
 def _parse_scalar(text: str) -> Any:
@@ -127,12 +130,21 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
-    """Build the validated Config from an optional YAML file, CLI overrides and explicit fields.
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-    Precedence, lowest first: defaults, the YAML file, `overrides`, `fields` (dotted keys allowed).
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None, **fields: Any) -> Config:
+    """Build the validated Config from a base mapping, an optional YAML file, CLI overrides and fields.
+
+    Precedence, lowest first: defaults, `base` (e.g. the settings a store was built with), the YAML
+    file, `overrides` ("section.field=value"), `fields` (keyword names with "__" for ".").
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -143,9 +155,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
-        data = loaded
+        data = _merge(data, loaded)
     data = apply_overrides(data, list(overrides or []))
-    explicit = [f"{k}={json.dumps(v)}" for k, v in fields.items() if v is not None]
+    explicit = [f"{k.replace('__', '.')}={json.dumps(v)}" for k, v in fields.items() if v is not None]
     data = apply_overrides(data, explicit)
     try:
         return Config.model_validate(data)

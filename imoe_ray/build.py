@@ -1,0 +1,79 @@
+"""The build: stages run in order over one store; each is skipped when its manifest says it is
+up to date, and resumed (not redone) when a previous run was cut off."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from imoe_ray.cluster import init_ray
+from imoe_ray.config import Config
+from imoe_ray.corpus import stage as ingest
+from imoe_ray.discovery import stage as discover
+from imoe_ray.embedding import stage as embed
+from imoe_ray.sharding import stage as shard
+from imoe_ray.store import StageManifest, Store
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    settings: tuple[str, ...]  # config fields whose change invalidates the stage
+    run: Callable[..., dict]
+    summary: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), ingest.run,
+          "read and chunk the corpus"),
+    Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)"),
+    Stage("discover", ("discovery", "corpus.chunk_tokens"), discover.run, "discover categories (HDBSCAN)"),
+    Stage("shard", ("sharding",), shard.run, "write per-category Parquet shards and LanceDB tables"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _fingerprint(manifest: StageManifest) -> str:
+    return hashlib.sha256(f"{manifest.config_hash}|{manifest.inputs}|{manifest.finished_at}".encode()).hexdigest()[:16]
+
+
+def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report: Report = print) -> dict[str, StageManifest]:
+    """Run every stage up to and including `until`; returns the manifests of the stages run or skipped."""
+    if until not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
+    store = Store(cfg.store)
+    store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
+    upstream = ingest.corpus_fingerprint(cfg)
+    init_ray(cfg.ray)
+    done: dict[str, StageManifest] = {}
+    for stage in STAGES:
+        manifest = _run_stage(stage, store, cfg, upstream, force, report)
+        done[stage.name] = manifest
+        upstream = _fingerprint(manifest)
+        if stage.name == until:
+            break
+    return done
+
+
+def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bool, report: Report) -> StageManifest:
+    config_hash = cfg.fields_hash(*stage.settings)
+    inputs = {"upstream": upstream}
+    previous = StageManifest.load(store, stage.name)
+    if previous and previous.matches(config_hash, inputs) and not force:
+        report(f"[{stage.name}] up to date, skipped ({stage.summary})")
+        return previous
+    resume = bool(previous and not previous.complete and previous.config_hash == config_hash
+                  and previous.inputs == inputs and not force)
+    report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
+    manifest = StageManifest(stage.name, config_hash, inputs)
+    manifest.save(store)
+    started = time.perf_counter()
+    manifest.metrics = stage.run(store, cfg, resume, report)
+    manifest.timings_s = {"total": round(time.perf_counter() - started, 3)}
+    manifest.finish(store)
+    report(f"[{stage.name}] done in {manifest.timings_s['total']:.1f}s")
+    return manifest

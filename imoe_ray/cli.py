@@ -1,0 +1,226 @@
+"""`imoe`: one command line for every stage of IMoE-Ray.
+
+Every command reads the one configuration: the settings a store was built with (DIR/config.yaml),
+then `--config FILE`, then `--set section.field=value`, then the command's own options.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from imoe_ray.config import Config, ConfigError, load_config
+
+console = Console(stderr=True)
+app = typer.Typer(
+    help="IMoE-Ray: turn a raw text corpus into a served mixture of experts, on Ray.\n\n"
+         "Start with `imoe sample-corpus corpus.jsonl`, then "
+         "`imoe build --corpus corpus.jsonl --store store`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Measure a built store against held-out data.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file.")
+SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set discovery.threshold=0.3 (repeatable).")
+StoreOpt = typer.Option("store", "--store", "-s", help="Store directory or URI: where every stage writes.")
+
+
+def _stored_settings(store: str) -> dict[str, Any]:
+    path = Path(store) / "config.yaml"
+    if "://" in store or not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def resolve_config(store: str, config: Optional[Path], overrides: Optional[list[str]], **fields: Any) -> Config:
+    """The configuration a command runs with (see the module docstring for precedence)."""
+    return load_config(config, overrides, base=_stored_settings(store), store=store, **fields)
+
+
+def _categories_table(store_uri: str) -> Table:
+    from imoe_ray.discovery.stage import ASSIGNMENTS, load_model
+    from imoe_ray.store import Store
+
+    store = Store(store_uri)
+    model = load_model(store)
+    top = store.read_table(*ASSIGNMENTS, columns=["top_category"]).column("top_category").to_numpy()
+    table = Table(title=f"{len(model.categories)} categories discovered (t_C = {model.threshold:.2f})")
+    for col, kw in (("id", {"justify": "right"}), ("name", {}), ("chunks", {"justify": "right"}),
+                    ("share", {"justify": "right"}), ("top keywords", {})):
+        table.add_column(col, **kw)
+    for c in model.categories:
+        n = int((top == c.id).sum())
+        table.add_row(str(c.id), c.name, str(n), f"{n / max(1, len(top)):.1%}", ", ".join(c.keywords[:6]))
+    none = int((top < 0).sum())
+    table.add_row("-1", "(none: goes to every expert)", str(none), f"{none / max(1, len(top)):.1%}", "", style="dim")
+    return table
+
+
+@app.command()
+def build(
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="HF dataset id/path, .txt/.jsonl/.parquet file or directory."),
+    store: str = StoreOpt,
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text [text]."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids [id]; generated if absent."),
+    until: str = typer.Option("shard", "--until", help="Last stage to run: ingest, embed, discover or shard."),
+    force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run the pipeline: read → chunk → embed → discover categories → shard per category."""
+    from imoe_ray.build import STAGE_NAMES, build as run_build
+
+    if until not in STAGE_NAMES:
+        raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
+    cfg = resolve_config(store, config, overrides, corpus__path=corpus, corpus__text_column=text_column,
+                         corpus__id_column=id_column)
+    manifests = run_build(cfg, until=until, force=force, report=lambda m: console.print(m, highlight=False))
+    if "discover" in manifests:
+        console.print(_categories_table(cfg.store))
+    console.print(f"[green]build finished[/] up to '{until}' in store {cfg.store}")
+
+
+@app.command()
+def discover(
+    store: str = StoreOpt,
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus, if the store has not read one yet."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Discover the corpus's categories (runs what discovery needs first) and show them as a table."""
+    build(corpus=corpus, store=store, text_column=None, id_column=None, until="discover", force=False,
+          config=config, overrides=overrides)
+
+
+@app.command("sample-corpus")
+def sample_corpus(
+    out: Path = typer.Argument(..., help="Output file (.jsonl or .parquet)."),
+    per_domain: int = typer.Option(150, "--per-domain", min=1, help="Passages per domain."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Build an offline multi-domain corpus of real documentation text found on this machine."""
+    from imoe_ray.corpus.sample import build_sample_corpus
+
+    summary = build_sample_corpus(out, per_domain=per_domain, seed=seed)
+    table = Table(title=f"sample corpus: {summary['rows']} passages in {summary['seconds']:.1f}s → {summary['path']}")
+    table.add_column("domain (evaluation only)")
+    table.add_column("passages", justify="right")
+    for domain, n in summary["domains"].items():
+        table.add_row(domain, str(n))
+    console.print(table)
+
+
+@app.command()
+def quickstart(
+    store: str = typer.Option("store", "--store", "-s", help="Store directory to build into."),
+    per_domain: int = typer.Option(150, "--per-domain", min=1, help="Sample-corpus passages per domain."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Everything on the embedded defaults: make the sample corpus, build the store, show the categories
+    and how well they match the corpus's domains (labels used for this evaluation only)."""
+    from imoe_ray.evaluation.discovery import evaluate_discovery
+    from imoe_ray.store import Store
+
+    corpus = Path(store) / "sample-corpus.jsonl"
+    if not corpus.exists():
+        Path(store).mkdir(parents=True, exist_ok=True)
+        sample_corpus(out=corpus, per_domain=per_domain, seed=0)
+    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until="shard", force=False,
+          config=config, overrides=overrides)
+    cfg = resolve_config(store, config, overrides)
+    scores = evaluate_discovery(Store(store), cfg, str(corpus), "domain")
+    console.print(f"discovery against the sample corpus's domains: NMI {scores['nmi']}, ARI {scores['ari']}, "
+                  f"{scores['n_categories']} categories for {scores['n_labels']} domains, "
+                  f"{scores['noise_fraction']:.1%} in no category")
+    console.print(f"store: {Path(store).resolve()}  (inspect with `imoe status --store {store}`)")
+
+
+@app.command()
+def status(store: str = StoreOpt) -> None:
+    """Show which stages of a store are complete, with their timings and metrics."""
+    from imoe_ray.build import STAGE_NAMES
+    from imoe_ray.store import StageManifest, Store
+
+    s = Store(store)
+    table = Table(title=f"store {s.uri}")
+    for col in ("stage", "state", "seconds", "finished", "metrics"):
+        table.add_column(col)
+    for name in STAGE_NAMES:
+        m = StageManifest.load(s, name)
+        if m is None:
+            table.add_row(name, "not run", "", "", "")
+            continue
+        metrics = {k: v for k, v in m.metrics.items() if not isinstance(v, (dict, list))}
+        table.add_row(name, "complete" if m.complete else "[yellow]interrupted[/]",
+                      str(m.timings_s.get("total", "")), m.finished_at or "", json.dumps(metrics))
+    console.print(table)
+
+
+@app.command("config")
+def show_config(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Print the resolved configuration as YAML (a starting point for --config)."""
+    typer.echo(resolve_config(store, config, overrides).to_yaml())
+
+
+@eval_app.command("discovery")
+def eval_discovery(
+    store: str = StoreOpt,
+    labels: str = typer.Option(..., "--labels", help="Corpus file with a label column (kept only for evaluation)."),
+    label_column: str = typer.Option("domain", "--label-column"),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Compare discovered categories with known labels: prints JSON with nmi, ari, n_categories, noise_fraction."""
+    from imoe_ray.evaluation.discovery import evaluate_discovery
+    from imoe_ray.store import Store
+
+    cfg = resolve_config(store, config, overrides)
+    typer.echo(json.dumps(evaluate_discovery(Store(store), cfg, labels, label_column), indent=2))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from imoe_ray.corpus.readers import CorpusError
+    from imoe_ray.embedding.encoder import EncoderError
+    from imoe_ray.store.store import StoreError
+
+    return ConfigError, CorpusError, EncoderError, StoreError, FileNotFoundError
+
+
+def main() -> None:
+    """Entry point: user errors become one clear message and exit status 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[red]aborted[/]")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, _user_errors()):
+            console.print(f"[red]error:[/] {e}", highlight=False)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

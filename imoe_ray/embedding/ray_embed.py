@@ -1,0 +1,73 @@
+"""Embedding on Ray Data: a callable class on an actor pool, GPUs when the cluster has them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from imoe_ray.config import EmbeddingConfig
+from imoe_ray.embedding.encoder import Encoder
+
+
+class EmbedBatch:
+    """One encoder per actor; maps a batch of chunks to (chunk_id, embedding)."""
+
+    def __init__(self, encoder: str, max_tokens: int, batch_size: int, text_column: str,
+                 num_threads: int | None = None, device: str | None = None):
+        self.encoder = Encoder(encoder, max_tokens=max_tokens, device=device, num_threads=num_threads)
+        self.batch_size = batch_size
+        self.text_column = text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column(self.text_column).to_pylist()
+        vectors = self.encoder.encode(texts, batch_size=self.batch_size)
+        return pa.table({
+            "chunk_id": batch.column("chunk_id"),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]),
+        })
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many embedding actors, and what each one reserves."""
+    concurrency: int
+    num_cpus: float
+    num_gpus: float
+    num_threads: int
+
+
+def plan_actors(cfg: EmbeddingConfig, cluster: dict[str, float]) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; otherwise CPU actors of `num_threads` threads each."""
+    gpus = int(cluster.get("GPU", 0))
+    cpus = max(1, int(cluster.get("CPU", 1)))
+    if gpus > 0:
+        return ActorPlan(cfg.concurrency or gpus, num_cpus=1, num_gpus=1, num_threads=cfg.num_threads or 1)
+    threads = cfg.num_threads or 1
+    concurrency = cfg.concurrency or max(1, cpus // threads)
+    return ActorPlan(concurrency, num_cpus=threads, num_gpus=0, num_threads=threads)
+
+
+def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str) -> "ray.data.Dataset":
+    """Add embeddings to a dataset of chunks (columns `chunk_id` and the text column)."""
+    plan = plan_actors(cfg, ray.cluster_resources())
+    return ds.map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs=dict(encoder=cfg.encoder, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                                   text_column=text_column, num_threads=plan.num_threads,
+                                   device="cuda" if plan.num_gpus else "cpu"),
+        batch_size=cfg.batch_size * 4,
+        batch_format="pyarrow",
+        concurrency=plan.concurrency,
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+    )
+
+
+def embeddings_matrix(table: pa.Table) -> np.ndarray:
+    """The `embedding` column of a table as an (n, dim) float32 array."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

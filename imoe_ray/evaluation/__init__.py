@@ -1,0 +1,1 @@
+"""Evaluation of each stage against held-out labels or text."""

@@ -1,0 +1,1 @@
+"""Sharding: every chunk classified, one Parquet shard and one LanceDB table per category."""

@@ -1,0 +1,85 @@
+"""The shard stage: classify every chunk, write `shards/<category>/` (Parquet) and `kb/` (LanceDB).
+
+A chunk goes to every category above t_C; a chunk in none goes to every category (flagged
+`fallback`), so no text is lost to the experts. Until a trained router exists the classifier is
+the discovery model's memberships.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from imoe_ray.config import Config
+from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
+from imoe_ray.store import Store
+
+SHARDS = "shards"
+KB = "kb"
+INDEX = (SHARDS, "index.json")
+
+
+def in_category(categories: pa.ChunkedArray | pa.Array, category: int) -> pa.Array:
+    """Row-wise: does the chunk belong to `category`? Chunks in no category belong to all."""
+    lists = categories.combine_chunks() if isinstance(categories, pa.ChunkedArray) else categories
+    hit = np.zeros(len(lists), dtype=bool)
+    flat = pc.equal(pc.list_flatten(lists), category).to_numpy(zero_copy_only=False)
+    hit[pc.list_parent_indices(lists).to_numpy()[flat]] = True
+    hit |= pc.equal(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    return pa.array(hit)
+
+
+def shard_table(store: Store, cfg: Config) -> pa.Table:
+    """Every chunk with all its input columns, its categories, and its embedding."""
+    full = store.read_table("corpus", "chunks")
+    chunks, embeddings = load_chunks_with_embeddings(store, cfg)
+    assignments = store.read_table(*ASSIGNMENTS, columns=["chunk_id", "top_category", "categories"])
+    if assignments.column("chunk_id").to_pylist() != chunks.column("chunk_id").to_pylist():
+        raise RuntimeError("assignments.parquet does not match corpus/chunks: re-run `imoe build --until discover`")
+    order = pc.index_in(chunks.column("chunk_id"), value_set=full.column("chunk_id"))
+    full = full.take(order)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1])
+    return (full.append_column("top_category", assignments.column("top_category"))
+                .append_column("categories", assignments.column("categories"))
+                .append_column("embedding", vectors))
+
+
+def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table) -> None:
+    text = cfg.corpus.text_column
+    temp = store.temp_path(KB)
+    db = lancedb.connect(temp)
+    for cid, name in names.items():
+        rows = table.filter(in_category(table.column("categories"), cid))
+        db.create_table(name, data=rows.select(["chunk_id", "id", text, "embedding"]))
+    store.commit(temp, KB)
+
+
+def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] = print) -> dict:
+    model = load_model(store)
+    names = {c.id: c.name for c in model.categories}
+    table = shard_table(store, cfg)
+    ds = ray.data.from_arrow(table)
+    store.clean_temps(SHARDS)
+    sizes = {}
+    for cid, name in names.items():
+        temp = store.temp_path(SHARDS, name)
+        part = ds.map_batches(lambda batch, c=cid: batch.filter(in_category(batch.column("categories"), c)),
+                              batch_format="pyarrow")
+        part.write_parquet(temp, filesystem=store.fs)
+        store.commit(temp, SHARDS, name)
+        sizes[name] = store.read_table(SHARDS, name, columns=["chunk_id"]).num_rows
+    for stale in set(store.listdir(SHARDS)) - set(names.values()) - {"index.json"}:
+        store.remove(SHARDS, stale)
+    if cfg.sharding.write_lancedb and store.is_local:
+        _write_kb(store, cfg, names, table)
+    fallback = int(pc.sum(pc.equal(pc.list_value_length(table.column("categories")), 0)).as_py() or 0)
+    index = {"categories": [{"id": cid, "name": name, "rows": sizes[name]} for cid, name in names.items()],
+             "fallback_rows": fallback, "classifier": "discovery"}
+    store.write_json(index, *INDEX)
+    return {"shard_rows": sizes, "fallback_rows": fallback}
+

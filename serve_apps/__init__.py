@@ -1,0 +1,1 @@
+"""Ray Serve applications (router ingress, expert replicas, job queue) over the store."""

@@ -1,0 +1,97 @@
+"""One real local Ray cluster (`ray start --head`, with its dashboard) for the whole test session.
+
+Tests join it through RAY_ADDRESS, the same way a `ray job submit` driver does; it is stopped
+at the end by terminating the blocking `ray start` process, so other Ray instances on the machine
+are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """Start `ray start --head --block`; yields {address, dashboard_url, env}."""
+    import requests
+
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"imoe-ray-test-{os.getpid()}"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    dashboard = f"http://127.0.0.1:{dash_port}"
+
+    def ready() -> bool:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {head.stdout.read().decode(errors='replace')[-3000:]}")
+        try:
+            return requests.get(f"{dashboard}/api/version", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    _wait_for(ready, 120, "the Ray head and its dashboard")
+    address = f"127.0.0.1:{gcs_port}"
+    os.environ["RAY_ADDRESS"] = address
+    yield {"address": address, "dashboard_url": dashboard, "env": dict(env, RAY_ADDRESS=address)}
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This process joined to the session's cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"], log_to_driver=False)
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A small multi-domain corpus of real documentation text (the sample corpus, 12 per domain)."""
+    from imoe_ray.corpus.sample import build_sample_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    build_sample_corpus(out, per_domain=12, seed=0)
+    return out
