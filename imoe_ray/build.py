@@ -3,7 +3,6 @@ up to date, and resumed (not redone) when a previous run was cut off."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,23 +36,20 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def _fingerprint(manifest: StageManifest) -> str:
-    return hashlib.sha256(f"{manifest.config_hash}|{manifest.inputs}|{manifest.finished_at}".encode()).hexdigest()[:16]
-
-
 def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report: Report = print) -> dict[str, StageManifest]:
     """Run every stage up to and including `until`; returns the manifests of the stages run or skipped."""
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
     store = Store(cfg.store)
-    store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
     upstream = ingest.corpus_fingerprint(cfg)
     init_ray(cfg.ray)
     done: dict[str, StageManifest] = {}
     for stage in STAGES:
         manifest = _run_stage(stage, store, cfg, upstream, force, report)
         done[stage.name] = manifest
-        upstream = _fingerprint(manifest)
+        upstream = manifest.fingerprint()
+        if stage.name == STAGES[0].name:  # the corpus was readable: these are now the store's settings
+            store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
         if stage.name == until:
             break
     return done
@@ -66,11 +62,11 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     if previous and previous.matches(config_hash, inputs) and not force:
         report(f"[{stage.name}] up to date, skipped ({stage.summary})")
         return previous
-    resume = bool(previous and not previous.complete and previous.config_hash == config_hash
-                  and previous.inputs == inputs and not force)
+    partial = StageManifest.load(store, stage.name, partial=True)
+    resume = bool(partial and partial.matches(config_hash, inputs) and not force)
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
     manifest = StageManifest(stage.name, config_hash, inputs)
-    manifest.save(store)
+    manifest.start(store)
     started = time.perf_counter()
     manifest.metrics = stage.run(store, cfg, resume, report)
     manifest.timings_s = {"total": round(time.perf_counter() - started, 3)}

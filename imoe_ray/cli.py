@@ -157,13 +157,14 @@ def status(store: str = StoreOpt) -> None:
     for col in ("stage", "state", "seconds", "finished", "metrics"):
         table.add_column(col)
     for name in STAGE_NAMES:
-        m = StageManifest.load(s, name)
-        if m is None:
+        m, partial = StageManifest.load(s, name), StageManifest.load(s, name, partial=True)
+        if m is None and partial is None:
             table.add_row(name, "not run", "", "", "")
             continue
-        metrics = {k: v for k, v in m.metrics.items() if not isinstance(v, (dict, list))}
-        table.add_row(name, "complete" if m.complete else "[yellow]interrupted[/]",
-                      str(m.timings_s.get("total", "")), m.finished_at or "", json.dumps(metrics))
+        state = "[yellow]running or interrupted[/]" if partial else "complete"
+        metrics = {k: v for k, v in (m.metrics if m else {}).items() if not isinstance(v, (dict, list))}
+        table.add_row(name, state, str(m.timings_s.get("total", "")) if m else "", (m.finished_at or "") if m else "",
+                      json.dumps(metrics))
     console.print(table)
 
 

@@ -40,18 +40,21 @@ def test_missing_reads_are_clear(tmp_path):
         Store(tmp_path).read_json("nope.json")
 
 
-def test_manifest_roundtrip_and_matching(tmp_path):
+def test_manifest_partial_then_complete(tmp_path):
     s = Store(tmp_path)
+    old = StageManifest("embed", "h0", {"upstream": "u"})
+    old.finish(s)
     m = StageManifest("embed", "h1", {"upstream": "u"})
-    m.save(s)
-    loaded = StageManifest.load(s, "embed")
-    assert loaded is not None and not loaded.matches("h1", {"upstream": "u"})  # not complete yet
+    m.start(s)
+    assert StageManifest.load(s, "embed").config_hash == "h0"  # a running stage keeps the last complete one
+    assert StageManifest.load(s, "embed", partial=True).matches("h1", {"upstream": "u"})
     m.metrics = {"rows": 3}
     m.finish(s)
     loaded = StageManifest.load(s, "embed")
-    assert loaded.matches("h1", {"upstream": "u"}) and loaded.metrics == {"rows": 3}
-    assert not loaded.matches("h2", {"upstream": "u"})
-    assert not loaded.matches("h1", {"upstream": "v"})
+    assert loaded.complete and loaded.matches("h1", {"upstream": "u"}) and loaded.metrics == {"rows": 3}
+    assert StageManifest.load(s, "embed", partial=True) is None
+    assert not loaded.matches("h2", {"upstream": "u"}) and not loaded.matches("h1", {"upstream": "v"})
+    assert loaded.fingerprint() == StageManifest("embed", "h1", {"upstream": "u"}).fingerprint()
 
 
 def test_uri_store(tmp_path):

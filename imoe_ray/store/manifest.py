@@ -1,11 +1,14 @@
 """Per-stage JSON manifests: what a stage was run with, what it produced, how long it took.
 
-A stage is up to date when its manifest exists, says `complete`, and records the same config
-hash and input fingerprints as the run about to start; then the stage is skipped.
+A stage is up to date when its manifest records the same config hash and input fingerprints as
+the run about to start; then it is skipped. While a stage runs, its settings sit in a separate
+`.partial.json`, so a failed or killed run never replaces the last complete manifest, and the
+next run with the same settings resumes from what the partial run left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,29 +21,33 @@ class StageManifest:
     stage: str
     config_hash: str
     inputs: dict[str, str] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     complete: bool = False
     finished_at: str | None = None
 
     @staticmethod
-    def location(stage: str) -> tuple[str, str]:
-        return ("manifests", f"{stage}.json")
+    def location(stage: str, partial: bool = False) -> tuple[str, str]:
+        return ("manifests", f"{stage}.partial.json" if partial else f"{stage}.json")
 
     @classmethod
-    def load(cls, store: Store, stage: str) -> "StageManifest | None":
-        if not store.exists(*cls.location(stage)):
-            return None
-        return cls(**store.read_json(*cls.location(stage)))
+    def load(cls, store: Store, stage: str, partial: bool = False) -> "StageManifest | None":
+        where = cls.location(stage, partial)
+        return cls(**store.read_json(*where)) if store.exists(*where) else None
 
-    def save(self, store: Store) -> None:
-        store.write_json(asdict(self), *self.location(self.stage))
+    def start(self, store: Store) -> None:
+        """Record that the stage is running with these settings (the complete manifest is kept)."""
+        store.write_json(asdict(self), *self.location(self.stage, partial=True))
 
     def finish(self, store: Store) -> None:
         self.complete = True
         self.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.save(store)
+        store.write_json(asdict(self), *self.location(self.stage))
+        store.remove(*self.location(self.stage, partial=True))
 
     def matches(self, config_hash: str, inputs: dict[str, str]) -> bool:
-        return self.complete and self.config_hash == config_hash and self.inputs == inputs
+        return self.config_hash == config_hash and self.inputs == inputs
+
+    def fingerprint(self) -> str:
+        """Identifies the stage's output by what produced it, so downstream stages know when to re-run."""
+        return hashlib.sha256(f"{self.stage}|{self.config_hash}|{sorted(self.inputs.items())}".encode()).hexdigest()[:16]
