@@ -54,10 +54,12 @@ class EmbeddingConfig(_Section):
 
 class DiscoveryConfig(_Section):
     max_categories: int | None = Field(None, ge=2, description="optional cap on n_C; n_C itself is found automatically")
-    min_cluster_fraction: float = Field(0.01, gt=0, lt=0.5, description="smallest category as a fraction of the chunks")
+    min_cluster_fraction: float = Field(0.02, gt=0, lt=0.5, description="smallest category as a fraction of the chunks")
     min_cluster_size: int = Field(8, ge=2, description="smallest category in chunks (the larger of this and the fraction wins)")
+    text_features: bool = Field(True, description="add tf-idf→SVD features of the text to the embeddings")
+    svd_dims: int = Field(100, ge=2, description="dimensions of the tf-idf→SVD text features")
     reduce_dims: int = Field(10, ge=2, description="UMAP dimensions before density clustering")
-    n_neighbors: int = Field(15, ge=2)
+    n_neighbors: int = Field(30, ge=2, description="UMAP neighbourhood size")
     threshold: float = Field(0.2, gt=0, lt=1, description="t_C: membership above which a chunk belongs to a category")
     complexity_k: float = Field(0.0, ge=0, description="k of t_C = t_base*(1-log(1+k*c)/log(1+k)); 0 keeps t_C fixed")
     n_keywords: int = Field(10, ge=1)

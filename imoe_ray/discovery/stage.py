@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
 from imoe_ray.config import Config
 from imoe_ray.discovery.discover import Discovery, discover
@@ -15,6 +17,7 @@ from imoe_ray.store import Store
 from imoe_ray.store.store import StoreError
 
 MODEL = ("discovery", "model.json")
+WEIGHTS = ("discovery", "weights.safetensors")
 ASSIGNMENTS = ("assignments.parquet",)
 
 
@@ -54,7 +57,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     texts = chunks.column(cfg.corpus.text_column).to_pylist()
     model, memberships = discover(embeddings, texts, cfg.discovery, progress=report)
     table = assignments_table(chunks, model, memberships, complexity_scores(chunks, cfg.corpus.chunk_tokens))
-    store.write_json(model.to_dict(), *MODEL)
+    save_model(store, model)
     store.write_table(table, *ASSIGNMENTS)
     top = table.column("top_category").to_numpy()
     return {
@@ -64,7 +67,13 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     }
 
 
+def save_model(store: Store, model: Discovery) -> None:
+    """The arrays first, the JSON last: a model.json on disk always has its weights beside it."""
+    store.write_bytes(save_arrays(model.arrays()), *WEIGHTS)
+    store.write_json(model.to_json(), *MODEL)
+
+
 def load_model(store: Store) -> Discovery:
-    if not store.exists(*MODEL):
+    if not store.exists(*MODEL) or not store.exists(*WEIGHTS):
         raise StoreError(f"no discovery in {store.uri}: run `imoe build --until discover` first")
-    return Discovery.from_dict(store.read_json(*MODEL))
+    return Discovery.from_parts(store.read_json(*MODEL), load_arrays(store.read_bytes(*WEIGHTS)))

@@ -1,0 +1,53 @@
+"""The representation discovery clusters: sentence embeddings joined with tf-idf→SVD text features.
+
+Technical domains differ in vocabulary as much as in meaning, so both views are used, each L2
+normalised and weighted equally. The fitted text featurizer is plain arrays (vocabulary, idf, SVD
+components), saved without pickle and applied to new text without refitting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.preprocessing import normalize
+
+_VECTORIZER = dict(sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9_]+\b")
+
+
+@dataclass
+class TextFeatures:
+    vocabulary: dict[str, int]
+    idf: np.ndarray          # (V,)
+    components: np.ndarray   # (dims, V)
+
+    @classmethod
+    def fit(cls, texts: list[str], dims: int, seed: int) -> "TextFeatures | None":
+        """None when the texts have too little vocabulary for text features to mean anything."""
+        vectorizer = TfidfVectorizer(min_df=2, max_df=0.5, max_features=50_000, **_VECTORIZER)
+        try:
+            tfidf = vectorizer.fit_transform(texts)
+        except ValueError:
+            return None
+        dims = min(dims, tfidf.shape[1] - 1, len(texts) - 1)
+        if dims < 2:
+            return None
+        svd = TruncatedSVD(dims, random_state=seed).fit(tfidf)
+        vocab = {str(k): int(v) for k, v in vectorizer.vocabulary_.items()}
+        return cls(vocab, vectorizer.idf_.astype(np.float32), svd.components_.astype(np.float32))
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
+        vectorizer.idf_ = self.idf.astype(np.float64)
+        reduced = vectorizer.transform(texts) @ self.components.T
+        return normalize(np.asarray(reduced, dtype=np.float32))
+
+
+def combine(embeddings: np.ndarray, text: np.ndarray | None) -> np.ndarray:
+    """Both views, equally weighted, as one unit-length vector per row."""
+    emb = normalize(embeddings.astype(np.float32))
+    if text is None:
+        return emb
+    return np.hstack([emb, text]).astype(np.float32) / np.sqrt(2.0)
