@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -14,6 +15,7 @@ def init_ray(cfg: RayConfig) -> None:
     `ray job submit` and `ray start`), else start a local one sized by the config."""
     if ray.is_initialized():
         return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress bars stay; per-dataset INFO lines go
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address)
     else:

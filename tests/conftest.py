@@ -2,7 +2,8 @@
 
 Tests join it through RAY_ADDRESS, the same way a `ray job submit` driver does; it is stopped
 at the end by terminating the blocking `ray start` process, so other Ray instances on the machine
-are left alone.
+are left alone. Token authentication is on (Ray's default for new local clusters) with a token
+private to the session, so the job CLI and the drivers authenticate as on a real cluster.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """Start `ray start --head --block`; yields {address, dashboard_url, env}."""
+    import secrets
+
     import requests
 
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"imoe-ray-test-{os.getpid()}"
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    token = temp_dir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **auth)
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -57,18 +65,19 @@ def ray_cluster(tmp_path_factory):
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited: {head.stdout.read().decode(errors='replace')[-3000:]}")
         try:
-            return requests.get(f"{dashboard}/api/version", timeout=1).ok
+            return requests.get(f"{dashboard}/api/version", timeout=1).status_code < 500  # 401: up, wants the token
         except requests.RequestException:
             return False
 
     _wait_for(ready, 120, "the Ray head and its dashboard")
     address = f"127.0.0.1:{gcs_port}"
-    os.environ["RAY_ADDRESS"] = address
+    os.environ.update(auth, RAY_ADDRESS=address)
     yield {"address": address, "dashboard_url": dashboard, "env": dict(env, RAY_ADDRESS=address)}
     import ray
 
     ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", *auth):
+        os.environ.pop(key, None)
     head.terminate()
     try:
         head.wait(timeout=60)
