@@ -24,12 +24,14 @@ class Stage:
     settings: tuple[str, ...]  # config fields whose change invalidates the stage
     run: Callable[..., dict]
     summary: str
+    resumable: bool = False  # keeps partial work across a kill, recorded in a partial manifest
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), ingest.run,
           "read and chunk the corpus"),
-    Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)"),
+    Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)",
+          resumable=True),
     Stage("discover", ("discovery", "corpus.chunk_tokens"), discover.run, "discover categories (HDBSCAN)"),
     Stage("shard", ("sharding",), shard.run, "write per-category Parquet shards and LanceDB tables"),
 )
@@ -62,11 +64,12 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     if previous and previous.matches(config_hash, inputs) and not force:
         report(f"[{stage.name}] up to date, skipped ({stage.summary})")
         return previous
-    partial = StageManifest.load(store, stage.name, partial=True)
+    partial = StageManifest.load(store, stage.name, partial=True) if stage.resumable else None
     resume = bool(partial and partial.matches(config_hash, inputs) and not force)
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
     manifest = StageManifest(stage.name, config_hash, inputs)
-    manifest.start(store)
+    if stage.resumable:
+        manifest.start(store)
     started = time.perf_counter()
     manifest.metrics = stage.run(store, cfg, resume, report)
     manifest.timings_s = {"total": round(time.perf_counter() - started, 3)}

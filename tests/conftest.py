@@ -20,6 +20,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+TEMP_DIR = Path("/tmp") / f"imoe-ray-test-{os.getpid()}"
+
+
+def _session_auth() -> dict[str, str]:
+    """Ray reads its auth mode once, at import: set it before any test module imports ray."""
+    import secrets
+
+    TEMP_DIR.mkdir(parents=True, exist_ok=True)
+    token = TEMP_DIR / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+AUTH = _session_auth()
+os.environ.update(AUTH)
 
 
 def free_port() -> int:
@@ -40,17 +55,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """Start `ray start --head --block`; yields {address, dashboard_url, env}."""
-    import secrets
-
     import requests
 
     gcs_port, dash_port = free_port(), free_port()
-    temp_dir = Path("/tmp") / f"imoe-ray-test-{os.getpid()}"
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    token = temp_dir / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **auth)
+    temp_dir = TEMP_DIR
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **AUTH)
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
@@ -71,13 +80,12 @@ def ray_cluster(tmp_path_factory):
 
     _wait_for(ready, 120, "the Ray head and its dashboard")
     address = f"127.0.0.1:{gcs_port}"
-    os.environ.update(auth, RAY_ADDRESS=address)
+    os.environ["RAY_ADDRESS"] = address
     yield {"address": address, "dashboard_url": dashboard, "env": dict(env, RAY_ADDRESS=address)}
     import ray
 
     ray.shutdown()
-    for key in ("RAY_ADDRESS", *auth):
-        os.environ.pop(key, None)
+    os.environ.pop("RAY_ADDRESS", None)
     head.terminate()
     try:
         head.wait(timeout=60)

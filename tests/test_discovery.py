@@ -70,7 +70,7 @@ def test_assign_threshold_multilabel_and_none():
 def test_complexity_lowers_the_bar():
     model = Discovery(categories=[], threshold=0.3, complexity_k=10.0)
     m = np.array([[0.25, 0.7, 0.05], [0.25, 0.7, 0.05]], np.float32)
-    _, cats = model.assign(m, complexity=np.array([0.0, 0.9]))
+    _, cats = model.assign(m, complexity=np.array([0.0, 0.5]))  # t_C: 0.3, then 0.076
     assert cats[0] == [1] and cats[1] == [1, 0]
     assert model.thresholds(np.array([1.0]), 1)[0] == pytest.approx(0.0)
 

@@ -1,8 +1,9 @@
 """Category discovery: the classifier's unsupervised stage.
 
 1. Represent each chunk by its sentence embedding joined with tf-idf→SVD features (features.py).
-2. UMAP to a few dimensions, then HDBSCAN with leaf selection: small, pure, dense clusters; n_C is
-   whatever HDBSCAN finds (a user may cap it, never set it).
+2. UMAP to a few dimensions, then HDBSCAN; n_C is whatever HDBSCAN finds (a user may cap it, never
+   set it). Leaf and excess-of-mass selection are both tried, and the one whose clusters have the
+   higher silhouette in the representation space is kept.
 3. Points HDBSCAN left as noise are given the cluster a linear classifier in UMAP space picks.
 4. A multinomial logistic regression on the representation is trained on those labels: its
    probabilities are the soft memberships, for the training chunks and for any new text alike
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import normalize
 
 from imoe_ray.config import DiscoveryConfig
@@ -119,14 +121,26 @@ def _reduce(features: np.ndarray, cfg: DiscoveryConfig) -> np.ndarray:
         return reducer.fit_transform(features)
 
 
-def _density_clusters(reduced: np.ndarray, min_size: int) -> np.ndarray:
+def _density_clusters(features: np.ndarray, reduced: np.ndarray, min_size: int,
+                      seed: int) -> tuple[np.ndarray, dict] | None:
+    """HDBSCAN with leaf and with excess-of-mass selection; noise filled in; the labeling whose
+    silhouette in the representation space is higher wins (leaf splits finer, eom coarser, and
+    which one matches a corpus's real structure differs from corpus to corpus)."""
     import hdbscan
 
+    best = None
     for method in ("leaf", "eom"):
-        labels = hdbscan.HDBSCAN(min_cluster_size=min_size, cluster_selection_method=method).fit_predict(reduced)
-        if labels.max() >= 1:
-            return labels
-    return labels
+        raw = hdbscan.HDBSCAN(min_cluster_size=min_size, cluster_selection_method=method).fit_predict(reduced)
+        if raw.max() < 1:
+            continue
+        labels = _relabel(_fill_noise(reduced, raw))
+        score = silhouette_score(features, labels, metric="cosine", sample_size=min(len(labels), 4000),
+                                 random_state=seed)
+        info = {"selection": method, "clusters": int(raw.max() + 1), "noise_fraction": round(float(np.mean(raw < 0)), 4),
+                "silhouette": round(float(score), 4)}
+        if best is None or score > best[1]["silhouette"]:
+            best = (labels, info)
+    return best
 
 
 def _fill_noise(reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -178,13 +192,12 @@ def discover(embeddings: np.ndarray, texts: list[str], cfg: DiscoveryConfig,
     features = combine(embeddings, text.transform(texts) if text else None)
     report(f"discovery: {n} chunks, {features.shape[1]}-d representation, UMAP to {cfg.reduce_dims}-d")
     reduced = _reduce(features, cfg)
-    labels = _density_clusters(reduced, min_size)
-    found, noise = int(labels.max() + 1), float(np.mean(labels < 0))
-    report(f"discovery: HDBSCAN found {found} dense clusters (min size {min_size}), {noise:.0%} left as noise")
-    if found < 2:
+    clusters = _density_clusters(features, reduced, min_size, cfg.seed)
+    if clusters is None:
         return _single_category(embeddings, texts, cfg, "no density structure found", report)
-
-    labels = _relabel(_fill_noise(reduced, labels))
+    labels, found = clusters
+    report(f"discovery: HDBSCAN ({found['selection']} selection) found {found['clusters']} dense clusters "
+           f"(min size {min_size}), {found['noise_fraction']:.0%} of chunks between them, reassigned")
     if cfg.max_categories and labels.max() + 1 > cfg.max_categories:
         labels = _relabel(_cap(features, labels, cfg.max_categories))
         report(f"discovery: merged down to the cap of {cfg.max_categories} categories")
@@ -207,8 +220,7 @@ def discover(embeddings: np.ndarray, texts: list[str], cfg: DiscoveryConfig,
                            normalize(embeddings[final == c].mean(axis=0, keepdims=True))[0].astype(float).round(6).tolist()
                            if np.any(final == c) else [0.0] * embeddings.shape[1])
                   for c in range(n_c)]
-    params = {"min_cluster_size": min_size, "hdbscan_clusters": found, "hdbscan_noise_fraction": round(noise, 4),
-              "representation_dims": int(features.shape[1]), "config": cfg.model_dump(mode="json")}
+    params = {"min_cluster_size": min_size, "hdbscan": found, "representation_dims": int(features.shape[1]), "config": cfg.model_dump(mode="json")}
     discovery = Discovery(categories, cfg.threshold, cfg.complexity_k, model.coef_.astype(np.float32),
                           model.intercept_.astype(np.float32), text, params)
     report(f"discovery: {n_c} categories")
