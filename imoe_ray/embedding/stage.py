@@ -35,7 +35,9 @@ def _done_chunk_ids(store: Store) -> pa.Array:
     return done.column("chunk_id").combine_chunks() if done is not None else pa.array([], pa.string())
 
 
-def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+def _blocks(table: pa.Table, max_rows: int, min_blocks: int = 8) -> list[pa.Table]:
+    """Blocks of at most `max_rows`, and at least `min_blocks` of them, so every actor gets work."""
+    rows = max(1, min(max_rows, -(-table.num_rows // min_blocks)))
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
 
 
@@ -49,13 +51,18 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     done = _done_chunk_ids(store)
     todo = chunks.filter(pc.invert(pc.is_in(chunks.column("chunk_id"), value_set=done))) if len(done) else chunks
     next_part = len(store.listdir(STAGING_DIR))
+    if len(done):
+        report(f"[embed] {len(done)} chunks already embedded by an interrupted run; {todo.num_rows} to go")
     if todo.num_rows:
         # Several blocks so that every actor of the pool gets work.
         ds = ray.data.from_arrow(_blocks(todo, max(cfg.embedding.batch_size * 4, 1)))
         out = embed_dataset(ds, cfg.embedding, text_column)
+        written = 0
         for batch in out.iter_batches(batch_size=cfg.embedding.part_rows, batch_format="pyarrow"):
             store.write_table(batch, STAGING_DIR, f"part-{next_part:05d}.parquet")
             next_part += 1
+            written += batch.num_rows
+            report(f"[embed] {len(done) + written}/{chunks.num_rows} chunks embedded")
     store.commit(store.path(STAGING_DIR), FINAL_DIR)
     return {"chunks": chunks.num_rows, "embedded_now": todo.num_rows, "reused": len(done), "parts": next_part}
 
