@@ -84,7 +84,7 @@ def build(
         raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
     cfg = resolve_config(store, config, overrides, corpus__path=corpus, corpus__text_column=text_column,
                          corpus__id_column=id_column)
-    manifests = run_build(cfg, until=until, force=force, report=lambda m: console.print(m, highlight=False))
+    manifests = run_build(cfg, until=until, force=force, report=lambda m: console.print(m, highlight=False, markup=False))
     if "discover" in manifests:
         console.print(_categories_table(cfg.store))
     console.print(f"[green]build finished[/] up to '{until}' in store {cfg.store}")

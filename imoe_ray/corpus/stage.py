@@ -49,7 +49,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
                                    chunk_tokens=min(c.chunk_tokens, cfg.embedding.max_tokens),
                                    overlap=c.chunk_overlap, min_chunk_tokens=c.min_chunk_tokens),
         batch_format="pyarrow",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
     store.clean_temps(*CHUNKS[:1])
     temp = store.temp_path(*CHUNKS)

@@ -60,7 +60,7 @@ def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str
                                    device="cuda" if plan.num_gpus else "cpu"),
         batch_size=cfg.batch_size * 4,
         batch_format="pyarrow",
-        concurrency=plan.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,6 +49,8 @@ def shard_table(store: Store, cfg: Config) -> pa.Table:
 
 
 def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table) -> None:
+    import lancedb  # imported late: its runtime must not be loaded before Ray forks workers
+
     text = cfg.corpus.text_column
     temp = store.temp_path(KB)
     db = lancedb.connect(temp)
