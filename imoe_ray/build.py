@@ -12,6 +12,7 @@ from imoe_ray.config import Config
 from imoe_ray.corpus import stage as ingest
 from imoe_ray.discovery import stage as discover
 from imoe_ray.embedding import stage as embed
+from imoe_ray.routing import stage as router
 from imoe_ray.sharding import stage as shard
 from imoe_ray.store import StageManifest, Store
 
@@ -33,13 +34,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)",
           resumable=True),
     Stage("discover", ("discovery", "corpus.chunk_tokens"), discover.run, "discover categories (HDBSCAN)"),
-    Stage("shard", ("sharding",), shard.run, "write per-category Parquet shards and LanceDB tables"),
+    Stage("router", ("embedding.encoder",) + router.TRAINING_FIELDS, router.run,
+          "train the router (fast path + DACT early-exit classifier), calibrate on held-out chunks"),
+    Stage("shard", ("sharding", "router"), shard.run, "route every chunk, write per-category Parquet shards and LanceDB tables"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report: Report = print) -> dict[str, StageManifest]:
-    """Run every stage up to and including `until`; returns the manifests of the stages run or skipped."""
+def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report: Report = print,
+          force_stages: tuple[str, ...] = ()) -> dict[str, StageManifest]:
+    """Run every stage up to and including `until` (re-running all of them with `force`, or the
+    named `force_stages`); returns the manifests of the stages run or skipped."""
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
     store = Store(cfg.store)
@@ -47,7 +52,7 @@ def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report
     init_ray(cfg.ray)
     done: dict[str, StageManifest] = {}
     for stage in STAGES:
-        manifest = _run_stage(stage, store, cfg, upstream, force, report)
+        manifest = _run_stage(stage, store, cfg, upstream, force or stage.name in force_stages, report)
         done[stage.name] = manifest
         upstream = manifest.fingerprint()
         if stage.name == STAGES[0].name:  # the corpus was readable: these are now the store's settings

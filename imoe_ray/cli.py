@@ -72,12 +72,12 @@ def build(
     store: str = StoreOpt,
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text [text]."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids [id]; generated if absent."),
-    until: str = typer.Option("shard", "--until", help="Last stage to run: ingest, embed, discover or shard."),
+    until: str = typer.Option("shard", "--until", help="Last stage to run: ingest, embed, discover, router or shard."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run the pipeline: read → chunk → embed → discover categories → shard per category."""
+    """Run the pipeline: read → chunk → embed → discover categories → train the router → shard per category."""
     from imoe_ray.build import STAGE_NAMES, build as run_build
 
     if until not in STAGE_NAMES:
@@ -100,6 +100,97 @@ def discover(
     """Discover the corpus's categories (runs what discovery needs first) and show them as a table."""
     build(corpus=corpus, store=store, text_column=None, id_column=None, until="discover", force=False,
           config=config, overrides=overrides)
+
+
+@app.command("train-router")
+def train_router(
+    store: str = StoreOpt,
+    force: bool = typer.Option(False, "--force", help="Retrain even when the router is up to date."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Train the router (fast path + DACT early-exit classifier) on a store's discovered categories."""
+    from imoe_ray.build import build as run_build
+    from imoe_ray.store import Store
+
+    if not (Path(store) / "config.yaml").is_file() and "://" not in store:
+        raise ConfigError(f"{store} is not a built store (no config.yaml): run `imoe build --corpus ... --store {store}` first")
+    cfg = resolve_config(store, config, overrides)
+    run_build(cfg, until="router", force=False, force_stages=("router",) if force else (),
+              report=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(_router_table(Store(cfg.store)))
+
+
+def _router_table(store) -> Table:
+    from imoe_ray.routing.stage import MODEL
+
+    meta = store.read_json(*MODEL)
+    s, metrics = meta["settings"], meta["metrics"]
+    threshold = s["fast_threshold"]
+    table = Table(title=f"router: {len(meta['names'])} categories, DACT lambda={s['ponder_lambda']:g}, "
+                        f"fast path answers at p >= {threshold:.3f}" if threshold is not None else "fast path off")
+    for col in ("held-out set", "rows", "cascade acc", "DACT acc", "DACT layers", "full encoder acc", "fast-path share"):
+        table.add_column(col, justify="right" if col != "held-out set" else "left")
+    for name, m in metrics.items():
+        if name.startswith("test_"):
+            table.add_row(name[5:], str(m["rows"]), f"{m['cascade_accuracy']:.3f}", f"{m['dact_accuracy']:.3f}",
+                          f"{m['dact_mean_layers']:.2f} / {s['n_layers']}", f"{m['full_encoder_accuracy']:.3f}",
+                          f"{m['fast_path_share']:.0%}")
+    return table
+
+
+@app.command()
+def route(
+    text: Optional[str] = typer.Argument(None, help="The request to route (or use --input)."),
+    store: str = StoreOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON (default for a single text)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL of requests, each with a text field (and an id)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where --input's decisions go (JSONL); stdout if absent."),
+    text_field: str = typer.Option("text", "--text-field", help="Field of --input rows holding the request."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Route requests to experts: categories (most probable first), probabilities, experts, exit layer, latency."""
+    from imoe_ray.routing.stage import load_router
+    from imoe_ray.store import Store
+
+    if (text is None) == (input is None):
+        raise ConfigError("give either a TEXT to route or --input FILE.jsonl, not both and not neither")
+    cfg = resolve_config(store, config, overrides)
+    router = load_router(Store(cfg.store), cfg)
+    if text is not None:
+        router.route(text)  # the first call pays for lazy set-up; report a warm latency
+        typer.echo(json.dumps(router.route(text).to_json(), indent=2 if not as_json else None))
+        return
+    rows = _read_requests(input, text_field)
+    out = open(output, "w") if output else sys.stdout
+    try:
+        for row in rows:
+            decision = router.route(row[text_field]).to_json()
+            out.write(json.dumps({"id": row.get("id")} | decision) + "\n")
+    finally:
+        if output:
+            out.close()
+    if output:
+        console.print(f"routed {len(rows)} requests → {output}")
+
+
+def _read_requests(path: Path, text_field: str) -> list[dict]:
+    """Every row first, so a bad line stops the run before any output is written."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise ConfigError(f"{path}:{n}: each row must be an object with a text field {text_field!r}")
+        rows.append(row)
+    return rows
 
 
 @app.command("sample-corpus")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -66,6 +66,43 @@ class DiscoveryConfig(_Section):
     seed: int = 0
 
 
+class RouterConfig(_Section):
+    calib_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of input rows held out to calibrate")
+    test_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of input rows held out to evaluate")
+    prefix_tokens: tuple[int, int] = Field((8, 32), description="length range of the prefix views, in encoder tokens")
+    key_terms: tuple[int, int] = Field((3, 6), description="how many key terms a key-term view has")
+    synthetic_chunks_per_cluster: int = Field(15, ge=2, description="sub-cluster size when synthesising queries per category")
+    synthetic_per_cluster: int = Field(4, ge=0, le=7, description="queries synthesised per sub-cluster")
+    eval_prefix_tokens: int = Field(24, ge=1, description="prefix length of the held-out short-query evaluation")
+    max_tokens: int = Field(256, ge=8, description="encoder tokens a request is truncated to")
+    max_query_chars: int = Field(20_000, ge=100, description="characters of a request the router reads")
+    fast_features: int = Field(2**17, ge=2**10, description="hash buckets of the fast path's n-gram features")
+    fast_c: float = Field(10.0, gt=0, description="inverse regularisation of the fast path's logistic regression")
+    fast_min_precision: float = Field(0.97, ge=0, le=1, description="held-out precision the fast path must keep")
+    ponder_lambdas: list[float] = Field([0.01, 0.03, 0.05, 0.07, 0.1, 0.15], min_length=1, description="DACT halting weights tried")
+    max_accuracy_drop: float = Field(0.01, ge=0, description="DACT may lose this much accuracy against the full encoder")
+    aux_weight: float = Field(0.5, ge=0, description="weight of the per-layer classification loss")
+    reference_c: float = Field(10.0, gt=0)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    threshold: float | None = Field(None, gt=0, lt=1, description="t_C for requests; None: discovery.threshold")
+    fallback: Literal["auto", "all", "base"] = Field(
+        "auto", description="no category above t_C: 'all' experts, the 'base' model, or 'auto' (base for generic questions)")
+    min_known_fraction: float = Field(0.34, ge=0, le=1, description="queries with fewer known content words are out of domain")
+    keyword_boost: float = Field(1.0, ge=0, description="prior weight of an expert's routing keywords found in a query")
+    centroid_temperature: float = Field(0.1, gt=0, description="T of softmax(cos/T) for experts joined by centroid")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RouterConfig":
+        for name in ("prefix_tokens", "key_terms"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be a range [low, high] with 1 <= low <= high, not {[lo, hi]}")
+        return self
+
+
 class ShardingConfig(_Section):
     write_lancedb: bool = True
 
@@ -81,6 +118,7 @@ class Config(_Section):
     corpus: CorpusConfig = CorpusConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    router: RouterConfig = RouterConfig()
     sharding: ShardingConfig = ShardingConfig()
     ray: RayConfig = RayConfig()
 

@@ -112,3 +112,16 @@ def small_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     build_sample_corpus(out, per_domain=12, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def built(ray_session, small_corpus, tmp_path_factory):
+    """The small corpus built through every stage once per session: (cfg, store, manifests)."""
+    from imoe_ray.build import build
+    from imoe_ray.config import load_config
+    from imoe_ray.store import Store
+
+    store = tmp_path_factory.mktemp("store")
+    cfg = load_config(None, ["embedding.part_rows=40"], store=str(store), corpus__path=str(small_corpus))
+    manifests = build(cfg, report=lambda m: None)
+    return cfg, Store(store), manifests

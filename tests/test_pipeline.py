@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lancedb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,17 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 IMOE = [sys.executable, "-m", "imoe_ray.cli"]
 
 
-@pytest.fixture(scope="module")
-def built(ray_session, small_corpus, tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    cfg = load_config(None, ["embedding.part_rows=40"], store=str(store), corpus__path=str(small_corpus))
-    manifests = build(cfg, report=lambda m: None)
-    return cfg, Store(store), manifests
-
-
 def test_every_stage_completes_with_manifests(built):
     cfg, store, manifests = built
-    assert list(manifests) == ["ingest", "embed", "discover", "shard"]
+    assert list(manifests) == ["ingest", "embed", "discover", "router", "shard"]
     assert all(m.complete and m.timings_s["total"] > 0 for m in manifests.values())
 
 
@@ -62,13 +55,19 @@ def test_extra_columns_pass_through_untouched(built, small_corpus):
 
 def test_shards_and_knowledge_bases(built):
     cfg, store, _ = built
+    from imoe_ray.routing.stage import load_corpus, load_router
+
     index = store.read_json("shards", "index.json")
+    assert index["classifier"] == "router"
     names = [c["name"] for c in index["categories"]]
-    assignments = pq.read_table(store.path("assignments.parquet")).to_pylist()
+    router = load_router(store, cfg, with_encoder=False)
+    corpus = load_corpus(store, cfg, None, lambda m: None)
+    probs = router.decide_states(corpus.texts, corpus.layer_states).probabilities
+    chosen = {cid: set(np.flatnonzero(p >= router.threshold)) for cid, p in zip(corpus.chunk_ids, probs)}
     db = lancedb.connect(store.path("kb"))
     for c in index["categories"]:
         shard = pq.read_table(store.path("shards", c["name"]))
-        expected = {a["chunk_id"] for a in assignments if c["id"] in a["categories"] or not a["categories"]}
+        expected = {cid for cid, cats in chosen.items() if c["id"] in cats or not cats}
         assert set(shard.column("chunk_id").to_pylist()) == expected
         assert "domain" in shard.column_names  # input columns survive sharding too
         kb = db.open_table(c["name"]).to_arrow()

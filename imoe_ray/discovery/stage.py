@@ -6,14 +6,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
 
 from imoe_ray.config import Config
 from imoe_ray.discovery.discover import Discovery, discover
 from imoe_ray.embedding.ray_embed import embeddings_matrix
 from imoe_ray.embedding.stage import read_embeddings
 from imoe_ray.store import Store
+from imoe_ray.store.tensors import arrays_from_bytes as load_arrays
+from imoe_ray.store.tensors import arrays_to_bytes as save_arrays
 from imoe_ray.store.store import StoreError
 
 MODEL = ("discovery", "model.json")

@@ -59,22 +59,43 @@ class Encoder:
         self.max_tokens = min(max_tokens, getattr(self.tokenizer, "model_max_length", max_tokens) or max_tokens)
         self.dim = int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
-    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def _encode_batch(self, texts: list[str], with_layers: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = self.tokenize(texts)
+        out = self.model(**batch, output_hidden_states=with_layers)
+        mask = batch["attention_mask"]
+        embedding = torch.nn.functional.normalize(mean_pool(out.last_hidden_state, mask), dim=-1).float().cpu().numpy()
+        if not with_layers:
+            return embedding, None
+        layers = torch.stack([mean_pool(h, mask) for h in out.hidden_states[1:]], dim=1)
+        return embedding, layers.float().cpu().numpy()
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings in the order of `texts`; shape (len(texts), dim)."""
-        if len(texts) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_with_layers(texts, batch_size, with_layers=False)[0]
+
+    def encode_with_layers(self, texts: list[str], batch_size: int = 64,
+                           with_layers: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings (n, dim) and, with `with_layers`, the mean-pooled output of every transformer
+        layer (n, n_layers, dim): the states the router's early-exit units read."""
+        n_layers = int(self.model.config.num_hidden_layers)
+        embeddings = np.zeros((len(texts), self.dim), dtype=np.float32)
+        layers = np.zeros((len(texts), n_layers, self.dim), dtype=np.float32) if with_layers else None
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
-            out[idx] = self._encode_batch([texts[i] for i in idx])
-        return out
+            emb, lay = self._encode_batch([texts[i] for i in idx], with_layers)
+            embeddings[idx] = emb
+            if layers is not None:
+                layers[idx] = lay
+        return embeddings, layers
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states under the attention mask: (b, t, h), (b, t) → (b, h)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)

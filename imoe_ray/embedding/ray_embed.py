@@ -13,7 +13,11 @@ from imoe_ray.embedding.encoder import Encoder
 
 
 class EmbedBatch:
-    """One encoder per actor; maps a batch of chunks to (chunk_id, embedding)."""
+    """One encoder per actor; maps a batch of chunks to (chunk_id, embedding, layer_states).
+
+    `layer_states` holds the mean-pooled output of every transformer layer (float16, flattened),
+    which the router's early-exit units are trained on and shard with, so no chunk is encoded twice.
+    """
 
     def __init__(self, encoder: str, max_tokens: int, batch_size: int, text_column: str,
                  num_threads: int | None = None, device: str | None = None):
@@ -23,10 +27,12 @@ class EmbedBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
-        vectors = self.encoder.encode(texts, batch_size=self.batch_size)
+        vectors, layers = self.encoder.encode_with_layers(texts, batch_size=self.batch_size)
+        flat = layers.reshape(len(texts), -1).astype(np.float16)
         return pa.table({
             "chunk_id": batch.column("chunk_id"),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]),
+            "layer_states": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float16()), flat.shape[1]),
         })
 
 
@@ -71,3 +77,13 @@ def embeddings_matrix(table: pa.Table) -> np.ndarray:
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def layer_states_matrix(table: pa.Table) -> np.ndarray | None:
+    """The `layer_states` column as (n, n_layers, dim) float32, or None for stores embedded without it."""
+    if "layer_states" not in table.column_names:
+        return None
+    dim = table.schema.field("embedding").type.list_size
+    column = table.column("layer_states").combine_chunks()
+    flat = column.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(table), -1, dim)

@@ -1,8 +1,9 @@
 """The shard stage: classify every chunk, write `shards/<category>/` (Parquet) and `kb/` (LanceDB).
 
 A chunk goes to every category above t_C; a chunk in none goes to every category (flagged
-`fallback`), so no text is lost to the experts. Until a trained router exists the classifier is
-the discovery model's memberships.
+`fallback`), so no text is lost to the experts. The classifier is the trained router (its cascade,
+run on the per-layer states the embed stage kept, so no chunk is encoded twice); a store without
+a router falls back to the discovery model's memberships.
 """
 
 from __future__ import annotations
@@ -33,19 +34,36 @@ def in_category(categories: pa.ChunkedArray | pa.Array, category: int) -> pa.Arr
     return pa.array(hit)
 
 
-def shard_table(store: Store, cfg: Config) -> pa.Table:
-    """Every chunk with all its input columns, its categories, and its embedding."""
+def _router_categories(store: Store, cfg: Config) -> tuple[pa.Array, pa.Array] | None:
+    """(top_category, categories) of every chunk by the trained router, or None without a router."""
+    from imoe_ray.routing.stage import MODEL, load_corpus, load_router
+
+    if not store.exists(*MODEL):
+        return None
+    router = load_router(store, cfg, with_encoder=False)
+    corpus = load_corpus(store, cfg, encoder=None, report=lambda _m: None)
+    probs = router.decide_states(corpus.texts, corpus.layer_states).probabilities
+    chosen = [[int(c) for c in np.argsort(-row) if row[c] >= router.threshold] for row in probs]
+    top = [c[0] if c else -1 for c in chosen]
+    return pa.array(top, pa.int64()), pa.array(chosen, pa.list_(pa.int64()))
+
+
+def shard_table(store: Store, cfg: Config) -> tuple[pa.Table, str]:
+    """Every chunk with all its input columns, its categories, and its embedding; and the classifier used."""
     full = store.read_table("corpus", "chunks")
     chunks, embeddings = load_chunks_with_embeddings(store, cfg)
     assignments = store.read_table(*ASSIGNMENTS, columns=["chunk_id", "top_category", "categories"])
     if assignments.column("chunk_id").to_pylist() != chunks.column("chunk_id").to_pylist():
         raise RuntimeError("assignments.parquet does not match corpus/chunks: re-run `imoe build --until discover`")
+    routed = _router_categories(store, cfg)
+    top, categories = routed or (assignments.column("top_category"), assignments.column("categories"))
     order = pc.index_in(chunks.column("chunk_id"), value_set=full.column("chunk_id"))
     full = full.take(order)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1])
-    return (full.append_column("top_category", assignments.column("top_category"))
-                .append_column("categories", assignments.column("categories"))
-                .append_column("embedding", vectors))
+    table = (full.append_column("top_category", top)
+                 .append_column("categories", categories)
+                 .append_column("embedding", vectors))
+    return table, "router" if routed else "discovery"
 
 
 def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table) -> None:
@@ -63,7 +81,7 @@ def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table)
 def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] = print) -> dict:
     model = load_model(store)
     names = {c.id: c.name for c in model.categories}
-    table = shard_table(store, cfg)
+    table, classifier = shard_table(store, cfg)
     ds = ray.data.from_arrow(table)
     store.clean_temps(SHARDS)
     sizes = {}
@@ -80,7 +98,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
         _write_kb(store, cfg, names, table)
     fallback = int(pc.sum(pc.equal(pc.list_value_length(table.column("categories")), 0)).as_py() or 0)
     index = {"categories": [{"id": cid, "name": name, "rows": sizes[name]} for cid, name in names.items()],
-             "fallback_rows": fallback, "classifier": "discovery"}
+             "fallback_rows": fallback, "classifier": classifier}
     store.write_json(index, *INDEX)
-    return {"shard_rows": sizes, "fallback_rows": fallback}
+    return {"shard_rows": sizes, "fallback_rows": fallback, "classifier": classifier}
 

@@ -1,0 +1,1 @@
+"""The router: a hashed n-gram fast path in front of a DACT early-exit classifier (see router.py)."""

@@ -1,0 +1,252 @@
+"""The router: fast path → DACT cascade, calibrated multi-label decisions with t_C, and fallbacks.
+
+    fast path (hashed n-grams, ~0.1 ms) ── sure? ──> probabilities, exit_layer 0
+          │ unsure
+          ▼
+    DACT over the encoder's layers, stopping per sample once the decision is final ──> exit_layer n
+          │
+          ▼
+    fused with the fast path's evidence: softmax((log p_dact + w · log p_fast) / T), w and T calibrated
+
+A request goes to every category whose calibrated probability reaches t_C. When none does, or the
+text is not about anything the corpus knows, the fallback decides: every expert, or the base model
+for generic questions. Experts may carry routing keywords (priors), and an expert installed later
+joins routing through its centroid and keywords, without retraining.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
+from imoe_ray.routing.fastpath import FastPath, tokens
+
+BASE_MODEL = "base"
+_GENERIC = re.compile(r"^\s*(what\s+(is|are|was|were)|what's|explain|define|describe|tell\s+me\s+about|who\s+(is|was)|"
+                      r"why\b|how\s+(does|do|did)\b|give\s+me|summari[sz]e)", re.IGNORECASE)
+
+
+@dataclass
+class ExpertProfile:
+    """What routing knows of an expert: its category (None if it joined after training), keywords, centroid."""
+    name: str
+    category: int | None = None
+    keywords: list[str] = field(default_factory=list)
+    centroid: list[float] | None = None
+    priority: float = 0.0
+
+
+@dataclass
+class Route:
+    categories: list[int]          # chosen categories, most probable first (top-1 first even on fallback)
+    names: list[str]               # their names
+    probabilities: list[float]     # their probabilities, aligned with `categories`
+    experts: list[str]             # the experts that serve the request (or ["base"])
+    exit_layer: int                # 0: fast path; n: DACT stopped after n encoder layers
+    latency_ms: float
+    fallback: str | None = None    # why the request did not go to the chosen categories alone
+    all_probabilities: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decision:
+    """Vectorised decisions for many rows (used by sharding and evaluation)."""
+    probabilities: np.ndarray   # (n, K)
+    exit_layer: np.ndarray      # (n,)
+
+
+class Router:
+    def __init__(self, names: list[str], fast: FastPath, fast_threshold: float | None, head: DACTHead,
+                 dact_temperature: float, threshold: float, settings: dict, encoder=None,
+                 profiles: list[ExpertProfile] | None = None):
+        self.names = names
+        self.fast = fast
+        self.fast_threshold = fast_threshold
+        self.head = head
+        self.dact_temperature = dact_temperature
+        self.threshold = threshold
+        self.settings = settings
+        self._encoder = encoder
+        self._layerwise = None
+        self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
+
+    # ---- probabilities -------------------------------------------------------------------
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        z = np.log(np.clip(probs, 1e-9, 1.0)) / self.dact_temperature
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def _encoder_steps(self):
+        if self._layerwise is None:
+            from imoe_ray.embedding.layerwise import LayerwiseEncoder
+
+            if self._encoder is None:
+                raise RuntimeError("this router was loaded without an encoder")
+            self._layerwise = LayerwiseEncoder(self._encoder)
+        return self._layerwise
+
+    @torch.inference_mode()
+    def dact(self, texts: list[str]) -> Decision:
+        """DACT run live over the encoder, one layer at a time; rows leave as soon as they halt."""
+        lw = self._encoder_steps()
+        hidden, mask = lw.embed(texts)
+        acc = Accumulator(self.head, len(texts))
+        rows = torch.arange(len(texts))
+        probs = np.zeros((len(texts), len(self.names)), np.float32)
+        layers = np.zeros(len(texts), np.int64)
+        for n in range(lw.n_layers):
+            hidden = lw.layer(n, hidden, mask)
+            halted, out = acc.update(n, rows, lw.pool(hidden, mask))
+            done = rows[halted].numpy()
+            probs[done] = out[halted].numpy()
+            layers[done] = n + 1
+            keep = ~halted
+            rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
+            if len(rows) == 0:
+                break
+        return Decision(self._calibrated(probs), layers)
+
+    def fuse(self, dact_probs: np.ndarray, fast_probs: np.ndarray) -> np.ndarray:
+        """Product of the two calibrated opinions (the n-gram and the encoder views complement each other)."""
+        w, t = self.settings.get("fusion_weight", 0.0), self.settings.get("fusion_temperature", 1.0)
+        if w == 0:
+            return dact_probs
+        z = (np.log(np.clip(dact_probs, 1e-9, 1)) + w * np.log(np.clip(fast_probs, 1e-9, 1))) / t
+        return _softmax(z)
+
+    def decide_states(self, texts: list[str], states: np.ndarray, use_fast_path: bool = True) -> Decision:
+        """The cascade on precomputed per-layer states (n, L, h): identical decisions to live routing.
+        Without `use_fast_path` it is DACT alone."""
+        out = exit_from_states(self.head, states)
+        probs, layers = self._calibrated(out.probabilities), out.layers.copy()
+        if use_fast_path and len(texts):
+            fast = _softmax(self.fast.logits_batch(texts) / self.fast.temperature)
+            probs = self.fuse(probs, fast)
+            if self.fast_threshold is not None:
+                sure = fast.max(axis=1) >= self.fast_threshold
+                probs[sure], layers[sure] = fast[sure], 0
+        return Decision(probs, layers)
+
+    # ---- one request ---------------------------------------------------------------------
+    def route(self, text: str | bytes, force_dact: bool = False) -> Route:
+        started = time.perf_counter()
+        text = _as_text(text)[: self.settings["max_query_chars"]]
+        if not any(w not in ENGLISH_STOP_WORDS for w in tokens(text)):
+            return self._fallback_only(started, "no words to route on" if not tokens(text) else "only stop words")
+        fast = self.fast.probabilities(text)
+        if not force_dact and self.fast_threshold is not None and fast.max() >= self.fast_threshold:
+            probs, exit_layer = fast, 0
+        else:
+            decision = self.dact([text])
+            probs, exit_layer = decision.probabilities[0], int(decision.exit_layer[0])
+            if not force_dact:
+                probs = self.fuse(probs[None], fast[None])[0]
+        return self._decide(text, probs, exit_layer, started)
+
+    def route_many(self, texts: list[str | bytes]) -> list[Route]:
+        return [self.route(t) for t in texts]
+
+    # ---- decisions -----------------------------------------------------------------------
+    def _decide(self, text: str, probs: np.ndarray, exit_layer: int, started: float) -> Route:
+        names = [p.name for p in self.profiles]
+        scores = self._with_profiles(text, probs)
+        order = np.argsort(-scores)
+        chosen = [int(i) for i in order if scores[i] >= self.threshold]
+        fallback = None
+        if chosen and self._out_of_domain(text):
+            fallback = "outside the corpus's vocabulary"
+        elif not chosen:
+            fallback = f"no category reached t_C={self.threshold:.2f}"
+        if fallback:
+            experts = self._fallback_experts(text)
+            chosen = [int(order[0])]
+        else:
+            experts = [names[i] for i in chosen]
+        return Route(categories=chosen, names=[names[i] for i in chosen],
+                     probabilities=[round(float(scores[i]), 4) for i in chosen], experts=experts,
+                     exit_layer=exit_layer, latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                     fallback=fallback, all_probabilities={names[i]: round(float(scores[i]), 4) for i in order})
+
+    def _fallback_only(self, started: float, why: str) -> Route:
+        return Route([], [], [], self._fallback_experts(""), 0, round((time.perf_counter() - started) * 1000, 3), why)
+
+    def _fallback_experts(self, text: str) -> list[str]:
+        mode = self.settings["fallback"]
+        if mode == "base" or (mode == "auto" and (not text or _GENERIC.match(text) or self._out_of_domain(text))):
+            return [BASE_MODEL]
+        return [p.name for p in self.profiles]
+
+    def _out_of_domain(self, text: str) -> bool:
+        """Too few of the text's content words were in the corpus or in an expert's routing keywords."""
+        keywords = {w for p in self.profiles for k in p.keywords for w in tokens(k)}
+        words = [w for w in tokens(text) if w not in ENGLISH_STOP_WORDS and w not in keywords]
+        content = [w for w in tokens(text) if w not in ENGLISH_STOP_WORDS]
+        if not content:
+            return False
+        known = len(content) - len(words) + (self.fast.known_fraction(" ".join(words)) * len(words) if words else 0)
+        return known / len(content) < self.settings["min_known_fraction"]
+
+    def _with_profiles(self, text: str, probs: np.ndarray) -> np.ndarray:
+        """Trained probabilities, extended to experts that joined later and tilted by keyword priors."""
+        scores = np.asarray(probs, np.float64)
+        extra = [p for p in self.profiles if p.category is None]
+        if extra:
+            scores = self._join_extra(text, scores, extra)
+        boost = self.settings["keyword_boost"]
+        if boost:
+            words = f" {' '.join(tokens(text))} "
+            hits = np.array([sum(f" {' '.join(tokens(k))} " in words for k in p.keywords if tokens(k))
+                             for p in self.profiles], np.float64)
+            if hits.any():
+                scores = scores * (1.0 + boost * hits)
+                scores /= scores.sum()
+        return scores
+
+    def _join_extra(self, text: str, scores: np.ndarray, extra: list[ExpertProfile]) -> np.ndarray:
+        """c-BTM style: softmax(cos(query, centroid) / T) over every profile's centroid says how much
+        mass the later experts take; the trained probabilities share the rest."""
+        trained = [p for p in self.profiles if p.category is not None]
+        query = self._encoder.encode([text])[0]
+        centroids = np.array([p.centroid for p in trained + extra], np.float64)
+        sims = centroids @ query / np.maximum(np.linalg.norm(centroids, axis=1), 1e-9)
+        z = sims / self.settings["centroid_temperature"]
+        mass = np.exp(z - z.max())
+        mass /= mass.sum()
+        new = mass[len(trained):]
+        return np.concatenate([scores * (1.0 - new.sum()), new])
+
+    def add_expert(self, profile: ExpertProfile) -> None:
+        """Add (or update) an expert: a known category gains keywords; a new one joins by centroid."""
+        if profile.category is None and not profile.centroid:
+            raise ValueError(f"expert {profile.name!r} joins routing without a category, so it needs a centroid")
+        if profile.category is None and self._encoder is None:
+            raise RuntimeError("experts without a category need the encoder; load the router with its encoder")
+        self.profiles = [p for p in self.profiles if p.name != profile.name]
+        if profile.category is not None:
+            self.profiles.insert(profile.category, profile)
+        else:
+            self.profiles.append(profile)
+
+
+def _as_text(text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        return text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise TypeError(f"a route request is text, not {type(text).__name__}")
+    return text
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

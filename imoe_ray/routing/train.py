@@ -1,0 +1,205 @@
+"""Train the router from a store's discovered categories: views → fast path, DACT, calibration, evaluation.
+
+Plain Python over arrays: the encoder is frozen (its per-layer states of the chunks come from the
+embed stage), so only short query views are encoded here, and the DACT units and the linear fast
+path train in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from imoe_ray.config import RouterConfig
+from imoe_ray.routing import calibration
+from imoe_ray.routing.dact import exit_from_states, train_head
+from imoe_ray.routing.fastpath import FastPath
+from imoe_ray.routing.router import ExpertProfile, Router
+from imoe_ray.routing.views import Views, chunk_views, sentences, split_of, synthetic_queries, token_prefixes
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Corpus:
+    """The labelled chunks a router learns from, row for row."""
+    texts: list[str]
+    ids: list[str]            # input row ids (the split is by row, so a document's chunks stay together)
+    chunk_ids: list[str]
+    labels: np.ndarray        # (n,) discovered top category
+    embeddings: np.ndarray    # (n, dim)
+    layer_states: np.ndarray  # (n, L, dim)
+
+
+@dataclass
+class EvalSet:
+    name: str
+    texts: list[str]
+    labels: np.ndarray
+    states: np.ndarray
+
+
+def _encode(encoder, texts: list[str], what: str, report: Report) -> np.ndarray:
+    report(f"[router] encoding {len(texts)} {what}")
+    return encoder.encode_with_layers(texts, batch_size=64)[1]
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return round(float(np.mean(pred == labels)), 4) if len(labels) else float("nan")
+
+
+def eval_sets(corpus: Corpus, rows: np.ndarray, encoder, prefix_tokens: int, report: Report,
+              with_query_views: bool) -> list[EvalSet]:
+    """Held-out chunks as they are, their first `prefix_tokens` tokens, and (for calibration) one sentence each."""
+    texts = [corpus.texts[i] for i in rows]
+    labels = corpus.labels[rows]
+    out = [EvalSet("chunks", texts, labels, corpus.layer_states[rows])]
+    prefixes = token_prefixes(texts, encoder.tokenizer, prefix_tokens)
+    out.append(EvalSet(f"prefix{prefix_tokens}", prefixes, labels, _encode(encoder, prefixes, "held-out prefixes", report)))
+    if with_query_views:
+        pairs = [(s[0], l) for t, l in zip(texts, labels) if (s := sentences(t))]
+        if pairs:
+            sent = [p[0] for p in pairs]
+            out.append(EvalSet("sentences", sent, np.array([p[1] for p in pairs]),
+                               _encode(encoder, sent, "held-out sentences", report)))
+    return out
+
+
+@dataclass
+class LinearHead:
+    """The full encoder's last layer + a linear head: what DACT is measured against (evaluation only)."""
+    weight: np.ndarray  # (K, dim)
+    bias: np.ndarray    # (K,)
+
+    def predict(self, states: np.ndarray) -> np.ndarray:
+        return (last_layer(states) @ self.weight.T + self.bias).argmax(1)
+
+
+def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile], threshold: float,
+                 cfg: RouterConfig, encoder, report: Report = print) -> tuple[Router, dict, LinearHead]:
+    rng = np.random.default_rng(cfg.seed)
+    n_classes = len(names)
+    split = np.array([split_of(i, cfg.calib_fraction, cfg.test_fraction) for i in corpus.ids])
+    train, calib, test = (np.flatnonzero(split == s) for s in ("train", "calib", "test"))
+    if len(train) == 0 or len(calib) == 0:
+        raise ValueError(f"{len(corpus.texts)} chunks are too few to hold out a calibration split")
+    report(f"[router] {len(train)} training chunks, {len(calib)} for calibration, {len(test)} for testing")
+
+    # 1. Training data: the chunks and their query-like views.
+    train_texts = [corpus.texts[i] for i in train]
+    views = chunk_views(train_texts, corpus.labels[train], encoder.tokenizer, rng,
+                        tuple(cfg.prefix_tokens), tuple(cfg.key_terms))
+    views.extend(synthetic_queries(train_texts, corpus.embeddings[train], corpus.labels[train], n_classes, rng,
+                                   cfg.synthetic_chunks_per_cluster, cfg.synthetic_per_cluster, cfg.seed))
+    view_states = _encode(encoder, views.texts, "query views of the training chunks", report)
+    x_texts = train_texts + views.texts
+    x_states = np.concatenate([corpus.layer_states[train], view_states])
+    y = np.concatenate([corpus.labels[train], np.array(views.labels, np.int64)])
+    kinds = {k: views.kinds.count(k) for k in sorted(set(views.kinds))}
+
+    calib_sets = eval_sets(corpus, calib, encoder, cfg.eval_prefix_tokens, report, with_query_views=True)
+    c_texts = [t for s in calib_sets for t in s.texts]
+    c_states = np.concatenate([s.states for s in calib_sets])
+    c_labels = np.concatenate([s.labels for s in calib_sets])
+
+    # 2. The reference: the full encoder's last layer with a linear head.
+    reference = _linear_head(x_states, y, n_classes, cfg.reference_c)
+    ref_acc = _accuracy(reference.predict(c_states), c_labels)
+
+    # 3. DACT: sweep lambda; of the heads within the allowed accuracy drop keep the one that runs the
+    #    fewest layers (none within: the most accurate).
+    sweep, heads = [], []
+    for lam in sorted(cfg.ponder_lambdas):
+        head = train_head(x_states, y, n_classes, lam, cfg.aux_weight, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed)
+        out = exit_from_states(head, c_states)
+        row = {"lambda": lam, "accuracy": _accuracy(out.probabilities.argmax(1), c_labels),
+               "mean_layers": round(float(out.layers.mean()), 3)}
+        sweep.append(row)
+        report(f"[router] DACT lambda={lam:g}: calibration accuracy {row['accuracy']:.3f}, "
+               f"{row['mean_layers']:.2f} of {head.n_layers} layers (full encoder + linear: {ref_acc:.3f})")
+        heads.append((head, row, out))
+    good = [h for h in heads if h[1]["accuracy"] >= ref_acc - cfg.max_accuracy_drop]
+    head, chosen, c_exit = (min(good, key=lambda h: h[1]["mean_layers"]) if good
+                            else max(heads, key=lambda h: h[1]["accuracy"]))
+    dact_temperature = calibration.fit_temperature(np.log(np.clip(c_exit.probabilities, 1e-9, 1)), c_labels)
+
+    # 4. Fast path and its place in the cascade.
+    fast = FastPath.fit(x_texts, y, n_classes, cfg.fast_features, cfg.max_query_chars, cfg.fast_c, cfg.seed)
+    c_fast_logits = fast.logits_batch(c_texts)
+    fast.temperature = calibration.fit_temperature(c_fast_logits, c_labels)
+    c_fast = _softmax(c_fast_logits / fast.temperature)
+    # 5. Fusion of the escalated DACT answer with the fast path's evidence.
+    c_dact = _softmax(np.log(np.clip(c_exit.probabilities, 1e-9, 1)) / dact_temperature)
+    fusion_weight, fusion_temperature = _fit_fusion(c_dact, c_fast, c_labels)
+    c_fused = np.log(np.clip(c_dact, 1e-9, 1)) + fusion_weight * np.log(np.clip(c_fast, 1e-9, 1))
+    fast_threshold = calibration.cascade_threshold(c_fast.max(1), c_fast.argmax(1) == c_labels,
+                                                   c_fused.argmax(1) == c_labels, cfg.fast_min_precision)
+    report(f"[router] fast path answers at p >= {fast_threshold if fast_threshold is not None else 'never'}; "
+           f"escalated answers fuse DACT with the fast path at weight {fusion_weight:g}")
+
+    settings = cfg.model_dump(mode="json") | {
+        "fusion_weight": fusion_weight, "fusion_temperature": fusion_temperature,
+        "encoder": getattr(encoder, "name", None), "n_layers": head.n_layers, "hidden": head.hidden, "n_classes": n_classes,
+        "ponder_lambda": chosen["lambda"], "lambda_sweep": sweep, "dact_temperature": dact_temperature,
+        "fast_temperature": fast.temperature, "fast_threshold": fast_threshold, "threshold": threshold,
+    }
+    router = Router(names, fast, fast_threshold, head, dact_temperature, threshold, settings, encoder, profiles)
+
+    # 6. Held-out evaluation (the test split was never seen by training or calibration).
+    metrics = {"train_rows": len(y), "views": kinds, "calib_rows": len(c_labels), "lambda": chosen["lambda"],
+               "lambda_sweep": sweep, "fast_threshold": fast_threshold,
+               "reference_calib_accuracy": ref_acc}
+    if len(test):
+        for s in eval_sets(corpus, test, encoder, cfg.eval_prefix_tokens, report, with_query_views=False):
+            cascade = router.decide_states(s.texts, s.states)
+            dact = router.decide_states(s.texts, s.states, use_fast_path=False)
+            metrics[f"test_{s.name}"] = {
+                "rows": len(s.labels),
+                "cascade_accuracy": _accuracy(cascade.probabilities.argmax(1), s.labels),
+                "dact_accuracy": _accuracy(dact.probabilities.argmax(1), s.labels),
+                "full_encoder_accuracy": _accuracy(reference.predict(s.states), s.labels),
+                "dact_mean_layers": round(float(dact.exit_layer.mean()), 3),
+                "cascade_mean_layers": round(float(cascade.exit_layer.mean()), 3),
+                "fast_path_share": round(float(np.mean(cascade.exit_layer == 0)), 4),
+                "cascade_ece": round(calibration.expected_calibration_error(cascade.probabilities, s.labels), 4),
+            }
+    return router, metrics, reference
+
+
+def _fit_fusion(dact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The weight of the fast path's log-probabilities that is most accurate on held-out data
+    (ties: the smaller weight), and the temperature that calibrates the fused scores."""
+    best_w, best_acc = 0.0, -1.0
+    for w in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
+        z = np.log(np.clip(dact, 1e-9, 1)) + w * np.log(np.clip(fast, 1e-9, 1))
+        acc = float(np.mean(z.argmax(1) == labels))
+        if acc > best_acc + 1e-9:
+            best_w, best_acc = w, acc
+    z = np.log(np.clip(dact, 1e-9, 1)) + best_w * np.log(np.clip(fast, 1e-9, 1))
+    return best_w, calibration.fit_temperature(z, labels)
+
+
+def _linear_head(states: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> LinearHead:
+    model = LogisticRegression(C=c, max_iter=2000).fit(last_layer(states), labels)
+    weight = np.full((n_classes, states.shape[2]), 0.0, np.float32)
+    bias = np.full(n_classes, -30.0, np.float32)
+    if len(model.classes_) > 1:
+        weight[model.classes_] = model.coef_ if len(model.coef_) == len(model.classes_) else np.vstack([-model.coef_, model.coef_])
+        bias[model.classes_] = model.intercept_ if len(model.intercept_) == len(model.classes_) else np.r_[-model.intercept_, model.intercept_]
+    else:
+        bias[model.classes_[0]] = 0.0
+    return LinearHead(weight, bias)
+
+
+def last_layer(states: np.ndarray) -> np.ndarray:
+    last = states[:, -1]
+    return last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-9)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

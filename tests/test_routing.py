@@ -1,0 +1,201 @@
+"""The router: DACT's halting guarantee, calibration, the fast path, and the trained router of a built store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from imoe_ray.routing.calibration import cascade_threshold, fit_temperature
+from imoe_ray.routing.dact import exit_from_states, train_head
+from imoe_ray.routing.fastpath import FastPath
+from imoe_ray.routing.router import BASE_MODEL, ExpertProfile
+
+IMOE = [sys.executable, "-m", "imoe_ray.cli"]
+
+
+def _clustered_states(n: int, layers: int, dim: int, classes: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(classes, size=n)
+    centers = rng.normal(size=(classes, dim)) * 2
+    # Deeper layers separate the classes better, as in a real encoder.
+    states = np.stack([centers[labels] * (l + 1) / layers + rng.normal(size=(n, dim)) for l in range(layers)], axis=1)
+    return states.astype(np.float32), labels
+
+
+def test_dact_exit_never_changes_the_decision_and_saves_layers():
+    states, labels = _clustered_states(600, layers=5, dim=16, classes=4)
+    head = train_head(states, labels, 4, ponder_lambda=0.05, aux_weight=0.5, epochs=40, lr=3e-3, batch_size=128, seed=0)
+    out = exit_from_states(head, states)
+    with torch.no_grad():
+        final, _, _ = head(torch.from_numpy(states))
+    assert np.array_equal(out.probabilities.argmax(1), final.numpy().argmax(1))  # halting is exact
+    assert np.allclose(out.probabilities.sum(1), 1.0, atol=1e-5)
+    assert out.layers.min() >= 1 and out.layers.max() <= 5
+    assert out.layers.mean() < 4.0
+    assert np.mean(out.probabilities.argmax(1) == labels) > 0.9
+
+
+def test_ponder_lambda_trades_layers_for_nothing_when_easy():
+    states, labels = _clustered_states(600, layers=5, dim=16, classes=3, seed=1)
+    cheap = exit_from_states(train_head(states, labels, 3, 0.2, 0.5, 40, 3e-3, 128, 0), states).layers.mean()
+    costly = exit_from_states(train_head(states, labels, 3, 0.0, 0.5, 40, 3e-3, 128, 0), states).layers.mean()
+    assert cheap <= costly
+
+
+def test_temperature_scaling_recovers_the_true_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 5)) * 3
+    p = np.exp(logits / 2.0)
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert abs(fit_temperature(logits, labels) - 2.0) < 0.25
+
+
+def test_cascade_threshold_keeps_the_fast_path_as_good_as_the_slow_one():
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.6, 0.5])
+    fast_ok = np.array([1, 1, 1, 0, 1, 0], bool)
+    slow_ok = np.ones(6, bool)
+    assert cascade_threshold(confidence, fast_ok, slow_ok, min_precision=0.9) == 0.9
+    assert cascade_threshold(confidence, ~fast_ok, slow_ok, min_precision=0.9) is None
+
+
+def test_fast_path_learns_and_knows_its_vocabulary():
+    texts = ["open a socket and connect to the server", "tcp socket listen accept", "http server request socket",
+             "plot a histogram with matplotlib", "matplotlib figure axes plot", "draw a line plot with labels"] * 3
+    labels = np.array([0, 0, 0, 1, 1, 1] * 3)
+    fast = FastPath.fit(texts, labels, 2, n_features=2**12, max_chars=1000, c=10.0, seed=0)
+    assert fast.probabilities("socket server").argmax() == 0
+    assert fast.probabilities("histogram plot").argmax() == 1
+    assert fast.known_fraction("socket plot") == 1.0 and fast.known_fraction("zebra giraffe") == 0.0
+    assert np.allclose(fast.logits_batch(["socket server"])[0], fast.logits("socket server"), atol=1e-5)
+
+
+# ---- the trained router of the session's built store --------------------------------------------
+
+@pytest.fixture(scope="module")
+def router(built):
+    from imoe_ray.routing.stage import load_router
+
+    cfg, store, _ = built
+    return load_router(store, cfg)
+
+
+def test_router_is_saved_with_lambda_and_every_setting(built):
+    cfg, store, manifests = built
+    meta = store.read_json("router", "config.json")
+    s = meta["settings"]
+    assert s["ponder_lambda"] in cfg.router.ponder_lambdas and len(s["lambda_sweep"]) == len(cfg.router.ponder_lambdas)
+    for key in ("n_layers", "hidden", "n_classes", "dact_temperature", "fast_temperature", "fast_threshold",
+                "threshold", "encoder", "aux_weight", "fast_features"):
+        assert key in s
+    weights = load_file(store.path("router", "weights.safetensors"))
+    assert weights["dact.classify.0.weight"].shape == (s["n_classes"], s["hidden"])
+    assert weights["fast.weights"].shape == (s["fast_features"], s["n_classes"])
+    m = meta["metrics"]["test_chunks"]
+    assert m["rows"] > 0 and m["cascade_accuracy"] > 2.0 / s["n_classes"]
+    assert manifests["router"].metrics["lambda"] == s["ponder_lambda"]
+
+
+def test_live_dact_matches_dact_on_stored_states(router, built):
+    from imoe_ray.routing.stage import load_corpus
+
+    cfg, store, _ = built
+    corpus = load_corpus(store, cfg, None, lambda m: None)
+    texts, states = corpus.texts[:12], corpus.layer_states[:12]
+    live = router.dact(texts)
+    stored = router.decide_states(texts, states, use_fast_path=False)
+    assert np.array_equal(live.exit_layer, stored.exit_layer)
+    assert np.allclose(live.probabilities, stored.probabilities, atol=2e-3)  # float16 storage
+
+
+def test_route_decision_contract(router, built):
+    cfg, store, _ = built
+    text = store.read_table("corpus", "chunks", columns=["text"]).column("text")[0].as_py()
+    r = router.route(text)
+    assert r.categories and r.probabilities == sorted(r.probabilities, reverse=True)
+    assert all(p >= router.threshold for p in r.probabilities) or r.fallback
+    assert 0 <= r.exit_layer <= router.head.n_layers and r.latency_ms > 0
+    assert set(r.experts) <= set(router.names) | {BASE_MODEL}
+    assert abs(sum(r.all_probabilities.values()) - 1.0) < 1e-2
+
+
+@pytest.mark.parametrize("garbage", ["", "   \n\t ", "the of and", "x" * 1_000_000, "é∂ƒ\x00\x01" * 1000,
+                                     b"\xff\xfe\x00binary\x80", "a" * 300 + " socket"])
+def test_garbage_gets_a_defined_answer(router, garbage):
+    r = router.route(garbage)
+    assert r.experts and r.latency_ms < 5000
+    json.dumps(r.to_json())
+
+
+def test_non_text_is_a_clear_error(router):
+    with pytest.raises(TypeError, match="text"):
+        router.route(12345)
+
+
+def test_generic_question_goes_to_the_base_model(router):
+    r = router.route("what is the capital of France and who was its first king?")
+    assert r.experts == [BASE_MODEL] and r.fallback
+
+
+def test_keyword_prior_and_a_late_expert_join_without_retraining(router, built):
+    cfg, store, _ = built
+    query = "zebrafish aquarium husbandry tips"
+    before = router.route(query, force_dact=True).all_probabilities
+    profiles = list(router.profiles)
+    try:
+        first = profiles[0]
+        router.add_expert(ExpertProfile(first.name, first.category, ["aquarium"], first.centroid))
+        boosted = router.route(query, force_dact=True).all_probabilities
+        assert boosted[first.name] > before[first.name]
+        centroid = router._encoder.encode([query])[0].tolist()
+        router.add_expert(ExpertProfile("aquarist", None, ["zebrafish"], centroid))
+        r = router.route(query)
+        assert "aquarist" in r.experts and "aquarist" in r.all_probabilities
+    finally:
+        router.profiles = profiles
+
+
+def test_route_cli_single_and_batch(built, tmp_path):
+    cfg, store, _ = built
+    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--json", "how do I open a socket?"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout)
+    assert {"categories", "probabilities", "experts", "exit_layer", "latency_ms"} <= set(decision)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("\n".join(json.dumps({"id": f"q{i}", "text": t, "extra": i})
+                                  for i, t in enumerate(["plot a histogram", "", "parse json strings"])) + "\n")
+    result = tmp_path / "out.jsonl"
+    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--input", str(requests), "--output", str(result)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and all("experts" in r for r in rows)
+
+
+def test_route_cli_bad_input_is_a_clear_error(built, tmp_path):
+    cfg, store, _ = built
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "fine"}\nnot json\n')
+    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--input", str(bad), "--output",
+                          str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "bad.jsonl:2" in out.stderr and not (tmp_path / "o.jsonl").exists()
+    out = subprocess.run([*IMOE, "route", "--store", str(tmp_path / "nothing"), "hello"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "error" in out.stderr
+
+
+def test_train_router_cli_retrains_in_place(built):
+    cfg, store, _ = built
+    before = store.read_json("manifests", "router.json")["finished_at"]
+    out = subprocess.run([*IMOE, "train-router", "--store", str(store.uri), "--force"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "cascade acc" in out.stderr
+    assert store.read_json("manifests", "router.json")["finished_at"] != before
