@@ -179,17 +179,12 @@ def _read_requests(path: Path, text_field: str) -> list[dict]:
     """Every row first, so a bad line stops the run before any output is written."""
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            raise ConfigError(f"{path}:{n}: each row must be an object with a text field {text_field!r}")
-        rows.append(row)
+    from imoe_ray.corpus.readers import read_jsonl_rows
+
+    rows = read_jsonl_rows(path)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get(text_field), str):
+            raise ConfigError(f"{path}: request {n} has no text field {text_field!r}")
     return rows
 
 

@@ -37,7 +37,8 @@ def _read_txt(path: Path, whole_file: bool) -> pa.Table:
     return pa.table({"text": docs, "source_file": [path.name] * len(docs)})
 
 
-def _read_jsonl(path: Path) -> pa.Table:
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """Every JSON object of a .jsonl file; a bad line is a CorpusError naming the file and line."""
     rows = []
     for n, line in enumerate(_decode(path, path.read_bytes()).splitlines(), 1):
         if not line.strip():
@@ -49,6 +50,11 @@ def _read_jsonl(path: Path) -> pa.Table:
         if not isinstance(row, dict):
             raise CorpusError(f"{path}:{n}: each line must be a JSON object, not {type(row).__name__}")
         rows.append(row)
+    return rows
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    rows = read_jsonl_rows(path)
     if not rows:
         return pa.table({})
     try:
