@@ -12,6 +12,7 @@ from imoe_ray.config import Config
 from imoe_ray.corpus import stage as ingest
 from imoe_ray.discovery import stage as discover
 from imoe_ray.embedding import stage as embed
+from imoe_ray.experts import stage as experts
 from imoe_ray.routing import stage as router
 from imoe_ray.sharding import stage as shard
 from imoe_ray.store import StageManifest, Store
@@ -28,6 +29,7 @@ class Stage:
     resumable: bool = False  # keeps partial work across a kill, recorded in a partial manifest
 
 
+HELD_OUT = ("router.calib_fraction", "router.test_fraction")  # the held-out rows no LM trains on
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), ingest.run,
           "read and chunk the corpus"),
@@ -37,6 +39,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("router", ("embedding.encoder",) + router.TRAINING_FIELDS, router.run,
           "train the router (fast path + DACT early-exit classifier), calibrate on held-out chunks"),
     Stage("shard", ("sharding", "router"), shard.run, "route every chunk, write per-category Parquet shards and LanceDB tables"),
+    Stage("base", ("experts.base_model", "pretrain") + HELD_OUT, experts.run_base,
+          "the base LM: the configured one, or a tokenizer and a small Llama pre-trained on the corpus (Ray Train)",
+          resumable=True),
+    Stage("experts", ("experts", "pretrain.seq_len") + HELD_OUT, experts.run_experts,
+          "one PEFT adapter per category, each a Ray Train job, in parallel; and the dense baseline", resumable=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

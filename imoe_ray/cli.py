@@ -72,12 +72,14 @@ def build(
     store: str = StoreOpt,
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text [text]."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids [id]; generated if absent."),
-    until: str = typer.Option("shard", "--until", help="Last stage to run: ingest, embed, discover, router or shard."),
+    until: str = typer.Option("experts", "--until",
+                              help="Last stage to run: ingest, embed, discover, router, shard, base or experts."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run the pipeline: read → chunk → embed → discover categories → train the router → shard per category."""
+    """Run the pipeline: read → chunk → embed → discover categories → train the router → shard per category
+    → base LM → one expert adapter per category (and the dense baseline)."""
     from imoe_ray.build import STAGE_NAMES, build as run_build
 
     if until not in STAGE_NAMES:
@@ -278,6 +280,57 @@ def eval_discovery(
 
     cfg = resolve_config(store, config, overrides)
     typer.echo(json.dumps(evaluate_discovery(Store(store), cfg, labels, label_column), indent=2))
+
+
+@eval_app.command("lm")
+def eval_lm(
+    store: str = StoreOpt,
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out corpus file or directory; default: the "
+                                          "store's own held-out split (the router's test rows, which no model trained on)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --heldout [the corpus's]."),
+    category_column: Optional[str] = typer.Option(None, "--category-column",
+                                                  help="Group --heldout by this column; default: by the router's category."),
+    route_tokens: int = typer.Option(32, "--route-tokens", min=1, help="LM tokens the router sees; perplexity is on the rest."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Experts in the mixture [experts.top_k]."),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", min=1, help="Evaluate only the first N texts."),
+    output: Path = typer.Option(Path("eval-lm.json"), "--output", "-o", help="Where the JSON goes; the plot goes beside it (.png)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Held-out perplexity of the base model, the dense baseline, the routed top-1 expert and the top-k
+    mixture, overall and per category: JSON on stdout and in --output, and a PNG bar chart beside it."""
+    from imoe_ray.evaluation.lm import evaluate_lm, plot_lm
+    from imoe_ray.store import Store
+
+    cfg = resolve_config(store, config, overrides)
+    result = evaluate_lm(Store(store), cfg, heldout, text_column, category_column, route_tokens, top_k, max_texts,
+                         report=lambda m: console.print(m, highlight=False, markup=False))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(output)
+    plot_lm(result, output.with_suffix(".png"))
+    console.print(_lm_table(result))
+    console.print(f"wrote {output} and {output.with_suffix('.png')}")
+    typer.echo(json.dumps(result, indent=2))
+
+
+def _lm_table(result: dict) -> Table:
+    from imoe_ray.evaluation.lm import LABELS
+
+    models = list(result["perplexity"])
+    table = Table(title=f"held-out perplexity ({result['texts']} texts, {result['tokens_scored']:,} tokens; "
+                        f"routed on the first {result['route_tokens']} tokens)")
+    table.add_column("category")
+    table.add_column("texts", justify="right")
+    for m in models:
+        table.add_column(LABELS[m], justify="right")
+    for name, row in result["per_category"].items():
+        table.add_row(name, str(row["texts"]), *[f"{row[m]:.2f}" for m in models])
+    table.add_row("overall", str(result["texts"]), *[f"{result['perplexity'][m]:.2f}" for m in models], style="bold")
+    if "ratio_to_dense" in result:
+        table.add_row("÷ dense", "", *[f"{result['ratio_to_dense'].get(m, 1.0):.3f}" for m in models], style="bold")
+    return table
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

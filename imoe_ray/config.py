@@ -107,6 +107,51 @@ class ShardingConfig(_Section):
     write_lancedb: bool = True
 
 
+class PretrainConfig(_Section):
+    """The embedded default base LM: a tokenizer and a small Llama-style model trained on the corpus."""
+    vocab_size: int = Field(4096, ge=260, description="BPE vocabulary trained on the corpus")
+    hidden_size: int = Field(192, ge=16)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=16)
+    seq_len: int = Field(256, ge=16, description="training block length in LM tokens (also the experts')")
+    epochs: float = Field(2.0, gt=0, description="passes over the training text")
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1, description="blocks per optimizer step (over all workers)")
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    cpus_per_worker: int | None = Field(None, ge=1, description="default: every CPU of the cluster over the workers")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "PretrainConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class ExpertsConfig(_Section):
+    base_model: str | None = Field(None, description="HF causal LM id or directory; None: pre-train one on the corpus")
+    adapter: Literal["lora", "dora", "ia3"] = "lora"
+    r: int = Field(16, ge=1, description="LoRA/DoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA/DoRA scaling numerator")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="modules the adapter wraps")
+    epochs: float = Field(2.0, gt=0, description="passes over each expert's shard")
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, ge=1, description="blocks per optimizer step (over all of an expert's workers)")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="'deepspeed': ZeRO through Ray Train")
+    zero_stage: int = Field(2, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2: every rank keeps whole parameters)")
+    workers_per_expert: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1/max_concurrent of a GPU when the cluster has GPUs")
+    max_concurrent: int | None = Field(None, ge=1, description="expert jobs at once; default: as many as resources allow")
+    max_failures: int = Field(2, ge=0, description="restarts of a failed worker group per expert (FailureConfig)")
+    min_chunks: int = Field(8, ge=1, description="smaller categories are folded into their nearest neighbour")
+    dense_baseline: bool = Field(True, description="also train one adapter on all shards with the experts' total tokens")
+    top_k: int = Field(2, ge=1, description="experts mixed per request (token-level mixture)")
+    seed: int = 0
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray")
@@ -120,6 +165,8 @@ class Config(_Section):
     discovery: DiscoveryConfig = DiscoveryConfig()
     router: RouterConfig = RouterConfig()
     sharding: ShardingConfig = ShardingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    experts: ExpertsConfig = ExpertsConfig()
     ray: RayConfig = RayConfig()
 
     def fields_hash(self, *names: str) -> str:

@@ -114,6 +114,12 @@ def small_corpus(tmp_path_factory) -> Path:
     return out
 
 
+# A base LM and experts small enough to train in seconds; small categories fold, as a user's would.
+TINY_LM = ["pretrain.vocab_size=512", "pretrain.hidden_size=32", "pretrain.layers=1", "pretrain.heads=2",
+           "pretrain.intermediate_size=64", "pretrain.seq_len=64", "pretrain.epochs=0.5",
+           "experts.epochs=0.5", "experts.r=4", "experts.min_chunks=12"]
+
+
 @pytest.fixture(scope="session")
 def built(ray_session, small_corpus, tmp_path_factory):
     """The small corpus built through every stage once per session: (cfg, store, manifests)."""
@@ -122,6 +128,6 @@ def built(ray_session, small_corpus, tmp_path_factory):
     from imoe_ray.store import Store
 
     store = tmp_path_factory.mktemp("store")
-    cfg = load_config(None, ["embedding.part_rows=40"], store=str(store), corpus__path=str(small_corpus))
+    cfg = load_config(None, ["embedding.part_rows=40", *TINY_LM], store=str(store), corpus__path=str(small_corpus))
     manifests = build(cfg, report=lambda m: None)
     return cfg, Store(store), manifests

@@ -78,6 +78,7 @@ class Router:
         self._encoder = encoder
         self._layerwise = None
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
+        self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
 
     # ---- probabilities -------------------------------------------------------------------
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
@@ -171,7 +172,7 @@ class Router:
             experts = self._fallback_experts(text)
             chosen = [int(order[0])]
         else:
-            experts = [names[i] for i in chosen]
+            experts = self._serving([names[i] for i in chosen])
         return Route(categories=chosen, names=[names[i] for i in chosen],
                      probabilities=[round(float(scores[i]), 4) for i in chosen], experts=experts,
                      exit_layer=exit_layer, latency_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -184,7 +185,10 @@ class Router:
         mode = self.settings["fallback"]
         if mode == "base" or (mode == "auto" and (not text or _GENERIC.match(text) or self._out_of_domain(text))):
             return [BASE_MODEL]
-        return [p.name for p in self.profiles]
+        return self._serving([p.name for p in self.profiles])
+
+    def _serving(self, categories: list[str]) -> list[str]:
+        return list(dict.fromkeys(self.served_by.get(c, c) for c in categories))
 
     def _out_of_domain(self, text: str) -> bool:
         """Too few of the text's content words were in the corpus or in an expert's routing keywords."""

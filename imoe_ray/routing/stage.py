@@ -29,6 +29,7 @@ from imoe_ray.store.store import StoreError
 MODEL = ("router", "config.json")
 WEIGHTS = ("router", "weights.safetensors")
 EXTRA_EXPERTS = ("router", "experts.json")
+EXPERTS_INDEX = ("experts", "index.json")  # written by the experts stage
 REFERENCE = ("router", "reference-head.safetensors")  # the full-encoder baseline, for benchmarks only
 # Settings read at request time; changing them needs no retraining.
 RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature")
@@ -106,6 +107,8 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
     if store.exists(*EXTRA_EXPERTS):
         for p in store.read_json(*EXTRA_EXPERTS):
             router.add_expert(ExpertProfile(**p))
+    if store.exists(*EXPERTS_INDEX):  # categories too small for an expert are served by another (or the base)
+        router.served_by = dict(store.read_json(*EXPERTS_INDEX).get("aliases", {}))
     return router
 
 

@@ -114,6 +114,35 @@ class Store:
         pq.write_table(table, temp, filesystem=self.fs)
         return self.commit(temp, *parts)
 
+    def uri_of(self, *parts: str) -> str:
+        """The location as a URI (a plain path for a local store), for libraries that take one."""
+        path = self.path(*parts)
+        if self.is_local:
+            return path
+        return f"{self.uri.split('://', 1)[0]}://{path}"
+
+    def put_dir(self, local_dir: str | Path, *parts: str) -> str:
+        """Upload a finished local directory (a model, an adapter) atomically under `parts`."""
+        temp = self.temp_path(*parts)
+        self.fs.create_dir(temp, recursive=True)
+        pafs.copy_files(str(local_dir), temp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        return self.commit(temp, *parts)
+
+    def local_dir(self, *parts: str, cache: str | Path | None = None) -> Path:
+        """A local directory holding `parts`: the path itself in a local store, else a downloaded copy."""
+        if not self.exists(*parts):
+            raise StoreError(f"{self.path(*parts)} does not exist")
+        if self.is_local:
+            return Path(self.path(*parts))
+        import tempfile
+
+        target = Path(cache or tempfile.mkdtemp(prefix="imoe-")) / parts[-1]
+        if not target.exists():
+            target.mkdir(parents=True)
+            pafs.copy_files(self.path(*parts), str(target), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return target
+
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         if not self.exists(*parts):
             raise StoreError(f"{self.path(*parts)} does not exist")
