@@ -70,8 +70,8 @@ def _categories_table(store_uri: str) -> Table:
 def build(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="HF dataset id/path, .txt/.jsonl/.parquet file or directory."),
     store: str = StoreOpt,
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text [text]."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids [id]; generated if absent."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text (default: text)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids (default: id); generated if absent."),
     until: str = typer.Option("experts", "--until",
                               help="Last stage to run: ingest, embed, discover, router, shard, base or experts."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
@@ -212,11 +212,13 @@ def sample_corpus(
 def quickstart(
     store: str = typer.Option("store", "--store", "-s", help="Store directory to build into."),
     per_domain: int = typer.Option(150, "--per-domain", min=1, help="Sample-corpus passages per domain."),
+    until: str = typer.Option("experts", "--until", help="Last stage to build (see `imoe build --help`)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Everything on the embedded defaults: make the sample corpus, build the store, show the categories
-    and how well they match the corpus's domains (labels used for this evaluation only)."""
+    """Everything on the embedded defaults: make the sample corpus, build the store (categories, router,
+    base LM, experts), show how the categories match the corpus's domains (labels used for this
+    evaluation only) and the experts' held-out perplexity against the dense baseline."""
     from imoe_ray.evaluation.discovery import evaluate_discovery
     from imoe_ray.store import Store
 
@@ -224,13 +226,16 @@ def quickstart(
     if not corpus.exists():
         Path(store).mkdir(parents=True, exist_ok=True)
         sample_corpus(out=corpus, per_domain=per_domain, seed=0)
-    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until="shard", force=False,
+    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until=until, force=False,
           config=config, overrides=overrides)
     cfg = resolve_config(store, config, overrides)
     scores = evaluate_discovery(Store(store), cfg, str(corpus), "domain")
     console.print(f"discovery against the sample corpus's domains: NMI {scores['nmi']}, ARI {scores['ari']}, "
                   f"{scores['n_categories']} categories for {scores['n_labels']} domains, "
                   f"{scores['noise_fraction']:.1%} in no category")
+    if until == "experts":
+        eval_lm(store=store, heldout=None, text_column=None, category_column=None, route_tokens=32, top_k=None,
+                max_texts=None, output=Path(store) / "eval-lm.json", config=config, overrides=overrides, quiet=True)
     console.print(f"store: {Path(store).resolve()}  (inspect with `imoe status --store {store}`)")
 
 
@@ -287,15 +292,16 @@ def eval_lm(
     store: str = StoreOpt,
     heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out corpus file or directory; default: the "
                                           "store's own held-out split (the router's test rows, which no model trained on)."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --heldout [the corpus's]."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --heldout (default: the corpus's)."),
     category_column: Optional[str] = typer.Option(None, "--category-column",
                                                   help="Group --heldout by this column; default: by the router's category."),
     route_tokens: int = typer.Option(32, "--route-tokens", min=1, help="LM tokens the router sees; perplexity is on the rest."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Experts in the mixture [experts.top_k]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Experts in the mixture (default: experts.top_k)."),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", min=1, help="Evaluate only the first N texts."),
     output: Path = typer.Option(Path("eval-lm.json"), "--output", "-o", help="Where the JSON goes; the plot goes beside it (.png)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="Print the table only, not the JSON."),
 ) -> None:
     """Held-out perplexity of the base model, the dense baseline, the routed top-1 expert and the top-k
     mixture, overall and per category: JSON on stdout and in --output, and a PNG bar chart beside it."""
@@ -312,7 +318,8 @@ def eval_lm(
     plot_lm(result, output.with_suffix(".png"))
     console.print(_lm_table(result))
     console.print(f"wrote {output} and {output.with_suffix('.png')}")
-    typer.echo(json.dumps(result, indent=2))
+    if not quiet:
+        typer.echo(json.dumps(result, indent=2))
 
 
 def _lm_table(result: dict) -> Table:

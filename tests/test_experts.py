@@ -93,7 +93,9 @@ def test_every_adapter_kind_wraps_the_base_model(kind):
 
     tok = train_tokenizer(TEXTS, 300)
     cfg = PretrainConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32)
-    model = get_peft_model(new_model(llama_config(cfg, tok), 0), peft_config(ExpertsConfig(adapter=kind, r=4)))
+    base = new_model(llama_config(cfg, tok), 0)
+    model = get_peft_model(base, peft_config(ExpertsConfig(adapter=kind, r=4), base))
+    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad) == (kind != "dora")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 2
     x = torch.as_tensor([tok("the socket")["input_ids"]])
@@ -169,7 +171,7 @@ def test_eval_lm_cli_writes_json_and_plot(built, ray_session, tmp_path):
                           capture_output=True, text=True, env={**ray_session["env"], "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["perplexity"]) == {"base", "dense", "top1", "mixture"}
+    assert set(result["perplexity"]) == {"base", "dense", "top1", "mixture_router", "mixture"}
     assert all(1 < v < 1e5 for v in result["perplexity"].values())
     assert result["per_category"] and sum(c["texts"] for c in result["per_category"].values()) == result["texts"]
     assert result["tokens_scored"] > 0 and result["route_tokens"] == 32
@@ -210,3 +212,32 @@ def test_rebuild_retrains_only_the_missing_expert(built, index):
     assert (root / "experts" / keep / "manifest.json").read_text() == before
     assert any(f"{keep}: up to date, skipped" in m for m in messages)
     assert any("training 1 job(s)" in m and gone in m for m in messages)
+
+
+def test_deepspeed_zero2_trains_an_adapter_on_two_cpu_workers(built, tmp_path):
+    """`experts.strategy: deepspeed` through Ray Train: DeepSpeed's CPU accelerator, gloo, ZeRO stage 2."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from imoe_ray.config import load_config
+    from imoe_ray.experts import parallel, stage
+    from imoe_ray.experts.train_loop import MODEL_DIR
+
+    cfg, store, _ = built
+    ds = load_config(None, ["experts.strategy=deepspeed", "experts.zero_stage=2", "experts.workers_per_expert=2"],
+                     base=cfg.model_dump(mode="json"))
+    base = store.local_dir(stage.BASE)
+    inputs, labels = token_blocks(TEXTS, AutoTokenizer.from_pretrained(base), 32)
+    job = stage._job("ds", "zero2", inputs, labels, 2.0, ds, base, 1)
+    seen = {}
+
+    def check(name, metrics, checkpoint):
+        seen["metrics"] = metrics
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), Path(checkpoint) / MODEL_DIR)
+        seen["adapter"] = type(model).__name__
+        return metrics
+
+    parallel.run_one(job, str(tmp_path), 0, check)
+    assert seen["adapter"] == "PeftModelForCausalLM"
+    assert seen["metrics"]["step"] == seen["metrics"]["steps"] > 0 and math.isfinite(seen["metrics"]["loss"])
+    assert seen["metrics"]["workers"] == 2 and seen["metrics"]["tokens"] >= 1.5 * count_tokens(labels)

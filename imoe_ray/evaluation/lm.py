@@ -16,12 +16,14 @@ import numpy as np
 
 from imoe_ray.config import Config
 from imoe_ray.corpus.readers import CorpusError, read_corpus_table
-from imoe_ray.experts.mixture import BASE, ExpertLM, mix_logprobs, top_k_weights, windows
+from imoe_ray.experts.mixture import (BASE, ExpertLM, Window, expert_prior, mix_logprobs, posterior_weights,
+                                      top_k_weights, windows)
 from imoe_ray.store import Store
 from imoe_ray.store.store import StoreError
 
-MODELS = ("base", "dense", "top1", "mixture")
-LABELS = {"base": "base model", "dense": "dense baseline", "top1": "routed top-1 expert", "mixture": "top-k mixture"}
+MODELS = ("base", "dense", "top1", "mixture_router", "mixture")
+LABELS = {"base": "base model", "dense": "dense baseline", "top1": "routed top-1 expert",
+          "mixture_router": "top-k mixture (router weights)", "mixture": "top-k mixture (router x context)"}
 
 
 def _store_heldout(store: Store, cfg: Config) -> tuple[list[str], list[str]]:
@@ -79,14 +81,15 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
                       for r in (router.route(texts[i]) for i in keep)]
     else:
         categories = [categories[i] for i in keep]
-    mixes = [top_k_weights(r.all_probabilities, expert_of, top_k) if r.all_probabilities else {BASE: 1.0}
-             for r in routes]
-    top1 = [max(m, key=m.get) for m in mixes]
+    router_mixes = [top_k_weights(r.all_probabilities, expert_of, top_k) if r.all_probabilities else {BASE: 1.0}
+                    for r in routes]
+    top1 = [max(m, key=m.get) for m in router_mixes]
+    mixes = _posterior_mixes(lm, encoded, first, routes, expert_of, top_k, report)
 
     wins = windows(encoded, first, lm.max_len)
     needed = defaultdict(list)  # model → window indices
     for w_i, w in enumerate(wins):
-        for name in set(mixes[w.text]) | {BASE} | ({"dense"} if has_dense else set()):
+        for name in set(mixes[w.text]) | set(router_mixes[w.text]) | {BASE} | ({"dense"} if has_dense else set()):
             needed[name].append(w_i)
     scores: dict[str, dict[int, np.ndarray]] = {}
     for n_done, (name, idx) in enumerate(sorted(needed.items())):
@@ -101,7 +104,21 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
             per_text[w.text]["dense"].append(scores["dense"][w_i])
         per_text[w.text]["top1"].append(scores[top1[w.text]][w_i])
         per_text[w.text]["mixture"].append(mix_logprobs([scores[e][w_i] for e in mix], list(mix.values())))
+        r_mix = router_mixes[w.text]
+        per_text[w.text]["mixture_router"].append(mix_logprobs([scores[e][w_i] for e in r_mix], list(r_mix.values())))
     return _summary(per_text, categories, routes, top1, mixes, route_tokens, top_k, len(texts), lm.names)
+
+
+def _posterior_mixes(lm: ExpertLM, encoded: list[list[int]], first: int, routes, expert_of: dict[str, str],
+                     top_k: int, report) -> list[dict[str, float]]:
+    """Mixture weights from the router's probabilities times each expert's likelihood of the same
+    routing tokens (Bayes' rule, as Branch-Train-Merge ensembles weight their experts)."""
+    candidates = sorted(set(expert_of.values()))
+    context = [Window(i, ids[:first], 1) for i, ids in enumerate(encoded)]
+    report(f"[eval] scoring the routing tokens under {len(candidates)} experts")
+    logprob = {e: [float(lp.sum()) for lp in lm.target_logprobs(e, context)] for e in candidates}
+    return [posterior_weights(expert_prior(r.all_probabilities, expert_of) if r.all_probabilities else {},
+                              {e: logprob[e][i] for e in candidates}, top_k) for i, r in enumerate(routes)]
 
 
 def _ppl(logprobs: list[np.ndarray]) -> float:
@@ -128,7 +145,7 @@ def _summary(per_text: list[dict], categories: list[str], routes, top1, mixes, r
         "experts_loaded": [n for n in loaded if n != "dense"],
     }
     if "dense" in overall:
-        out["ratio_to_dense"] = {m: round(overall[m] / overall["dense"], 4) for m in ("base", "top1", "mixture")}
+        out["ratio_to_dense"] = {m: round(overall[m] / overall["dense"], 4) for m in overall if m != "dense"}
     return out
 
 
@@ -151,9 +168,9 @@ def plot_lm(result: dict, path: str | Path) -> None:
                   rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("held-out perplexity (lower is better)")
     ratio = result.get("ratio_to_dense", {}).get("mixture")
-    ax.set_title(f"Held-out perplexity; top-{result['top_k']} mixture / dense = {ratio}" if ratio else "Held-out perplexity")
-    ax.legend()
-    fig.tight_layout()
+    ax.set_title(f"Held-out perplexity; top-{result['top_k']} mixture / dense baseline = {ratio}" if ratio else "Held-out perplexity")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(models), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

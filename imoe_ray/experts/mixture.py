@@ -14,6 +14,7 @@ costs one forward pass per expert, not a full-vocabulary mix.
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,27 @@ def top_k_weights(probabilities: dict[str, float], expert_of: dict[str, str], k:
         weights[expert] = weights.get(expert, 0.0) + max(p, 1e-6)
     total = sum(weights.values())
     return {e: w / total for e, w in weights.items()}
+
+
+def expert_prior(probabilities: dict[str, float], expert_of: dict[str, str]) -> dict[str, float]:
+    """The router's category probabilities summed per serving expert."""
+    prior: dict[str, float] = {}
+    for category, p in probabilities.items():
+        expert = expert_of.get(category, category)
+        prior[expert] = prior.get(expert, 0.0) + p
+    return prior
+
+
+def posterior_weights(prior: dict[str, float], context_logprob: dict[str, float], k: int,
+                      floor: float = 1e-3) -> dict[str, float]:
+    """Bayes' rule over the experts given the context the router saw (as in Branch-Train-Merge):
+    w_j ∝ P_router(j) · p_j(context); the k largest, renormalised."""
+    log_post = {e: math.log(max(prior.get(e, 0.0), floor)) + lp for e, lp in context_logprob.items()}
+    top = sorted(log_post, key=log_post.get, reverse=True)[:k]
+    peak = log_post[top[0]]
+    w = {e: math.exp(log_post[e] - peak) for e in top}
+    total = sum(w.values())
+    return {e: v / total for e, v in w.items()}
 
 
 @dataclass

@@ -36,7 +36,7 @@ def build_model(config: dict) -> torch.nn.Module:
 
     torch.manual_seed(config["seed"])
     base = AutoModelForCausalLM.from_pretrained(config["base_dir"], torch_dtype=torch.float32)
-    return get_peft_model(base, peft_config(ExpertsConfig(**config["experts"])))
+    return get_peft_model(base, peft_config(ExpertsConfig(**config["experts"]), base))
 
 
 def lr_at(step: int, total: int, peak: float, warmup_share: float = 0.05) -> float:
@@ -158,7 +158,7 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - started
             metrics = {"step": step + 1, "steps": steps, "loss": round(float(np.mean(losses)), 4),
                        "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-                       "epochs": round(config["epochs"], 3)}
+                       "epochs": round(config["epochs"], 3), "workers": world}
             losses = []
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
