@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from imoe_ray.config import Config, ConfigError, load_config
+from imoe_ray.config import Config, ConfigError, store_config
 
 console = Console(stderr=True)
 app = typer.Typer(
@@ -35,16 +35,9 @@ SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set disc
 StoreOpt = typer.Option("store", "--store", "-s", help="Store directory or URI: where every stage writes.")
 
 
-def _stored_settings(store: str) -> dict[str, Any]:
-    path = Path(store) / "config.yaml"
-    if "://" in store or not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def resolve_config(store: str, config: Optional[Path], overrides: Optional[list[str]], **fields: Any) -> Config:
     """The configuration a command runs with (see the module docstring for precedence)."""
-    return load_config(config, overrides, base=_stored_settings(store), store=store, **fields)
+    return store_config(store, config, overrides, **fields)
 
 
 def _categories_table(store_uri: str) -> Table:
@@ -208,35 +201,140 @@ def sample_corpus(
     console.print(table)
 
 
+# The quickstart's smaller run (so that build + serve finish in under 10 minutes on 2 CPU cores);
+# `imoe build` with the defaults trains longer and gives the README's perplexity figures.
+QUICKSTART_SETTINGS = ["pretrain.epochs=2", "experts.epochs=2", "experts.dense_baseline=false"]
+QUICKSTART_QUESTIONS = [
+    "How do I plot a histogram with matplotlib and label the axes?",
+    "How do I select the rows of a pandas DataFrame where a column is above a value?",
+    "How does a LoRA adapter change the weights of a language model?",
+    "How do I parametrize a pytest fixture?",
+    "What does the backlog argument of socket listen mean?",
+    "How do I wait for the futures of a thread pool executor?",
+]
+
+
 @app.command()
 def quickstart(
     store: str = typer.Option("store", "--store", "-s", help="Store directory to build into."),
-    per_domain: int = typer.Option(150, "--per-domain", min=1, help="Sample-corpus passages per domain."),
-    until: str = typer.Option("experts", "--until", help="Last stage to build (see `imoe build --help`)."),
+    per_domain: int = typer.Option(60, "--per-domain", min=1, help="Sample-corpus passages per domain."),
+    port: int = typer.Option(8000, "--port", "-p", help="HTTP port of the API."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Keep serving until Ctrl-C (default) or stop after the table."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Everything on the embedded defaults: make the sample corpus, build the store (categories, router,
-    base LM, experts), show how the categories match the corpus's domains (labels used for this
-    evaluation only) and the experts' held-out perplexity against the dense baseline."""
+    """Everything on the embedded defaults, end to end: make the sample corpus, build the store
+    (categories, router, base LM, experts), start Ray Serve, ask a few questions from different
+    domains, print question → categories → experts → latency → answer, and keep serving."""
+    import time as _time
+
+    from imoe_ray.cluster import init_ray
     from imoe_ray.evaluation.discovery import evaluate_discovery
     from imoe_ray.store import Store
 
+    started = _time.perf_counter()
+    settings = QUICKSTART_SETTINGS + list(overrides or [])
+    init_ray(resolve_config(store, config, settings).ray, dashboard=True)
     corpus = Path(store) / "sample-corpus.jsonl"
     if not corpus.exists():
         Path(store).mkdir(parents=True, exist_ok=True)
         sample_corpus(out=corpus, per_domain=per_domain, seed=0)
-    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until=until, force=False,
-          config=config, overrides=overrides)
-    cfg = resolve_config(store, config, overrides)
+    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until="experts", force=False,
+          config=config, overrides=settings)
+    cfg = resolve_config(store, config, settings)
     scores = evaluate_discovery(Store(store), cfg, str(corpus), "domain")
     console.print(f"discovery against the sample corpus's domains: NMI {scores['nmi']}, ARI {scores['ari']}, "
                   f"{scores['n_categories']} categories for {scores['n_labels']} domains, "
                   f"{scores['noise_fraction']:.1%} in no category")
-    if until == "experts":
-        eval_lm(store=store, heldout=None, text_column=None, category_column=None, route_tokens=32, top_k=None,
-                max_texts=None, output=Path(store) / "eval-lm.json", config=config, overrides=overrides, quiet=True)
-    console.print(f"store: {Path(store).resolve()}  (inspect with `imoe status --store {store}`)")
+    url = _start_serving(cfg, store, config, settings, port, None)
+    console.print(_ask(url, QUICKSTART_QUESTIONS))
+    console.print(f"quickstart took {_time.perf_counter() - started:.0f}s; try: curl {url}/chat/completions "
+                  f"-H 'Content-Type: application/json' -d '{{\"model\": \"imoe\", \"messages\": "
+                  f"[{{\"role\": \"user\", \"content\": \"How do I read a CSV file?\"}}]}}'")
+    if wait:
+        _serve_until_signal(url)
+    else:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+def _ask(url: str, questions: list[str]) -> Table:
+    """Send each question to the routed model with the official openai client; one table row each."""
+    import time as _time
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=1)
+    table = Table(title=f"sample questions → {url}", show_lines=True)
+    for column in ("question", "categories", "experts", "latency", "answer"):
+        table.add_column(column, overflow="fold")
+    for question in questions:
+        started = _time.perf_counter()
+        reply = client.chat.completions.create(model="imoe", max_tokens=40, temperature=0,
+                                               messages=[{"role": "user", "content": question}])
+        ms = (_time.perf_counter() - started) * 1000
+        imoe = reply.model_extra["imoe"]
+        categories = ", ".join(imoe["categories"]) or "-"
+        if imoe.get("fallback"):
+            categories += f" [dim](fallback: {imoe['fallback']})[/]"
+        experts = ", ".join(f"{e} {w:.2f}" for e, w in imoe["weights"].items())
+        table.add_row(question, categories, experts, f"{ms:.0f} ms", (reply.choices[0].message.content or "").strip())
+    return table
+
+
+@app.command()
+def serve(
+    store: str = StoreOpt,
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="HTTP port (default: serve.port, 8000)."),
+    host: Optional[str] = typer.Option(None, "--host", help="HTTP host (default: serve.host, 127.0.0.1)."),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the `serve deploy` YAML for "
+                                                "this store (as `serve build` makes it) and exit."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve a built store on this machine: the OpenAI-compatible API at http://HOST:PORT/v1 (ready
+    when GET /healthz answers 200), until Ctrl-C or SIGTERM."""
+    cfg = resolve_config(store, config, overrides)
+    if write_config:
+        from serve_apps.imoe import deploy_config
+
+        text = yaml.safe_dump(deploy_config(store, str(config) if config else None, overrides), sort_keys=False)
+        write_config.write_text(f"# `serve deploy {write_config}` on a running cluster (made by imoe serve --write-config)\n{text}")
+        console.print(f"wrote {write_config}")
+        return
+    url = _start_serving(cfg, store, config, overrides, port, host)
+    _serve_until_signal(url)
+
+
+def _start_serving(cfg: Config, store: str, config: Optional[Path], overrides: Optional[list[str]],
+                   port: Optional[int], host: Optional[str]) -> str:
+    from imoe_ray.cluster import dashboard_url, init_ray
+    from serve_apps.imoe import start
+
+    init_ray(cfg.ray, dashboard=True)
+    with console.status("starting Ray Serve (router ingress + expert replicas)…"):
+        url = start(store, str(config) if config else None, overrides, port=port, host=host)
+    console.print(f"[bold green]serving[/] {url}  (OpenAI-compatible; model 'imoe' is routed)")
+    console.print(f"Ray dashboard: {dashboard_url() or 'not running'}  (metrics: imoe_requests, imoe_adapter_loads, "
+                  f"imoe_routing_latency_ms, imoe_queue_depth)")
+    return url
+
+
+def _serve_until_signal(url: str) -> None:
+    import signal
+    import threading
+
+    from ray import serve as ray_serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print("Ctrl-C stops the server.")
+    stop.wait()
+    console.print("stopping…")
+    ray_serve.shutdown()
+    console.print(f"stopped {url}")
 
 
 @app.command()

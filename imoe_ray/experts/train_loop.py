@@ -131,6 +131,7 @@ def train_loop(config: dict) -> None:
     else:
         forward = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     report_every = max(1, steps // config.get("reports", 10))
+    min_report_s, last_report = config.get("min_report_s", 10.0), time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not deepspeed)
 
     model.train()
@@ -153,8 +154,12 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         tokens += int((y != -100).sum()) * world
-        if (step + 1) % report_every == 0 or step + 1 == steps:
-            final = step + 1 == steps
+        final = step + 1 == steps
+        # A checkpoint costs a second or two: at most one per `min_report_s` (a single worker decides
+        # alone; several workers must report at the same steps, so they follow the step count only).
+        due = (step + 1) % report_every == 0 and (world > 1 or time.perf_counter() - last_report >= min_report_s)
+        if due or final:
+            last_report = time.perf_counter()
             elapsed = time.perf_counter() - started
             metrics = {"step": step + 1, "steps": steps, "loss": round(float(np.mean(losses)), 4),
                        "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),

@@ -139,13 +139,14 @@ class Router:
         return Decision(probs, layers)
 
     # ---- one request ---------------------------------------------------------------------
-    def route(self, text: str | bytes, force_dact: bool = False) -> Route:
+    def route(self, text: str | bytes, force_dact: bool = False, fast_only: bool = False) -> Route:
+        """Route one request; `fast_only` answers from the n-gram fast path even when it is unsure."""
         started = time.perf_counter()
         text = _as_text(text)[: self.settings["max_query_chars"]]
         if not any(w not in ENGLISH_STOP_WORDS for w in tokens(text)):
             return self._fallback_only(started, "no words to route on" if not tokens(text) else "only stop words")
         fast = self.fast.probabilities(text)
-        if not force_dact and self.fast_threshold is not None and fast.max() >= self.fast_threshold:
+        if fast_only or (not force_dact and self.fast_threshold is not None and fast.max() >= self.fast_threshold):
             probs, exit_layer = fast, 0
         else:
             decision = self.dact([text])

@@ -18,7 +18,7 @@ from imoe_ray.routing import calibration
 from imoe_ray.routing.dact import exit_from_states, train_head
 from imoe_ray.routing.fastpath import FastPath
 from imoe_ray.routing.router import ExpertProfile, Router
-from imoe_ray.routing.views import Views, chunk_views, sentences, split_of, synthetic_queries, token_prefixes
+from imoe_ray.routing.views import chunk_views, sentences, split_of, synthetic_queries, token_prefixes
 
 Report = Callable[[str], None]
 

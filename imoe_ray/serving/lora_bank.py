@@ -1,0 +1,221 @@
+"""LoRA experts resident next to one base model, mixed freely inside a batch.
+
+PEFT switches adapters for the whole model (`set_adapter`, ~4 ms here) and loads them through its
+tuner machinery (`load_adapter`, 55-120 ms). Serving many small experts wants neither: the bank
+reads an adapter's two low-rank matrices per layer straight from its safetensors file, keeps them
+as plain tensors, and every wrapped linear layer adds
+
+    y = W x + s_j · B_j (A_j x)          for the adapter j of each row of the batch
+
+so one forward pass serves rows of different experts (the S-LoRA/Punica idea, in plain torch
+gathers rather than custom kernels). Switching an adapter is choosing an index; loading one is
+reading a file of a few MB. The base weights are never modified, so "base" is simply index 0.
+The files are the PEFT adapter directories training writes; anything they hold that this does not
+implement (DoRA, IA3, per-module rank or alpha patterns) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+BASE = "base"
+_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+class AdapterError(ValueError):
+    """An adapter directory the bank cannot serve; the message says why."""
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter: per wrapped module, A (r, in) and B (out, r), and its scale alpha/r."""
+    name: str
+    rank: int
+    scale: float
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+
+def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Read a PEFT LoRA adapter directory into plain tensors (no PEFT machinery involved)."""
+    from safetensors.torch import load_file
+
+    root = Path(adapter_dir)
+    config_path, weights_path = root / "adapter_config.json", root / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"{root} is not a PEFT adapter directory (adapter_config.json and "
+                           f"adapter_model.safetensors expected)")
+    config = json.loads(config_path.read_text())
+    kind = config.get("peft_type")
+    if kind != "LORA" or config.get("use_dora"):
+        raise AdapterError(f"adapter {name!r} is {'DoRA' if config.get('use_dora') else kind}; the bank serves LoRA")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterError(f"adapter {name!r} has per-module rank or alpha patterns, which the bank does not serve")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(weights_path), device=str(device))
+    modules = {}
+    for key, a in tensors.items():
+        if not key.endswith(_A):
+            continue
+        module = key[len(_PREFIX):-len(_A)] if key.startswith(_PREFIX) else key[:-len(_A)]
+        b = tensors.get(key[:-len(_A)] + _B)
+        if b is None:
+            raise AdapterError(f"adapter {name!r} has {key} without its lora_B")
+        modules[module] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+    if not modules:
+        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
+    return LoRAWeights(name, rank, scale, modules)
+
+
+class _Plan:
+    """Which adapter every row of the current batch uses, with the adapters' weights stacked."""
+
+    def __init__(self, adapters: list[LoRAWeights], rows: list[int], device: torch.device):
+        self.adapters = adapters                     # index 0 is the base (no adapter) when any row uses it
+        self.uniform = len(set(rows)) == 1
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self.uniform:
+            adapter = self.adapters[int(self.rows[0])]
+            if adapter is None or module not in adapter.modules:
+                return None
+            a, b = adapter.modules[module]
+            return (x @ a.t()) @ b.t() * adapter.scale
+        stacked = self._stack(module)
+        if stacked is None:
+            return None
+        a, b, scale = stacked
+        rows_a, rows_b = a[self.rows], b[self.rows]                     # (batch, r, in), (batch, out, r)
+        low = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), rows_a.transpose(1, 2))
+        out = torch.bmm(low, rows_b.transpose(1, 2)) * scale[self.rows].view(-1, 1, 1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _stack(self, module: str):
+        if module not in self._stacked:
+            present = [w.modules.get(module) if w is not None else None for w in self.adapters]
+            shapes = [p for p in present if p is not None]
+            if not shapes:
+                self._stacked[module] = None
+            else:
+                r = max(a.shape[0] for a, _ in shapes)
+                (a0, b0) = shapes[0]
+                a = a0.new_zeros(len(present), r, a0.shape[1])
+                b = b0.new_zeros(len(present), b0.shape[0], r)
+                scale = a0.new_zeros(len(present))
+                for i, p in enumerate(present):
+                    if p is not None:
+                        a[i, : p[0].shape[0]], b[i, :, : p[1].shape[1]] = p
+                        scale[i] = self.adapters[i].scale
+                self._stacked[module] = (a, b, scale)
+        return self._stacked[module]
+
+
+class LoRAHost(nn.Module):
+    """A base linear layer plus whatever adapter deltas the bank's current plan asks for."""
+
+    def __init__(self, base: nn.Linear, module: str, bank: "AdapterBank"):
+        super().__init__()
+        self.base_layer = base
+        self.module = module
+        self._bank = [bank]  # a list, so the bank is not registered as a sub-module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        plan = self._bank[0].plan
+        if plan is None:
+            return y
+        delta = plan.delta(self.module, x)
+        return y if delta is None else y + delta.to(y.dtype)
+
+
+class AdapterBank:
+    """Resident LoRA adapters over one base model, with an optional LRU capacity.
+
+    `load` reads an adapter (cold), `use` selects one adapter or a mix of adapters per row for the
+    forward passes run inside it (warm). Forward passes through the model are serialised by a lock:
+    the plan is state of the model."""
+
+    def __init__(self, model: nn.Module, capacity: int | None = None):
+        self.model = model
+        self.capacity = capacity
+        self.resident: OrderedDict[str, LoRAWeights] = OrderedDict()
+        self.plan: _Plan | None = None
+        self.lock = threading.RLock()
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self._hosts: dict[str, LoRAHost] = {}
+
+    # ---- residency ---------------------------------------------------------------------
+    def load(self, name: str, adapter_dir: str | Path) -> LoRAWeights:
+        """Make an adapter resident (a no-op when it is); evicts the least recently used past capacity."""
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return self.resident[name]
+        weights = read_lora(name, adapter_dir, self.device, self.dtype)
+        self._host(weights)
+        self.resident[name] = weights
+        while self.capacity is not None and len(self.resident) > self.capacity:
+            self.resident.popitem(last=False)
+        return weights
+
+    def evict(self, name: str) -> bool:
+        """Drop an adapter; batches already running with it keep their own reference to its weights."""
+        return self.resident.pop(name, None) is not None
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(w.nbytes for w in self.resident.values())
+
+    def _host(self, weights: LoRAWeights) -> None:
+        """Wrap (once) every linear layer the adapter touches."""
+        modules = dict(self.model.named_modules())
+        for module, (a, b) in weights.modules.items():
+            if module in self._hosts:
+                continue
+            target = modules.get(module)
+            if not isinstance(target, nn.Linear):
+                raise AdapterError(f"adapter {weights.name!r} targets {module!r}, which is not a linear layer of the base model")
+            if target.in_features != a.shape[1] or target.out_features != b.shape[0]:
+                raise AdapterError(f"adapter {weights.name!r} does not fit {module!r}: LoRA {tuple(b.shape[:1]) + tuple(a.shape[1:])} "
+                                   f"vs layer ({target.out_features}, {target.in_features}) — trained on another base model?")
+            parent_name, _, child = module.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            host = LoRAHost(target, module, self)
+            setattr(parent, child, host)
+            self._hosts[module] = host
+
+    # ---- selection ---------------------------------------------------------------------
+    @contextmanager
+    def use(self, rows: list[str]) -> Iterator[None]:
+        """Forward passes inside run row i with adapter `rows[i]` ("base": none). Every adapter
+        must be resident; the selection itself costs microseconds."""
+        missing = [n for n in dict.fromkeys(rows) if n != BASE and n not in self.resident]
+        if missing:
+            raise KeyError(f"adapter(s) not resident: {', '.join(missing)}")
+        names = list(dict.fromkeys(rows))
+        index = {n: i for i, n in enumerate(names)}
+        adapters = [None if n == BASE else self.resident[n] for n in names]
+        with self.lock:
+            previous, self.plan = self.plan, _Plan(adapters, [index[n] for n in rows], self.device)
+            try:
+                yield
+            finally:
+                self.plan = previous

@@ -1,0 +1,80 @@
+"""What an expert replica holds: the store's base model and tokenizer, and a bank of LoRA experts
+loaded from the store on demand."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from imoe_ray.serving.generation import Generated, GenerationRequest, collect, decode_steps
+from imoe_ray.serving.lora_bank import BASE, AdapterBank
+
+
+class UnknownExpert(KeyError):
+    """A request named an expert the store does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def installed_experts(store_dir: str | Path) -> dict[str, Path]:
+    """Every servable adapter of a store by name: the trained experts, the dense baseline, and
+    fusion adapters (the summarizer) when present."""
+    root = Path(store_dir)
+    index_path = root / "experts" / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{root} has no trained experts (experts/index.json): run "
+                                f"`imoe build --store {root} --until experts` first")
+    index = json.loads(index_path.read_text())
+    found = {e["name"]: root / "experts" / e["name"] for e in index["experts"]}
+    for extra in (root / "baselines" / "dense", *sorted((root / "fusion").glob("*"))):
+        if (extra / "adapter_config.json").is_file():
+            found[extra.name] = extra
+    return found
+
+
+class ServingModel:
+    """The base LM, its tokenizer and the adapter bank; plain Python, used by the Serve replica,
+    the benchmarks and the tests alike."""
+
+    def __init__(self, store_dir: str | Path, capacity: int | None = None, device: str | None = None,
+                 threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        root = Path(store_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "base")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=dtype).to(self.device).eval()
+        self.bank = AdapterBank(self.model, capacity)
+        self.experts = installed_experts(root)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def ensure(self, name: str) -> float:
+        """Make an expert resident; returns the milliseconds spent loading it (0 when it was)."""
+        if name == BASE or name in self.bank.resident:
+            if name != BASE:
+                self.bank.resident.move_to_end(name)
+            return 0.0
+        if name not in self.experts:
+            raise UnknownExpert(f"no expert named {name!r}; installed: {', '.join(sorted(self.experts))}")
+        started = time.perf_counter()
+        self.bank.load(name, self.experts[name])
+        return (time.perf_counter() - started) * 1000
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generated]:
+        """Decode requests to completion in one batch, loading their experts when needed."""
+        return collect(self.steps(requests), len(requests))[0]
+
+    def steps(self, requests: list[GenerationRequest]):
+        """The decoding steps of a batch (see `generation.decode_steps`); experts load when needed."""
+        for r in requests:
+            for name in r.experts:
+                self.ensure(name)
+        return decode_steps(self.model, self.bank, requests, self.pad_id)

@@ -1,0 +1,147 @@
+"""The request pipeline, before any token is generated: route, retrieve, compress, choose experts
+and how to fuse them. Plain Python; the Serve ingress calls it.
+
+Modes:
+- `fast`: the router's n-gram fast path alone, the top-1 expert; nothing else.
+- `basic`: the full router (fast path → DACT); several categories above t_C are fused.
+- `optimized`: `basic` plus retrieval and prompt compression when the deployment has them, and the
+  summarizer (when the store has one) instead of the token-level mixture.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from imoe_ray.experts.mixture import expert_prior
+from imoe_ray.serving.lora_bank import BASE
+from imoe_ray.serving.openai_api import ROUTED_MODEL, ApiError, ImoeOptions
+
+SUMMARIZER = "summarizer"
+
+
+class Retriever(Protocol):
+    def retrieve(self, query: str, categories: list[str], k: int) -> list[str]: ...
+
+
+class Compressor(Protocol):
+    def compress(self, query: str, passages: list[str], budget_tokens: int) -> str: ...
+
+
+@dataclass
+class Plan:
+    model: str
+    mode: str
+    prompt: str
+    experts: dict[str, float]                  # expert → weight in the fusion (one entry: no fusion)
+    fusion: str | None = None                  # "mixture" (c-BTM, token level) or "summarizer"
+    categories: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    fallback: str | None = None
+    exit_layer: int | None = None
+    passages: int = 0
+    retries: int = 0                           # times a dead replica's request was sent again
+    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("route", "retrieval", "compression", "load", "generate", "fuse"), 0.0))
+
+    def imoe(self) -> dict:
+        out = asdict(self)
+        del out["prompt"], out["model"]
+        out["experts"] = list(self.experts)
+        out["weights"] = {k: round(v, 4) for k, v in self.experts.items()}
+        out["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
+        return out
+
+
+class Planner:
+    def __init__(self, router, experts: list[str], mode: str = "basic", top_k: int = 2,
+                 retriever: Retriever | None = None, compressor: Compressor | None = None,
+                 retrieval_k: int = 4, context_budget: int = 256):
+        self.router = router
+        self.experts = set(experts)
+        self.mode = mode
+        self.top_k = top_k
+        self.retriever, self.compressor = retriever, compressor
+        self.retrieval_k, self.context_budget = retrieval_k, context_budget
+
+    def models(self) -> list[str]:
+        """What `model` may name: the routed mixture, the base model, or one expert."""
+        return [ROUTED_MODEL, BASE, *sorted(self.experts)]
+
+    def plan(self, model: str, query: str, prompt: str, options: ImoeOptions) -> Plan:
+        mode = options.mode or self.mode
+        if model != ROUTED_MODEL and model != BASE and model not in self.experts:
+            raise ApiError(404, f"the model {model!r} does not exist; use 'imoe' (routed), 'base', or one of the "
+                                f"experts listed at GET /v1/experts", param="model", code="model_not_found")
+        if model != ROUTED_MODEL:
+            plan = Plan(model, mode, prompt, {model: 1.0})
+        else:
+            plan = self._routed(query, prompt, mode, options)
+        if mode == "optimized":
+            self._add_context(plan, query)
+        if len(plan.experts) > 1:
+            plan.fusion = options.fusion or (SUMMARIZER if mode == "optimized" and SUMMARIZER in self.experts
+                                             else "mixture")
+            if plan.fusion == SUMMARIZER and SUMMARIZER not in self.experts:
+                raise ApiError(400, "this store has no summarizer (build it with the `summarizer` stage); "
+                                    "use fusion 'mixture'", param="imoe.fusion", code="summarizer_unavailable")
+        return plan
+
+    def route(self, query: str, mode: str):
+        return self.router.route(query, fast_only=(mode == "fast"))
+
+    def _routed(self, query: str, prompt: str, mode: str, options: ImoeOptions) -> Plan:
+        started = time.perf_counter()
+        route = self.route(query, mode)
+        k = options.top_k or self.top_k
+        prior = expert_prior(route.all_probabilities, self.router.served_by)
+        if options.ensemble:  # asked for: the top-k experts, even where the router would fall back
+            chosen = sorted(prior, key=prior.get, reverse=True)[:k]
+        elif route.experts == [BASE]:
+            chosen = [BASE]
+        elif mode == "fast":
+            chosen = route.experts[:1]
+        else:
+            chosen = route.experts[:k]
+        chosen = [e for e in chosen if e == BASE or e in self.experts] or [BASE]
+        weights = {e: max(prior.get(e, 0.0), 1e-6) for e in chosen}
+        total = sum(weights.values())
+        plan = Plan(ROUTED_MODEL, mode, prompt, {e: w / total for e, w in weights.items()},
+                    categories=route.names, probabilities=route.probabilities, fallback=route.fallback,
+                    exit_layer=route.exit_layer)
+        plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
+        return plan
+
+    def _add_context(self, plan: Plan, query: str) -> None:
+        """Retrieval and compression slots: filled when the deployment was given the components."""
+        if self.retriever is None:
+            return
+        started = time.perf_counter()
+        passages = self.retriever.retrieve(query, plan.categories, self.retrieval_k)
+        plan.timings_ms["retrieval"] = (time.perf_counter() - started) * 1000
+        plan.passages = len(passages)
+        if not passages:
+            return
+        started = time.perf_counter()
+        context = (self.compressor.compress(query, passages, self.context_budget) if self.compressor
+                   else "\n".join(passages))
+        plan.timings_ms["compression"] = (time.perf_counter() - started) * 1000
+        plan.prompt = f"{context}\n\n{plan.prompt}"
+
+
+def chat_prompt(messages: list, tokenizer) -> tuple[str, str]:
+    """The prompt text of a chat and the query the router reads (the last user message).
+    A tokenizer with a chat template formats the chat; the embedded base LM, trained on plain text,
+    continues the conversation's text."""
+    query = next(m.text() for m in reversed(messages) if m.role == "user" and m.text().strip())
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), query
+    return "\n\n".join(t["content"] for t in turns if t["content"].strip()), query
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops or []) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

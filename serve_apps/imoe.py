@@ -1,0 +1,472 @@
+"""The IMoE-Ray Serve application: a router ingress (OpenAI-compatible HTTP) over autoscaled
+expert replicas that hold the base model and load LoRA experts on demand.
+
+    serve run serve_apps.imoe:app store=DIR [config=FILE] [set=serve.port=8001,serve.mode=fast]
+    serve build serve_apps.imoe:app store=DIR -o serve_apps/imoe.yaml && serve deploy serve_apps/imoe.yaml
+
+    HTTP ─> Router (FastAPI ingress: validate, route, retrieve, compress, plan)
+              └─> Experts replicas (autoscaled; @serve.multiplexed LRU of adapters; @serve.batch
+                  decoding of mixed-adapter batches) ─> tokens ─> fusion ─> OpenAI-shaped response
+
+The deployments are thin: the work is in `imoe_ray.serving` (plain Python).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+
+from imoe_ray.config import Config, store_config
+from imoe_ray.serving import openai_api as oa
+from imoe_ray.serving.generation import GenerationRequest, collect
+from imoe_ray.serving.lora_bank import BASE
+from imoe_ray.serving.model import ServingModel, installed_experts
+from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
+
+log = logging.getLogger("ray.serve")
+STREAM_EVERY_S = 0.03          # how often a batch with streaming requests hands tokens back
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+# ---- expert replicas -------------------------------------------------------------------------
+class _Resident:
+    """What the multiplexed LRU holds per adapter; its eviction drops the adapter from the bank."""
+
+    def __init__(self, model: ServingModel, name: str, on_evict):
+        self.model, self.name, self._on_evict = model, name, on_evict
+
+    def __del__(self):
+        if self.model is not None and self.model.bank.evict(self.name):
+            self._on_evict(self.name)
+        self.model = None
+
+
+def _rows(jobs: list[dict]) -> int:
+    return sum(len(j["request"]["experts"]) for j in jobs)
+
+
+@serve.deployment(name="Experts")
+class Experts:
+    def __init__(self, store: str, config: dict):
+        cfg = Config.model_validate(config).serve
+        self.capacity = cfg.max_loaded_experts
+        self.model = ServingModel(store, capacity=None, threads=cfg.threads or _replica_cpus())
+        self._decode.set_max_batch_size(cfg.max_batch_size)
+        self._decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        async def load(name: str) -> _Resident:  # a plain function: Serve keeps its LRU on it
+            return await self._load(name)
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loaded_experts)(load)
+        self.loads = metrics.Counter("imoe_adapter_loads", "adapters loaded into a replica", tag_keys=("expert",))
+        self.evictions = metrics.Counter("imoe_adapter_evictions", "adapters evicted from a replica",
+                                         tag_keys=("expert",))
+        self.load_ms = metrics.Histogram("imoe_adapter_load_ms", "adapter load latency (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
+        self.batch_rows = metrics.Histogram("imoe_batch_rows", "rows decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
+        self.pending = 0
+
+    async def _load(self, name: str) -> _Resident:
+        ms = await asyncio.to_thread(self.model.ensure, name)
+        self.loads.inc(tags={"expert": name})
+        self.load_ms.observe(ms)
+        return _Resident(self.model, name, lambda n: self.evictions.inc(tags={"expert": n}))
+
+    async def generate(self, job: dict) -> AsyncIterator[dict]:
+        """Stream of {"tokens": new ids, "finish_reason", ...} for one request (called with stream=True)."""
+        self.pending += 1
+        self.queue.set(self.pending, tags={"deployment": "Experts"})
+        try:
+            async for part in self._decode(job):
+                if part is not None:
+                    yield part
+        finally:
+            self.pending -= 1
+            self.queue.set(self.pending, tags={"deployment": "Experts"})
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows)
+    async def _decode(self, jobs: list[dict]):
+        """Decode a batch: groups of at most `max_loaded_experts` distinct adapters, each group in
+        one mixed-adapter batch; yields one entry per job (None: nothing new; StopIteration: done)."""
+        self.batch_rows.observe(_rows(jobs))
+        finished = [False] * len(jobs)
+        for group in _groups(jobs, self.capacity):
+            load_ms = 0.0
+            for name in dict.fromkeys(e for i in group for e in jobs[i]["request"]["experts"]):
+                if name != BASE:
+                    started = time.perf_counter()
+                    await self.adapter(name)
+                    load_ms += (time.perf_counter() - started) * 1000
+            requests = [GenerationRequest(**jobs[i]["request"]) for i in group]
+            steps = self.model.steps(requests)
+            budget = STREAM_EVERY_S if any(jobs[i]["stream"] for i in group) else None
+            started = time.perf_counter()
+            done = False
+            while not done:
+                new, done = await asyncio.to_thread(collect, steps, len(requests), budget)
+                elapsed = (time.perf_counter() - started) * 1000
+                out: list[Any] = [StopIteration if f else None for f in finished]
+                for g, i in enumerate(group):
+                    if new[g].token_ids or new[g].finish_reason:
+                        out[i] = {"tokens": new[g].token_ids, "finish_reason": new[g].finish_reason,
+                                  "load_ms": load_ms, "generate_ms": elapsed, "batch_rows": _rows(jobs)}
+                        finished[i] = new[g].finish_reason is not None
+                yield out
+        yield [StopIteration] * len(jobs)
+
+    def resident(self) -> list[str]:
+        return list(self.model.bank.resident)
+
+
+def _groups(jobs: list[dict], capacity: int) -> list[list[int]]:
+    """Split jobs so that no group needs more than `capacity` distinct adapters at once."""
+    groups: list[list[int]] = []
+    names: list[set[str]] = []
+    for i, job in enumerate(jobs):
+        need = set(job["request"]["experts"]) - {BASE}
+        for g, have in enumerate(names):
+            if len(have | need) <= capacity:
+                groups[g].append(i)
+                have |= need
+                break
+        else:
+            groups.append([i])
+            names.append(set(need))
+    return groups
+
+
+def _replica_cpus() -> int:
+    try:
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:
+        return 1
+
+
+# ---- the router ingress ----------------------------------------------------------------------
+api = FastAPI(title="IMoE-Ray", description="A served mixture of independently trained experts (OpenAI-compatible).")
+
+
+@api.exception_handler(oa.ApiError)
+async def _api_error(request: Request, exc: oa.ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        message, where = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
+    else:
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(oa.ApiError(400, message, param=where or None, code="invalid_request").body(), status_code=400)
+
+
+# Defined before the ingress: `serve.ingress` serializes the FastAPI app when the class is defined.
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@serve.deployment(name="Router")
+@serve.ingress(api)
+class Router:
+    def __init__(self, experts: DeploymentHandle, store: str, config: dict):
+        from transformers import AutoTokenizer
+
+        from imoe_ray.routing.stage import load_router
+        from imoe_ray.store import Store
+
+        cfg = Config.model_validate(config)
+        self.settings = cfg.serve
+        self.store = Path(store)
+        self.experts = experts
+        self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
+        self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
+        self.installed = installed_experts(self.store)
+        self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
+                               self.settings.top_k or cfg.experts.top_k)
+        self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))
+        self.route_ms = metrics.Histogram("imoe_routing_latency_ms", "routing latency (ms)",
+                                          boundaries=[0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200])
+        self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
+        self.in_flight = 0
+
+    # ---- endpoints ----
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "experts": len(self.installed), "mode": self.settings.mode}
+
+    @api.get("/v1/experts")
+    async def list_experts(self) -> dict:
+        index = json.loads((self.store / "experts" / "index.json").read_text())
+        rows = []
+        for e in index["experts"]:
+            manifest = _read_json(self.store / "experts" / e["name"] / "manifest.json")
+            rows.append({"name": e["name"], "categories": e.get("categories", [e["name"]]), "rows": e.get("rows"),
+                         "keywords": manifest.get("routing", {}).get("keywords", []),
+                         "training": manifest.get("training", {})})
+        extra = [n for n in self.installed if n not in {r["name"] for r in rows}]
+        return {"object": "list", "data": rows, "other_adapters": extra, "aliases": index.get("aliases", {})}
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "imoe-ray"}
+                                           for m in self.planner.models()]}
+
+    @api.post("/v1/route")
+    async def route(self, body: oa.RouteRequest) -> dict:
+        route = await asyncio.to_thread(self.planner.route, body.text, body.mode or self.settings.mode)
+        self.route_ms.observe(route.latency_ms)
+        return route.to_json()
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: oa.ChatRequest):
+        try:
+            prompt, query = chat_prompt(body.messages, self.tokenizer)
+        except ValueError as e:
+            raise oa.ApiError(400, str(e), param="messages") from None
+        return await self._complete(body, prompt, query, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: oa.CompletionRequest):
+        return await self._complete(body, body.prompt, body.prompt, chat=False)
+
+    # ---- the pipeline ----
+    async def _complete(self, body, prompt: str, query: str, chat: bool):
+        self._queue(+1)
+        try:
+            plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
+        except Exception:
+            self._queue(-1)
+            raise
+        self.route_ms.observe(plan.timings_ms["route"])
+        for expert in plan.experts:
+            self.requests.inc(tags={"expert": expert, "mode": plan.mode})
+        if body.stream:
+            return StreamingResponse(self._stream(body, plan, chat), media_type="text/event-stream")
+        try:
+            text, finish, prompt_tokens, completion_tokens = await self._answer(body, plan)
+        finally:
+            self._queue(-1)
+        build = oa.chat_response if chat else oa.completion_response
+        return build(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe())
+
+    async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
+        if plan.fusion == SUMMARIZER:
+            return await self._summarize(body, plan)
+        ids, limit = self._tokens(plan.prompt, body)
+        tokens, finish = [], "length"
+        async for part in self._generate(plan, ids, limit, body, stream=False):
+            tokens += part["tokens"]
+            finish = part["finish_reason"] or finish
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
+        return text, "stop" if stopped else finish, len(ids), len(tokens)
+
+    async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
+        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
+        from imoe_ray.fusion.summarizer import summarizer_prompt
+
+        ids, limit = self._tokens(plan.prompt, body)
+        drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
+        started = time.perf_counter()
+        fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))
+        fused_ids, fused_limit = self._tokens(fused, body, truncate=True)
+        single = Plan(plan.model, plan.mode, fused, {SUMMARIZER: 1.0}, timings_ms=plan.timings_ms)
+        tokens, finish = [], "length"
+        async for part in self._generate(single, fused_ids, fused_limit, body, stream=False, timing="fuse"):
+            tokens += part["tokens"]
+            finish = part["finish_reason"] or finish
+        plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
+        return text, "stop" if stopped else finish, len(ids), len(tokens)
+
+    async def _draft(self, name: str, ids: list[int], limit: int, body, plan: Plan) -> str:
+        one = Plan(plan.model, plan.mode, plan.prompt, {name: 1.0}, timings_ms=plan.timings_ms)
+        tokens = []
+        async for part in self._generate(one, ids, limit, body, stream=False):
+            tokens += part["tokens"]
+        return self.tokenizer.decode(tokens)
+
+    async def _stream(self, body, plan: Plan, chat: bool) -> AsyncIterator[str]:
+        chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
+        make = oa.chat_chunk if chat else oa.completion_chunk
+        try:
+            if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
+                text, finish, *_ = await self._summarize(body, plan)
+                first = {"role": "assistant", "content": text} if chat else text
+                yield _sse(make(chunk_id, body.model, first, None, imoe=plan.imoe()))
+                yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
+                yield "data: [DONE]\n\n"
+                return
+            ids, limit = self._tokens(plan.prompt, body)
+            if chat:
+                yield _sse(make(chunk_id, body.model, {"role": "assistant", "content": ""}, imoe=plan.imoe()))
+            tokens, sent, finish = [], "", "length"
+            async for part in self._generate(plan, ids, limit, body, stream=True):
+                tokens += part["tokens"]
+                finish = part["finish_reason"] or finish
+                text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
+                if text.endswith("\ufffd") and not part["finish_reason"] and not stopped:
+                    continue  # half of a multi-byte character: wait for the rest
+                if len(text) > len(sent):
+                    delta = text[len(sent):]
+                    sent = text
+                    yield _sse(make(chunk_id, body.model, {"content": delta} if chat else delta))
+                if stopped:
+                    finish = "stop"
+                    break
+            tail = {"imoe": plan.imoe(), "usage": oa.usage(len(ids), len(tokens))}
+            yield _sse(make(chunk_id, body.model, {} if chat else "", finish, **tail))
+            yield "data: [DONE]\n\n"
+        except oa.ApiError as e:
+            yield _sse(e.body())
+        finally:
+            self._queue(-1)
+
+    async def _generate(self, plan: Plan, ids: list[int], limit: int, body, stream: bool,
+                        timing: str = "generate") -> AsyncIterator[dict]:
+        """The expert replicas' token stream for one request; retried on another replica while a dead
+        one is replaced, as long as nothing was handed to the client yet."""
+        job = {"request": {"prompt_ids": ids, "experts": plan.experts, "max_new_tokens": limit,
+                           "temperature": body.temperature, "top_p": body.top_p,
+                           "stop_ids": (self.tokenizer.eos_token_id,), "seed": body.seed},
+               "stream": stream}
+        deadline = time.monotonic() + self.settings.retry_s
+        while True:
+            received = False
+            try:
+                async for part in self.experts.generate.options(stream=True).remote(job):
+                    received = True
+                    plan.timings_ms["load"] = max(plan.timings_ms["load"], part["load_ms"])
+                    if timing == "generate":
+                        plan.timings_ms["generate"] = part["generate_ms"]
+                    yield part
+                return
+            except _REPLICA_GONE as e:
+                if received or time.monotonic() > deadline:
+                    raise oa.ApiError(503, f"an expert replica died during the request: {type(e).__name__}; retry",
+                                      code="replica_unavailable") from None
+                log.warning("expert replica gone (%s); retrying the request", type(e).__name__)
+                plan.retries += 1
+                await asyncio.sleep(0.5)
+
+    def _tokens(self, prompt: str, body, truncate: bool = False) -> tuple[list[int], int]:
+        """The prompt's token ids (after the EOS the models were trained with) and the completion length."""
+        ids = [self.tokenizer.eos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > self.settings.max_tokens_limit:
+            raise oa.ApiError(400, f"max_tokens is {asked}; this server allows at most {self.settings.max_tokens_limit}",
+                              param="max_tokens", code="invalid_value")
+        limit = asked or min(self.settings.max_tokens, max(1, self.context - len(ids)))
+        if truncate and len(ids) + limit > self.context:
+            ids = ids[: 1] + ids[len(ids) + limit - self.context + 1:]
+        if len(ids) + limit > self.context:
+            raise oa.ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                                   f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} for the completion). "
+                                   f"Please reduce the prompt or max_tokens.", param="messages",
+                              code="context_length_exceeded")
+        return ids, limit
+
+    def _queue(self, delta: int) -> None:
+        self.in_flight += delta
+        self.queue.set(self.in_flight, tags={"deployment": "Router"})
+
+
+# ---- the application -------------------------------------------------------------------------
+def build_app(store: str, config: str | None = None, overrides: list[str] | None = None):
+    """The bound application for a store (what `serve run`, `serve build` and `imoe serve` deploy)."""
+    cfg = store_config(store, config, overrides)
+    store_dir = str(Path(store).resolve())
+    installed_experts(store_dir)  # a store without experts fails here, with the command that builds them
+    s = cfg.serve
+    gpus = s.expert_gpus
+    if gpus is None:
+        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    experts = Experts.options(
+        ray_actor_options={"num_cpus": s.expert_cpus, "num_gpus": gpus},
+        autoscaling_config={"min_replicas": s.min_replicas, "initial_replicas": max(1, s.min_replicas),
+                            "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests,
+                            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
+        max_ongoing_requests=max(4 * s.max_batch_size, 32),
+        graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
+    ).bind(store_dir, cfg.model_dump(mode="json"))
+    return Router.options(ray_actor_options={"num_cpus": s.router_cpus}, max_ongoing_requests=256,
+                          graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0).bind(
+        experts, store_dir, cfg.model_dump(mode="json"))
+
+
+def app(args: dict[str, str]):
+    """Application builder: `serve run serve_apps.imoe:app store=DIR [config=FILE] [set=a.b=1,c.d=2]`."""
+    if "store" not in args:
+        raise ValueError("serve_apps.imoe:app needs store=DIR (a store built through the experts stage)")
+    overrides = [o for o in str(args.get("set", "")).split(",") if o.strip()]
+    return build_app(args["store"], args.get("config"), overrides)
+
+
+def start(store: str, config: str | None = None, overrides: list[str] | None = None, port: int | None = None,
+          host: str | None = None, ready_timeout_s: float = 600.0) -> str:
+    """Start Serve on this Ray cluster with the application, wait until GET /healthz answers 200,
+    and return the API's base URL (`imoe serve` and `imoe quickstart` use it)."""
+    import requests
+
+    cfg = store_config(store, config, overrides)
+    host, port = host or cfg.serve.host, port or cfg.serve.port
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.serve.request_timeout_s})
+    serve.run(build_app(store, config, overrides), name="imoe", route_prefix="/", blocking=False)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return f"{base}/v1"
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the application did not answer {base}/healthz within {ready_timeout_s:.0f}s (see `serve status`)")
+
+
+def deploy_config(store: str, config: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The `serve deploy` config of the application, made the way `serve build` makes it (Ray's own
+    build and schema code), with the builder's import path and its args so that the cluster binds
+    the application to the store itself."""
+    from ray._common.network_utils import get_all_interfaces_ip
+    from ray.serve._private.build_app import build_app as ray_build_app
+    from ray.serve.deployment import deployment_to_schema
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    cfg = store_config(store, config, overrides)
+    built = ray_build_app(build_app(store, config, overrides), name="imoe")
+    args = {"store": str(Path(store).resolve())} | ({"config": str(Path(config).resolve())} if config else {})
+    if overrides:
+        args["set"] = ",".join(overrides)
+    application = ServeApplicationSchema(
+        name="imoe", route_prefix="/", import_path="serve_apps.imoe:app", args=args, runtime_env={},
+        deployments=[deployment_to_schema(d) for d in built.deployments]).model_dump(exclude_unset=True)
+    if cfg.serve.expert_gpus is None:  # decided on the cluster, where the builder sees its GPUs
+        for d in application["deployments"]:
+            d.get("ray_actor_options", {}).pop("num_gpus", None)
+    out = {"proxy_location": "EveryNode",
+           "http_options": {"host": get_all_interfaces_ip(), "port": cfg.serve.port,
+                            "request_timeout_s": cfg.serve.request_timeout_s},
+           "applications": [application]}
+    ServeDeploySchema.model_validate(out)
+    return out

@@ -1,0 +1,315 @@
+"""Serving: the adapter bank against PEFT, batched decoding, and the Serve application over real HTTP
+(`imoe serve` as a user runs it, joined to the session's cluster) driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps, generate
+from imoe_ray.serving.lora_bank import AdapterBank, AdapterError
+from imoe_ray.serving.model import ServingModel
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served_store(built) -> Path:
+    cfg, store, _ = built
+    return Path(store.root)
+
+
+@pytest.fixture(scope="module")
+def model(served_store) -> ServingModel:
+    return ServingModel(served_store, threads=1)
+
+
+def _expert_names(store: Path) -> list[str]:
+    return [e["name"] for e in json.loads((store / "experts" / "index.json").read_text())["experts"]]
+
+
+# ---- the library, without Ray -----------------------------------------------------------------
+
+def test_bank_matches_peft_in_mixed_adapter_batches(served_store, model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = _expert_names(served_store)[:2] + ["dense"]
+    for n in names:
+        model.ensure(n)
+    ids = torch.randint(3, model.tokenizer.vocab_size, (4, 12))
+    rows = [names[0], names[1], "base", names[2]]
+    with torch.inference_mode(), model.bank.use(rows):
+        mixed = model.model(input_ids=ids).logits
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served_store / "base"),
+                                          str(served_store / "experts" / names[0]), adapter_name=names[0]).eval()
+    reference.load_adapter(str(served_store / "experts" / names[1]), adapter_name=names[1])
+    reference.load_adapter(str(served_store / "baselines" / "dense"), adapter_name="dense")
+    with torch.inference_mode():
+        for i, name in enumerate(rows):
+            if name == "base":
+                with reference.disable_adapter():
+                    expected = reference(input_ids=ids[i: i + 1]).logits[0]
+            else:
+                reference.set_adapter(name)
+                expected = reference(input_ids=ids[i: i + 1]).logits[0]
+            assert torch.allclose(mixed[i], expected, atol=1e-5), name
+        with model.bank.use(["base"] * 4):
+            plain = model.model(input_ids=ids).logits
+    assert not torch.allclose(plain[0], mixed[0], atol=1e-3), "the expert's adapter changed nothing"
+
+
+def test_bank_lru_capacity_and_eviction(served_store):
+    from transformers import AutoModelForCausalLM
+
+    names = _expert_names(served_store)
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(served_store / "base"), capacity=1)
+    bank.load(names[0], served_store / "experts" / names[0])
+    bank.load(names[1], served_store / "experts" / names[1])
+    assert list(bank.resident) == [names[1]]
+    with pytest.raises(KeyError, match="not resident"):
+        with bank.use([names[0]]):
+            pass
+    assert bank.evict(names[1]) and not bank.resident and bank.resident_bytes == 0
+
+
+def test_bank_refuses_what_it_cannot_serve(served_store, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(served_store / "base"))
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
+        bank.load("nothing", tmp_path)
+    name = _expert_names(served_store)[0]
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    config = json.loads((served_store / "experts" / name / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes((served_store / "experts" / name / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="DoRA"):
+        bank.load("dora", dora)
+
+
+def test_batched_decoding_equals_one_request_at_a_time(served_store, model):
+    names = _expert_names(served_store)
+    eos = model.tokenizer.eos_token_id
+    prompts = [[eos] + model.tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("the server sends the request", "a matrix", "parse the document and then")]
+    requests_ = [GenerationRequest(prompts[0], {names[0]: 1.0}, 12),
+                 GenerationRequest(prompts[1], {names[1]: 1.0}, 5),
+                 GenerationRequest(prompts[2], {names[0]: 0.7, names[1]: 0.3}, 9),
+                 GenerationRequest(prompts[1], {"base": 1.0}, 7, temperature=0.8, seed=3)]
+    together = model.generate(requests_)
+    alone = [model.generate([r])[0] for r in requests_]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [len(g.token_ids) for g in together] == [12, 5, 9, 7]
+    assert all(g.finish_reason == "length" for g in together)
+
+
+def test_greedy_decoding_matches_transformers_generate(served_store, model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name = _expert_names(served_store)[0]
+    prompt = [model.tokenizer.eos_token_id] + model.tokenizer("the model", add_special_tokens=False)["input_ids"]
+    ours = model.generate([GenerationRequest(prompt, {name: 1.0}, 10)])[0].token_ids
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served_store / "base"),
+                                     str(served_store / "experts" / name)).eval()
+    ref = peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                        eos_token_id=None, pad_token_id=model.pad_id)
+    assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_stop_token_ends_a_request_without_text(model):
+    prompt = [model.tokenizer.eos_token_id, 5, 6, 7]
+    first = model.generate([GenerationRequest(prompt, {"base": 1.0}, 1)])[0].token_ids[0]
+    out = model.generate([GenerationRequest(prompt, {"base": 1.0}, 8, stop_ids=(first,))])[0]
+    assert out.token_ids == [] and out.finish_reason == "stop"
+    steps = decode_steps(model.model, model.bank, [GenerationRequest(prompt, {"base": 1.0}, 50)], model.pad_id)
+    partial, done = collect(steps, 1, budget_s=0.0)
+    assert not done and len(partial[0].token_ids) == 1  # decoding can be handed back step by step
+    rest, done = collect(steps, 1)
+    assert done and len(rest[0].token_ids) == 49
+
+
+def test_groups_respect_the_resident_capacity():
+    from serve_apps.imoe import _groups
+
+    jobs = [{"request": {"experts": e}} for e in ({"a": 1}, {"b": 1}, {"a": .5, "c": .5}, {"base": 1}, {"d": 1})]
+    groups = _groups(jobs, capacity=2)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    for g in groups:
+        assert len({n for i in g for n in jobs[i]["request"]["experts"]} - {"base"}) <= 2
+
+
+# ---- the application over HTTP ----------------------------------------------------------------
+
+SERVE_SETTINGS = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_experts=2",
+                  "serve.max_tokens=16", "serve.retry_s=90", "serve.max_replicas=1"]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, served_store):
+    """`imoe serve` in its own process, joined to the session's cluster, as a user starts it."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "imoe"), "serve", "--store", str(served_store), "--port", str(port),
+           *[a for s in SERVE_SETTINGS for a in ("--set", s)]]
+    log = open(served_store.parent / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=ray_cluster["env"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, (served_store.parent / "serve.log").read_text()[-3000:]
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise TimeoutError((served_store.parent / "serve.log").read_text()[-3000:])
+    yield {"url": f"{base}/v1", "base": base, "proc": proc, "log": served_store.parent / "serve.log"}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"], api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_routed_with_the_imoe_object(client, served_store):
+    reply = client.chat.completions.create(model="imoe", max_tokens=8,
+                                           messages=[{"role": "user", "content": "How do I plot a histogram of a column?"}])
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8
+    imoe = reply.model_extra["imoe"]
+    assert set(imoe) >= {"categories", "experts", "mode", "timings_ms"}
+    assert set(imoe["timings_ms"]) == {"route", "retrieval", "compression", "load", "generate", "fuse"}
+    assert imoe["mode"] == "basic" and imoe["experts"]
+    assert set(imoe["experts"]) <= set(_expert_names(served_store)) | {"base"}
+    assert imoe["timings_ms"]["generate"] > 0
+
+
+def test_streaming_chat_gives_the_same_text(client, served_store):
+    name = _expert_names(served_store)[0]
+    messages = [{"role": "user", "content": "the request is sent to the server"}]
+    whole = client.chat.completions.create(model=name, max_tokens=12, temperature=0, messages=messages)
+    chunks = list(client.chat.completions.create(model=name, max_tokens=12, temperature=0, messages=messages,
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].model_extra["imoe"]["experts"] == [name]
+
+
+def test_forced_expert_completions_and_ensemble(client, served_store):
+    names = _expert_names(served_store)
+    forced = client.completions.create(model=names[1], prompt="The function returns", max_tokens=6, temperature=0)
+    assert forced.model_extra["imoe"]["experts"] == [names[1]] and forced.choices[0].text
+    again = client.completions.create(model=names[1], prompt="The function returns", max_tokens=6, temperature=0)
+    assert again.choices[0].text == forced.choices[0].text
+    ensemble = client.chat.completions.create(
+        model="imoe", max_tokens=6, messages=[{"role": "user", "content": "parse the xml file"}],
+        extra_body={"imoe": {"ensemble": True, "top_k": 2}})
+    imoe = ensemble.model_extra["imoe"]
+    assert len(imoe["experts"]) == 2 and imoe["fusion"] == "mixture"
+    assert sum(imoe["weights"].values()) == pytest.approx(1.0, abs=1e-3)
+    fast = client.chat.completions.create(model="imoe", max_tokens=4, messages=[{"role": "user", "content": "sockets"}],
+                                          extra_body={"imoe": {"mode": "fast"}})
+    assert fast.model_extra["imoe"]["mode"] == "fast" and len(fast.model_extra["imoe"]["experts"]) == 1
+
+
+def test_route_experts_models_endpoints(server, client, served_store):
+    routed = requests.post(f"{server['url']}/route", json={"text": "numpy arrays and matrices"}, timeout=30).json()
+    assert {"categories", "probabilities", "experts", "exit_layer", "latency_ms"} <= set(routed)
+    experts = requests.get(f"{server['url']}/experts", timeout=30).json()
+    assert [e["name"] for e in experts["data"]] == _expert_names(served_store)
+    assert "dense" in experts["other_adapters"]
+    assert {m.id for m in client.models.list()} >= {"imoe", "base", *_expert_names(served_store)}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"model": "imoe", "messages": [', 400, None),
+    ('[1, 2]', 400, None),
+    ('{"model": "imoe"}', 400, "messages"),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}', 400, "temperature"),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, None),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+    ('{"model": "no-such-expert", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "imoe": {"fusion": "summarizer", '
+     '"ensemble": true}}', 400, "imoe.fusion"),
+])
+def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
+    r = requests.post(f"{server['url']}/chat/completions", data=body, headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] == param
+
+
+def test_over_long_prompt_is_a_400_naming_the_limit(client):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="imoe", max_tokens=8,
+                                       messages=[{"role": "user", "content": "socket buffers " * 400}])
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length" in err.value.body["message"]
+
+
+def test_a_replica_crash_mid_request_is_survived(ray_session, server, client, served_store):
+    """Kill the expert replica while requests decode: each is retried (the `imoe` object counts the
+    retries) or answered with a 5xx JSON error, none hangs, and the next request succeeds."""
+    import ray
+    from ray.util.state import list_actors
+
+    name = _expert_names(served_store)[0]
+    outcomes = []
+
+    def long_request(i: int):
+        r = requests.post(f"{server['url']}/completions", timeout=240, json={
+            "model": name, "prompt": f"request {i}", "max_tokens": 48, "temperature": 1.0, "seed": i})
+        outcomes.append((r.status_code, r.json()))
+
+    workers = [threading.Thread(target=long_request, args=(i,)) for i in range(12)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Experts" in (a.class_name or "")]
+    assert replicas, "no live expert replica"
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    for w in workers:
+        w.join(timeout=240)
+    assert not any(w.is_alive() for w in workers), "a request hung after its replica died"
+    assert all(s == 200 or (s >= 500 and "error" in body) for s, body in outcomes), outcomes
+    assert any(s >= 500 or body["imoe"]["retries"] for s, body in outcomes), "the kill hit no request in flight"
+    reply = client.chat.completions.create(model=name, max_tokens=4, messages=[{"role": "user", "content": "b"}])
+    assert reply.choices[0].message.content is not None
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, server["log"].read_text()[-2000:]
+    with pytest.raises(requests.RequestException):
+        requests.get(f"{server['base']}/healthz", timeout=3)
