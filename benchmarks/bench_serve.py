@@ -249,6 +249,7 @@ def _load(url: str, clients: int, per_client: int, tokens: int, names: list[str]
 def bench_throughput(store: Path, port: int, clients: int, per_client: int, tokens: int) -> dict:
     from ray import serve
 
+    os.nice(19)  # the load generator runs on the same 2 cores: it must not starve the server (Ray workers run at nice 15)
     names = _experts(store)[:4]  # mixed adapters: every batch holds several experts
     settings = ["serve.max_replicas=1", "serve.expert_cpus=1", "serve.router_cpus=0.5", "serve.max_loaded_experts=4"]
     out = {}

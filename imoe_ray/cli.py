@@ -203,7 +203,8 @@ def sample_corpus(
 
 # The quickstart's smaller run (so that build + serve finish in under 10 minutes on 2 CPU cores);
 # `imoe build` with the defaults trains longer and gives the README's perplexity figures.
-QUICKSTART_SETTINGS = ["pretrain.epochs=2", "experts.epochs=2", "experts.dense_baseline=false"]
+QUICKSTART_SETTINGS = ["discovery.max_categories=8", "pretrain.epochs=2", "experts.epochs=2",
+                       "experts.dense_baseline=false"]
 QUICKSTART_QUESTIONS = [
     "How do I plot a histogram with matplotlib and label the axes?",
     "How do I select the rows of a pandas DataFrame where a column is above a value?",
@@ -217,7 +218,7 @@ QUICKSTART_QUESTIONS = [
 @app.command()
 def quickstart(
     store: str = typer.Option("store", "--store", "-s", help="Store directory to build into."),
-    per_domain: int = typer.Option(60, "--per-domain", min=1, help="Sample-corpus passages per domain."),
+    per_domain: int = typer.Option(40, "--per-domain", min=1, help="Sample-corpus passages per domain."),
     port: int = typer.Option(8000, "--port", "-p", help="HTTP port of the API."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Keep serving until Ctrl-C (default) or stop after the table."),
     config: Optional[Path] = ConfigOpt,
@@ -266,12 +267,12 @@ def _ask(url: str, questions: list[str]) -> Table:
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=1)
-    table = Table(title=f"sample questions → {url}", show_lines=True)
-    for column in ("question", "categories", "experts", "latency", "answer"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"sample questions → {url}", show_lines=True, width=max(console.width, 150))
+    for column, ratio in (("question", 3), ("categories", 2), ("experts", 2), ("latency", 1), ("answer", 4)):
+        table.add_column(column, overflow="fold", ratio=ratio)
     for question in questions:
         started = _time.perf_counter()
-        reply = client.chat.completions.create(model="imoe", max_tokens=40, temperature=0,
+        reply = client.chat.completions.create(model="imoe", max_tokens=40, temperature=0.8, top_p=0.9, seed=0,
                                                messages=[{"role": "user", "content": question}])
         ms = (_time.perf_counter() - started) * 1000
         imoe = reply.model_extra["imoe"]

@@ -154,6 +154,31 @@ class ExpertsConfig(_Section):
     seed: int = 0
 
 
+class FusionConfig(_Section):
+    """The summarizer: one more adapter on the base LM that grounds several experts' drafts in one answer."""
+    summarizer: bool = Field(True, description="train the summarizer in the build (stage `summarizer`)")
+    examples: int = Field(1200, ge=8, description="synthetic training cases made from the shards' training rows")
+    eval_cases: int = Field(200, ge=1, description="held-out cases `imoe eval summarizer` makes")
+    epochs: float = Field(2.0, gt=0, description="passes over the training cases")
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(16, ge=1, description="cases per optimizer step")
+    r: int = Field(16, ge=1, description="LoRA rank of the summarizer (its adapter kind is experts.adapter)")
+    alpha: float = Field(32, gt=0)
+    max_words: tuple[int, int] = Field((10, 16), description="range of the length bounds a constraint draft sets")
+    question_words: tuple[int, int] = Field((6, 12), description="range of the synthetic questions' lengths, in words")
+    draft_words: int = Field(20, ge=4, description="length of a synthetic task draft, in words")
+    cpus_per_worker: int | None = Field(None, ge=1, description="default: every CPU of the cluster")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "FusionConfig":
+        for name, low in (("max_words", 4), ("question_words", 1)):
+            lo, hi = getattr(self, name)
+            if not low <= lo <= hi:
+                raise ValueError(f"{name} must be a range [low, high] with {low} <= low <= high, not {[lo, hi]}")
+        return self
+
+
 class ServeConfig(_Section):
     """Ray Serve: the router ingress and the autoscaled expert replicas."""
     host: str = Field("127.0.0.1", description="HTTP host of `imoe serve`")
@@ -173,7 +198,7 @@ class ServeConfig(_Section):
     router_cpus: float = Field(0.5, ge=0, description="CPUs of the router (ingress) replica")
     threads: int | None = Field(None, ge=1, description="torch threads per expert replica; default: its CPUs")
     max_batch_size: int = Field(16, ge=1, description="rows decoded together (an ensemble of k experts is k rows)")
-    batch_wait_timeout_s: float = Field(0.004, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
     max_tokens: int = Field(64, ge=1, description="completion length when a request does not say")
     max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
     top_k: int | None = Field(None, ge=1, description="experts of an ensemble request; default: experts.top_k")
@@ -196,6 +221,7 @@ class Config(_Section):
     sharding: ShardingConfig = ShardingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    fusion: FusionConfig = FusionConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 

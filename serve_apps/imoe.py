@@ -30,7 +30,7 @@ from ray.util import metrics
 
 from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
-from imoe_ray.serving.generation import GenerationRequest, collect
+from imoe_ray.serving.generation import Generated, GenerationRequest, collect
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.serving.model import ServingModel, installed_experts
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
@@ -63,8 +63,9 @@ class Experts:
         cfg = Config.model_validate(config).serve
         self.capacity = cfg.max_loaded_experts
         self.model = ServingModel(store, capacity=None, threads=cfg.threads or _replica_cpus())
-        self._decode.set_max_batch_size(cfg.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        for batched in (self._decode_whole, self._decode_stream):
+            batched.set_max_batch_size(cfg.max_batch_size)
+            batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         async def load(name: str) -> _Resident:  # a plain function: Serve keeps its LRU on it
             return await self._load(name)
 
@@ -84,24 +85,45 @@ class Experts:
         self.load_ms.observe(ms)
         return _Resident(self.model, name, lambda n: self.evictions.inc(tags={"expert": n}))
 
-    async def generate(self, job: dict) -> AsyncIterator[dict]:
-        """Stream of {"tokens": new ids, "finish_reason", ...} for one request (called with stream=True)."""
-        self.pending += 1
-        self.queue.set(self.pending, tags={"deployment": "Experts"})
+    async def generate(self, job: dict) -> dict:
+        """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
+        self._pending(+1)
         try:
-            async for part in self._decode(job):
+            return await self._decode_whole(job)
+        finally:
+            self._pending(-1)
+
+    async def stream(self, job: dict) -> AsyncIterator[dict]:
+        """The same as a stream of parts, new tokens every ~30 ms (called with stream=True)."""
+        self._pending(+1)
+        try:
+            async for part in self._decode_stream(job):
                 if part is not None:
                     yield part
         finally:
-            self.pending -= 1
-            self.queue.set(self.pending, tags={"deployment": "Experts"})
+            self._pending(-1)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows)
-    async def _decode(self, jobs: list[dict]):
-        """Decode a batch: groups of at most `max_loaded_experts` distinct adapters, each group in
-        one mixed-adapter batch; yields one entry per job (None: nothing new; StopIteration: done)."""
-        self.batch_rows.observe(_rows(jobs))
+    async def _decode_whole(self, jobs: list[dict]) -> list[dict]:
+        results: list[dict] = [{"tokens": []} for _ in jobs]
+        async for out in self._decode(jobs, budget_s=None):
+            for i, part in enumerate(out):
+                if part is not None:
+                    results[i] = part | {"tokens": results[i]["tokens"] + part["tokens"]}
+        return results
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows)
+    async def _decode_stream(self, jobs: list[dict]):
         finished = [False] * len(jobs)
+        async for out in self._decode(jobs, budget_s=STREAM_EVERY_S):
+            yield [StopIteration if finished[i] else part for i, part in enumerate(out)]
+            finished = [f or (p is not None and p["finish_reason"] is not None) for f, p in zip(finished, out)]
+        yield [StopIteration] * len(jobs)
+
+    async def _decode(self, jobs: list[dict], budget_s: float | None):
+        """Decode a batch: groups of at most `max_loaded_experts` distinct adapters, each group in
+        one mixed-adapter batch; yields one entry per job and hand-back (None: nothing new)."""
+        self.batch_rows.observe(_rows(jobs))
         for group in _groups(jobs, self.capacity):
             load_ms = 0.0
             for name in dict.fromkeys(e for i in group for e in jobs[i]["request"]["experts"]):
@@ -111,23 +133,40 @@ class Experts:
                     load_ms += (time.perf_counter() - started) * 1000
             requests = [GenerationRequest(**jobs[i]["request"]) for i in group]
             steps = self.model.steps(requests)
-            budget = STREAM_EVERY_S if any(jobs[i]["stream"] for i in group) else None
             started = time.perf_counter()
             done = False
             while not done:
-                new, done = await asyncio.to_thread(collect, steps, len(requests), budget)
+                new, done = await _advance(steps, len(requests), budget_s)
                 elapsed = (time.perf_counter() - started) * 1000
-                out: list[Any] = [StopIteration if f else None for f in finished]
+                out: list[Any] = [None] * len(jobs)
                 for g, i in enumerate(group):
                     if new[g].token_ids or new[g].finish_reason:
                         out[i] = {"tokens": new[g].token_ids, "finish_reason": new[g].finish_reason,
                                   "load_ms": load_ms, "generate_ms": elapsed, "batch_rows": _rows(jobs)}
-                        finished[i] = new[g].finish_reason is not None
                 yield out
-        yield [StopIteration] * len(jobs)
+
+    def _pending(self, delta: int) -> None:
+        self.pending += delta
+        self.queue.set(self.pending, tags={"deployment": "Experts"})
 
     def resident(self) -> list[str]:
         return list(self.model.bank.resident)
+
+
+async def _advance(steps, n: int, budget_s: float | None) -> tuple[list[Generated], bool]:
+    """Decode step by step on the event loop, yielding to it between steps: requests that arrive
+    meanwhile are taken in (and queue for the next batch) at once, which a decoding thread holding
+    the GIL would delay. Returns at the end, or after about `budget_s` (streaming)."""
+    out = [Generated() for _ in range(n)]
+    started = time.perf_counter()
+    while True:
+        new, done = collect(steps, n, budget_s=0.0)
+        for mine, step in zip(out, new):
+            mine.token_ids += step.token_ids
+            mine.finish_reason = step.finish_reason or mine.finish_reason
+        await asyncio.sleep(0)
+        if done or (budget_s is not None and time.perf_counter() - started >= budget_s):
+            return out, done
 
 
 def _groups(jobs: list[dict], capacity: int) -> list[list[int]]:
@@ -175,6 +214,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 # Defined before the ingress: `serve.ingress` serializes the FastAPI app when the class is defined.
+async def _once(part: dict) -> AsyncIterator[dict]:
+    yield part
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -199,6 +242,7 @@ class Router:
         self.settings = cfg.serve
         self.store = Path(store)
         self.experts = experts
+        self._stream_handle = experts.stream.options(stream=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
         self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = installed_experts(self.store)
@@ -252,6 +296,7 @@ class Router:
 
     # ---- the pipeline ----
     async def _complete(self, body, prompt: str, query: str, chat: bool):
+        arrived = time.perf_counter()
         self._queue(+1)
         try:
             plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
@@ -268,6 +313,7 @@ class Router:
         finally:
             self._queue(-1)
         build = oa.chat_response if chat else oa.completion_response
+        plan.server_ms = (time.perf_counter() - arrived) * 1000
         return build(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe())
 
     async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
@@ -354,9 +400,14 @@ class Router:
         while True:
             received = False
             try:
-                async for part in self.experts.generate.options(stream=True).remote(job):
+                if stream:
+                    parts = self._stream_handle.remote(job)
+                else:
+                    parts = _once(await self.experts.generate.remote(job))
+                async for part in parts:
                     received = True
                     plan.timings_ms["load"] = max(plan.timings_ms["load"], part["load_ms"])
+                    plan.batch_rows = max(plan.batch_rows, part["batch_rows"])
                     if timing == "generate":
                         plan.timings_ms["generate"] = part["generate_ms"]
                     yield part
@@ -392,6 +443,10 @@ class Router:
 
 
 # ---- the application -------------------------------------------------------------------------
+# No per-request access log lines: at a few ms of CPU per request they are a real share of the
+# Serve path's overhead on a small machine (errors and warnings are still logged).
+_LOGGING = {"enable_access_log": False}
+
 def build_app(store: str, config: str | None = None, overrides: list[str] | None = None):
     """The bound application for a store (what `serve run`, `serve build` and `imoe serve` deploy)."""
     cfg = store_config(store, config, overrides)
@@ -407,10 +462,11 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
                             "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests,
                             "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
-        graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
+        graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0, logging_config=_LOGGING,
     ).bind(store_dir, cfg.model_dump(mode="json"))
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus}, max_ongoing_requests=256,
-                          graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0).bind(
+                          graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
+                          logging_config=_LOGGING).bind(
         experts, store_dir, cfg.model_dump(mode="json"))
 
 

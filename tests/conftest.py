@@ -86,11 +86,15 @@ def ray_cluster(tmp_path_factory):
 
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
-    head.terminate()
+    head.terminate()  # the cluster is private to the session: a short grace, then the whole process group
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(head.pid, 9)
+    except ProcessLookupError:
+        pass
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -229,6 +229,7 @@ def test_deepspeed_zero2_trains_an_adapter_on_two_cpu_workers(built, tmp_path):
     base = store.local_dir(stage.BASE)
     inputs, labels = token_blocks(TEXTS, AutoTokenizer.from_pretrained(base), 32)
     job = stage._job("ds", "zero2", inputs, labels, 2.0, ds, base, 1)
+    job.loop_config["reports"] = 2  # every report of several workers writes a checkpoint
     seen = {}
 
     def check(name, metrics, checkpoint):

@@ -42,6 +42,8 @@ class Plan:
     exit_layer: int | None = None
     passages: int = 0
     retries: int = 0                           # times a dead replica's request was sent again
+    batch_rows: int = 0                        # rows decoded in the same forward passes as this request
+    server_ms: float = 0.0                     # the whole request inside the router deployment
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("route", "retrieval", "compression", "load", "generate", "fuse"), 0.0))
 
@@ -51,6 +53,7 @@ class Plan:
         out["experts"] = list(self.experts)
         out["weights"] = {k: round(v, 4) for k, v in self.experts.items()}
         out["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
+        out["server_ms"] = round(self.server_ms, 3)
         return out
 
 
