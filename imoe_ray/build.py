@@ -13,6 +13,7 @@ from imoe_ray.corpus import stage as ingest
 from imoe_ray.discovery import stage as discover
 from imoe_ray.embedding import stage as embed
 from imoe_ray.experts import stage as experts
+from imoe_ray.fusion import stage as fusion
 from imoe_ray.routing import stage as router
 from imoe_ray.sharding import stage as shard
 from imoe_ray.store import StageManifest, Store
@@ -44,6 +45,9 @@ STAGES: tuple[Stage, ...] = (
           resumable=True),
     Stage("experts", ("experts", "pretrain.seq_len") + HELD_OUT, experts.run_experts,
           "one PEFT adapter per category, each a Ray Train job, in parallel; and the dense baseline", resumable=True),
+    Stage("summarizer", ("fusion", "pretrain.seq_len") + HELD_OUT, fusion.run,
+          "the summarizer: a LoRA adapter that grounds several experts' drafts in one answer (Ray Train)",
+          resumable=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

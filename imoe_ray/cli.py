@@ -65,14 +65,14 @@ def build(
     store: str = StoreOpt,
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text (default: text)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids (default: id); generated if absent."),
-    until: str = typer.Option("experts", "--until",
-                              help="Last stage to run: ingest, embed, discover, router, shard, base or experts."),
+    until: str = typer.Option("summarizer", "--until",
+                              help="Last stage to run: ingest, embed, discover, router, shard, base, experts or summarizer."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the pipeline: read → chunk → embed → discover categories → train the router → shard per category
-    → base LM → one expert adapter per category (and the dense baseline)."""
+    → base LM → one expert adapter per category (and the dense baseline) → the summarizer (fusion.summarizer)."""
     from imoe_ray.build import STAGE_NAMES, build as run_build
 
     if until not in STAGE_NAMES:
@@ -203,7 +203,7 @@ def sample_corpus(
 
 # The quickstart's smaller run (so that build + serve finish in under 10 minutes on 2 CPU cores);
 # `imoe build` with the defaults trains longer and gives the README's perplexity figures.
-QUICKSTART_SETTINGS = ["discovery.max_categories=8", "pretrain.epochs=2", "experts.epochs=2",
+QUICKSTART_SETTINGS = ["discovery.max_categories=6", "pretrain.epochs=2", "experts.epochs=2",
                        "experts.dense_baseline=false"]
 QUICKSTART_QUESTIONS = [
     "How do I plot a histogram with matplotlib and label the axes?",
@@ -248,7 +248,7 @@ def quickstart(
                   f"{scores['n_categories']} categories for {scores['n_labels']} domains, "
                   f"{scores['noise_fraction']:.1%} in no category")
     url = _start_serving(cfg, store, config, settings, port, None)
-    console.print(_ask(url, QUICKSTART_QUESTIONS))
+    console.print(_ask(url, QUICKSTART_QUESTIONS), crop=False)
     console.print(f"quickstart took {_time.perf_counter() - started:.0f}s; try: curl {url}/chat/completions "
                   f"-H 'Content-Type: application/json' -d '{{\"model\": \"imoe\", \"messages\": "
                   f"[{{\"role\": \"user\", \"content\": \"How do I read a CSV file?\"}}]}}'")
@@ -267,7 +267,8 @@ def _ask(url: str, questions: list[str]) -> Table:
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=1)
-    table = Table(title=f"sample questions → {url}", show_lines=True, width=max(console.width, 150))
+    table = Table(title=f"sample questions → {url}", show_lines=True,
+                  width=None if console.is_terminal else 150)  # a log file gets the whole table
     for column, ratio in (("question", 3), ("categories", 2), ("experts", 2), ("latency", 1), ("answer", 4)):
         table.add_column(column, overflow="fold", ratio=ratio)
     for question in questions:
@@ -436,6 +437,53 @@ def _lm_table(result: dict) -> Table:
     table.add_row("overall", str(result["texts"]), *[f"{result['perplexity'][m]:.2f}" for m in models], style="bold")
     if "ratio_to_dense" in result:
         table.add_row("÷ dense", "", *[f"{result['ratio_to_dense'].get(m, 1.0):.3f}" for m in models], style="bold")
+    return table
+
+
+@eval_app.command("summarizer")
+def eval_summarizer(
+    store: str = StoreOpt,
+    cases: Optional[int] = typer.Option(None, "--cases", min=1, help="Held-out fusion cases (default: fusion.eval_cases)."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=1, help="Longest generated answer, in LM tokens."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the JSON goes (default: "
+                                          "STORE/fusion/eval-summarizer.json); the plot goes beside it (.png)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="Print the table only, not the JSON."),
+) -> None:
+    """Does the summarizer ground a task draft and a constraint draft in one answer that obeys both? On held-out
+    synthetic cases: required terms present, length bound kept, faithfulness to the task, for the summarizer, the
+    base model on the same prompt, each draft alone, the best single draft and the concatenated drafts."""
+    from imoe_ray.evaluation.summarizer import evaluate_summarizer, plot_summarizer
+    from imoe_ray.store import Store
+
+    cfg = resolve_config(store, config, overrides)
+    s = Store(cfg.store)
+    result = evaluate_summarizer(s, cfg, cases, max_new_tokens, report=lambda m: console.print(m, highlight=False, markup=False))
+    if output is None:
+        output = s.local_path("fusion", "eval-summarizer.json") if s.is_local else Path("eval-summarizer.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(output)
+    plot_summarizer(result, output.with_suffix(".png"))
+    console.print(_summarizer_table(result))
+    console.print(f"wrote {output} and {output.with_suffix('.png')}")
+    if not quiet:
+        typer.echo(json.dumps(result, indent=2))
+
+
+def _summarizer_table(result: dict) -> Table:
+    from imoe_ray.evaluation.summarizer import LABELS, METRICS
+
+    table = Table(title=f"summarizer on {result['cases']} held-out fusion cases ({result['with_terms']} with required "
+                        f"terms, {result['with_length_bound']} with a length bound)")
+    table.add_column("answer")
+    for m in METRICS + ("reference_nll",):
+        table.add_column(m.replace("_", " "), justify="right")
+    for name, row in result["systems"].items():
+        table.add_row(LABELS[name], *["-" if row.get(m) is None else f"{row[m]:.3f}" for m in METRICS + ("reference_nll",)],
+                      style="bold" if name == "summarizer" else None)
     return table
 
 

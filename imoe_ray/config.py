@@ -157,16 +157,23 @@ class ExpertsConfig(_Section):
 class FusionConfig(_Section):
     """The summarizer: one more adapter on the base LM that grounds several experts' drafts in one answer."""
     summarizer: bool = Field(True, description="train the summarizer in the build (stage `summarizer`)")
-    examples: int = Field(1200, ge=8, description="synthetic training cases made from the shards' training rows")
+    examples: int = Field(4800, ge=8, description="synthetic training cases made from the shards' training rows "
+                                                  "(those longer than max_tokens are dropped)")
     eval_cases: int = Field(200, ge=1, description="held-out cases `imoe eval summarizer` makes")
     epochs: float = Field(2.0, gt=0, description="passes over the training cases")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(4e-3, gt=0)
     batch_size: int = Field(16, ge=1, description="cases per optimizer step")
-    r: int = Field(16, ge=1, description="LoRA rank of the summarizer (its adapter kind is experts.adapter)")
-    alpha: float = Field(32, gt=0)
-    max_words: tuple[int, int] = Field((10, 16), description="range of the length bounds a constraint draft sets")
-    question_words: tuple[int, int] = Field((6, 12), description="range of the synthetic questions' lengths, in words")
-    draft_words: int = Field(20, ge=4, description="length of a synthetic task draft, in words")
+    r: int = Field(64, ge=1, description="LoRA rank of the summarizer (always LoRA: what serving's adapter bank loads)")
+    alpha: float = Field(128, gt=0, description="LoRA scaling numerator")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="modules the adapter wraps (the attention: copying "
+                                                              "from the drafts is what it learns); a base LM with other "
+                                                              "names needs its own, or 'all-linear'")
+    max_tokens: int = Field(80, ge=16, description="longest training case in LM tokens (longer ones are dropped)")
+    max_words: tuple[int, int] = Field((8, 12), description="range of the length bounds a constraint draft sets")
+    question_words: tuple[int, int] = Field((4, 8), description="range of the synthetic questions' lengths, in words")
+    draft_words: int = Field(12, ge=4, description="length of a synthetic task draft, in words")
     cpus_per_worker: int | None = Field(None, ge=1, description="default: every CPU of the cluster")
     seed: int = 0
 

@@ -254,8 +254,7 @@ def test_route_experts_models_endpoints(server, client, served_store):
     ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, None),
     ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
     ('{"model": "no-such-expert", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
-    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "imoe": {"fusion": "summarizer", '
-     '"ensemble": true}}', 400, "imoe.fusion"),
+    ('{"model": "imoe", "messages": [{"role": "user", "content": "hi"}], "imoe": {"mode": "turbo"}}', 400, "imoe.mode"),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     r = requests.post(f"{server['url']}/chat/completions", data=body, headers={"Content-Type": "application/json"},
@@ -265,6 +264,21 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     assert error["message"] and error["type"] == "invalid_request_error"
     if param:
         assert error["param"] == param
+
+
+def test_summarizer_fusion_over_http(server, served_store):
+    """An ensemble fused by the summarizer: each expert drafts, the summarizer answers; a store
+    without a summarizer says so with a 400."""
+    body = {"model": "imoe", "max_tokens": 8, "messages": [{"role": "user", "content": "parse the xml file"}],
+            "imoe": {"ensemble": True, "top_k": 2, "fusion": "summarizer"}}
+    r = requests.post(f"{server['url']}/chat/completions", json=body, timeout=120)
+    if (served_store / "fusion" / "summarizer" / "adapter_config.json").exists():
+        assert r.status_code == 200, r.text
+        imoe = r.json()["imoe"]
+        assert imoe["fusion"] == "summarizer" and len(imoe["experts"]) == 2
+        assert imoe["timings_ms"]["fuse"] > 0
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "imoe.fusion"
 
 
 def test_over_long_prompt_is_a_400_naming_the_limit(client):
