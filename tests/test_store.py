@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -61,3 +63,13 @@ def test_uri_store(tmp_path):
     s = Store(f"file://{tmp_path}/u")
     s.write_json([1], "a.json")
     assert s.read_json("a.json") == [1] and s.is_local
+
+
+def test_a_relative_store_path_becomes_absolute(tmp_path, monkeypatch):
+    """Ray workers (Tune trials) run in another working directory: the URI they get must be absolute."""
+    monkeypatch.chdir(tmp_path)
+    store = Store("store")
+    assert store.uri == str(tmp_path / "store") and Path(store.uri).is_absolute()
+    monkeypatch.chdir("/")
+    Store(store.uri).write_json({"ok": 1}, "x.json")
+    assert (tmp_path / "store" / "x.json").is_file()

@@ -32,8 +32,9 @@ class Store:
     """Paths, atomic writes and reads relative to the store's root."""
 
     def __init__(self, uri: str | Path):
-        self.uri = str(uri)
-        self.fs, self.root, self.is_local = _split_uri(self.uri)
+        self.fs, self.root, self.is_local = _split_uri(str(uri))
+        # Absolute, so that Ray workers (whose working directory is not the caller's) find the same store.
+        self.uri = str(uri) if "://" in str(uri) else self.root
         self.fs.create_dir(self.root, recursive=True)
 
     def __repr__(self) -> str:
