@@ -173,7 +173,7 @@ class FusionConfig(_Section):
     max_tokens: int = Field(80, ge=16, description="longest training case in LM tokens (longer ones are dropped)")
     max_words: tuple[int, int] = Field((8, 12), description="range of the length bounds a constraint draft sets")
     question_words: tuple[int, int] = Field((4, 8), description="range of the synthetic questions' lengths, in words")
-    draft_words: int = Field(12, ge=4, description="length of a synthetic task draft, in words")
+    draft_words: int = Field(12, ge=2, description="length of a synthetic task draft, in words")
     cpus_per_worker: int | None = Field(None, ge=1, description="default: every CPU of the cluster")
     seed: int = 0
 

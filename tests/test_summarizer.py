@@ -31,8 +31,8 @@ TEXTS = {
 }
 # Small enough for the tiny test base (64-token context, 512-token vocabulary) and a few seconds of training.
 TINY_FUSION = ["fusion.summarizer=true", "fusion.examples=800", "fusion.epochs=1", "fusion.batch_size=8",
-               "fusion.r=4", "fusion.alpha=8", "fusion.draft_words=6", "fusion.question_words=[2,4]",
-               "fusion.max_words=[6,8]", "fusion.eval_cases=6"]
+               "fusion.r=4", "fusion.alpha=8", "fusion.draft_words=4", "fusion.question_words=[2,3]",
+               "fusion.max_words=[5,6]", "fusion.eval_cases=6"]  # the tiny LM reads 64 tokens
 
 
 # ---- plain library ---------------------------------------------------------------------------
@@ -184,7 +184,9 @@ def test_summarize_answers_from_drafts_and_a_rebuild_retrains_nothing(fused):
 
 def test_eval_summarizer_cli_writes_json_and_plot(fused, ray_session):
     cfg, store, _ = fused
-    done = subprocess.run([*IMOE, "eval", "summarizer", "--store", store.uri, "--cases", "6", "--max-new-tokens", "8"],
+    # The tiny LM reads 64 tokens and the expert names take ~15 each: the shortest drafts fit.
+    done = subprocess.run([*IMOE, "eval", "summarizer", "--store", store.uri, "--cases", "6", "--max-new-tokens", "8",
+                           "--set", "fusion.draft_words=2", "--set", "fusion.question_words=[1,1]"],
                           cwd=REPO, capture_output=True, text=True, env={**ray_session["env"], "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(store.uri) / "fusion" / "eval-summarizer.json"

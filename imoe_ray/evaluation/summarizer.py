@@ -87,7 +87,7 @@ def eval_cases(store: Store, cfg: Config, tokenizer, n: int, max_len: int) -> li
     if sum(bool(t) for t in texts.values()) < 2:
         raise StoreError("fewer than two experts have held-out chunks: no held-out fusion case can be made")
     # Candidates are cheap; many do not fit a small model's context, so make plenty.
-    cases = synthesize_cases(texts, 20 * n, f.seed + EVAL_SEED_OFFSET, words=f.max_words,
+    cases = synthesize_cases(texts, 200 * n, f.seed + EVAL_SEED_OFFSET, words=f.max_words,
                              question_words=f.question_words, draft_words=f.draft_words, kinds=EVAL_KINDS)
     return fits(tokenizer, cases, max_len)[:n]
 
@@ -103,7 +103,8 @@ def evaluate_summarizer(store: Store, cfg: Config, n_cases: int | None = None, m
     max_len = min(context_length(model), cfg.fusion.max_tokens)  # the training cases' length limit
     cases = eval_cases(store, cfg, tokenizer, n_cases or cfg.fusion.eval_cases, max_len)
     if not cases:
-        raise StoreError(f"no held-out fusion case fits {max_len} tokens (the held-out chunks are too short)")
+        raise StoreError(f"no held-out fusion case fits the summarizer's {max_len}-token limit: lower "
+                         f"fusion.draft_words, fusion.question_words or fusion.max_words")
     report(f"[eval] {len(cases)} held-out fusion cases; generating with the summarizer and the base model")
     prompts = [c.prompt for c in cases]
     answers = {"summarizer": generate(model, tokenizer, prompts, max_new_tokens)}
