@@ -29,6 +29,19 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(help="Measure a built store against held-out data.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+from imoe_ray.retrieval import cli as _retrieval_cli  # noqa: E402 - the knowledge bases' commands
+
+app.add_typer(_retrieval_cli.kb_app, name="kb")
+eval_app.command("retrieval")(_retrieval_cli.eval_retrieval)
+from imoe_ray.encoders import cli as _encoders_cli  # noqa: E402 - the MoE encoder's commands
+
+app.command("train-encoder")(_encoders_cli.train_encoder)
+eval_app.command("encoder")(_encoders_cli.eval_encoder)
+
+from imoe_ray.packaging import cli as _packaging_cli  # noqa: E402 - .expert packages and the registry
+
+app.add_typer(_packaging_cli.keys_app, name="keys")
+app.add_typer(_packaging_cli.experts_app, name="experts")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file.")
 SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set discovery.threshold=0.3 (repeatable).")
@@ -490,9 +503,10 @@ def _summarizer_table(result: dict) -> Table:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from imoe_ray.corpus.readers import CorpusError
     from imoe_ray.embedding.encoder import EncoderError
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
     from imoe_ray.store.store import StoreError
 
-    return ConfigError, CorpusError, EncoderError, StoreError, FileNotFoundError
+    return ConfigError, CorpusError, EncoderError, StoreError, FileNotFoundError, KnowledgeBaseError
 
 
 def main() -> None:

@@ -213,10 +213,70 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0, description="HTTP request timeout of the Serve proxy")
 
 
+class RetrievalConfig(_Section):
+    """Per-expert knowledge bases (LanceDB), prompt pre-compression and learning from answers."""
+    search: Literal["hybrid", "vector", "text"] = Field("hybrid", description="hybrid: vector and full-text fused by RRF")
+    k: int = Field(4, ge=1, description="passages retrieved per request")
+    candidates: int = Field(20, ge=1, description="hits per list (vector, text) before fusion")
+    rrf_k: int = Field(60, ge=1, description="k of reciprocal-rank fusion, 1/(k + rank)")
+    min_similarity: float = Field(0.2, ge=-1, le=1, description="relevance floor: cosine of passage and query")
+    compressor: Literal["selective", "filler", "none"] = Field(
+        "selective", description="'selective': drop the least surprising words under the base LM; 'filler': stop words only")
+    compression_ratio: float = Field(2.5, ge=1, description="target prompt tokens before / after compression")
+    min_compress_tokens: int = Field(48, ge=0, description="shorter prompts are not compressed")
+    learn: bool = Field(True, description="append (question, answer) of `optimized` requests to the experts' tables")
+    learn_max_chars: int = Field(4000, ge=16, description="longest learned row, in characters")
+
+
+class MoeEncoderConfig(_Section):
+    """`imoe train-encoder`: a sparse-MoE encoder upcycled from embedding.encoder, trained contrastively."""
+    n_experts: int = Field(4, ge=2, description="E: expert FFNs per MoE layer")
+    top_k: int = Field(1, ge=1, description="experts per token (gates: softmax over the chosen k)")
+    every: int = Field(2, ge=1, description="every n-th encoder layer becomes MoE (1: all)")
+    capacity_factor: float | None = Field(1.25, gt=0, description="expert capacity while training, x tokens*k/E; null: none")
+    noise: float = Field(0.01, ge=0, description="noise added to the expert copies, as a fraction of each weight's std")
+    aux_weight: float = Field(0.05, ge=0, description="weight of the load-balancing loss")
+    loss: Literal["infonce", "triplet", "contrastive"] = Field("infonce", description="infonce: in-batch negatives")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature")
+    margin: float = Field(0.3, ge=0, description="margin of the triplet and contrastive losses")
+    pairs: list[Literal["neighbours", "views"]] = Field(["views", "neighbours"], min_length=1,
+                                                      description="mined pairs: query-like view of a chunk, next chunk of its document")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(3e-5, gt=0)
+    router_lr: float = Field(1e-3, gt=0, description="learning rate of the routers (new weights)")
+    max_tokens: int = Field(128, ge=8, description="truncation length while training")
+    utilisation_chunks: int = Field(256, ge=1, description="training chunks encoded after training to record expert utilisation")
+    cpus: int | None = Field(None, ge=1, description="CPUs of the training worker; default: every CPU of the cluster")
+    seed: int = 0
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray")
     include_dashboard: bool = False
+
+
+class JobsConfig(_Section):
+    """The job queue (`/v1/jobs`): agents' jobs with priorities, preemption and durable records."""
+    slots: int = Field(2, ge=1, description="jobs generating at once; a higher-priority job preempts when all are busy")
+    step_tokens: int = Field(8, ge=1, description="tokens per generation step; jobs are preempted between steps")
+    max_tokens: int = Field(64, ge=1, description="completion length when a job does not say")
+    max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a job may ask for")
+    max_priority: int = Field(100, ge=0, description="priorities run from 0 to this (higher runs first)")
+    per_agent_limit: int = Field(0, ge=0, description="jobs one agent may have running at once; 0: no limit")
+    max_queued: int = Field(10_000, ge=1, description="unfinished jobs the queue accepts")
+    retention_s: float = Field(7 * 86400, gt=0, description="finished job records older than this are deleted at start")
+
+
+class PackagesConfig(_Section):
+    """`.expert` packages: who is trusted, and what an archive may hold (`imoe experts install`)."""
+    trusted_keys: list[str] = Field(default_factory=list,
+                                    description="ed25519 public keys trusted to sign packages: hex, base64 or key file paths")
+    allow_unsigned: bool = Field(False, description="install unsigned or untrusted packages (a bad signature is always refused)")
+    max_member_bytes: int = Field(2 << 30, ge=1, description="largest file an archive may hold")
+    max_members: int = Field(64, ge=2, description="most entries an archive may hold")
+    max_total_bytes: int = Field(4 << 30, ge=1, description="largest total unpacked size")
 
 
 class Config(_Section):
@@ -230,7 +290,11 @@ class Config(_Section):
     experts: ExpertsConfig = ExpertsConfig()
     fusion: FusionConfig = FusionConfig()
     serve: ServeConfig = ServeConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    moe_encoder: MoeEncoderConfig = MoeEncoderConfig()
     ray: RayConfig = RayConfig()
+    jobs: JobsConfig = JobsConfig()
+    packages: PackagesConfig = PackagesConfig()
 
     def fields_hash(self, *names: str) -> str:
         """A short stable hash of the named sections or dotted fields ("corpus", "embedding.encoder"),

@@ -32,8 +32,10 @@ from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.generation import Generated, GenerationRequest, collect
 from imoe_ray.serving.lora_bank import BASE
+from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
+from serve_apps.job_queue import JobQueue, add_job_routes
 
 log = logging.getLogger("ray.serve")
 STREAM_EVERY_S = 0.03          # how often a batch with streaming requests hands tokens back
@@ -229,10 +231,13 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+add_job_routes(api)  # /v1/jobs: forwarded to the JobQueue deployment (serve_apps/job_queue.py)
+
+
 @serve.deployment(name="Router")
 @serve.ingress(api)
 class Router:
-    def __init__(self, experts: DeploymentHandle, store: str, config: dict):
+    def __init__(self, experts: DeploymentHandle, store: str, config: dict, jobs: DeploymentHandle | None = None):
         from transformers import AutoTokenizer
 
         from imoe_ray.routing.stage import load_router
@@ -246,8 +251,14 @@ class Router:
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
         self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = installed_experts(self.store)
+        from imoe_ray.retrieval.serving import build_components
+
+        retriever, compressor, self.learner = build_components(store, cfg, threads=None)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
-                               self.settings.top_k or cfg.experts.top_k)
+                               self.settings.top_k or cfg.experts.top_k, retriever, compressor,
+                               cfg.retrieval.k, max(16, min(256, self.context // 4)))
+        self._learning: set[asyncio.Task] = set()
+        self._watch = ExpertsWatcher(self.store)  # experts installed or removed while running join / drain
         self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))
         self.route_ms = metrics.Histogram("imoe_routing_latency_ms", "routing latency (ms)",
                                           boundaries=[0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200])
@@ -261,6 +272,7 @@ class Router:
 
     @api.get("/v1/experts")
     async def list_experts(self) -> dict:
+        self._refresh()
         index = json.loads((self.store / "experts" / "index.json").read_text())
         rows = []
         for e in index["experts"]:
@@ -273,11 +285,13 @@ class Router:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
+        self._refresh()
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "imoe-ray"}
                                            for m in self.planner.models()]}
 
     @api.post("/v1/route")
     async def route(self, body: oa.RouteRequest) -> dict:
+        self._refresh()
         route = await asyncio.to_thread(self.planner.route, body.text, body.mode or self.settings.mode)
         self.route_ms.observe(route.latency_ms)
         return route.to_json()
@@ -296,6 +310,7 @@ class Router:
 
     # ---- the pipeline ----
     async def _complete(self, body, prompt: str, query: str, chat: bool):
+        self._refresh()
         arrived = time.perf_counter()
         self._queue(+1)
         try:
@@ -314,7 +329,25 @@ class Router:
             self._queue(-1)
         build = oa.chat_response if chat else oa.completion_response
         plan.server_ms = (time.perf_counter() - arrived) * 1000
-        return build(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe())
+        response = build(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe())
+        self._learn(query, text, plan, response["id"])
+        return response
+
+    def _refresh(self) -> None:
+        installed = self._watch.refresh(self.planner)
+        if installed is not None:
+            self.installed = installed
+
+    def _learn(self, question: str, answer: str, plan: Plan, request_id: str) -> None:
+        """Learning from answers (`optimized`): appended in the background, after the response."""
+        experts = [e for e in plan.experts if e not in (BASE, SUMMARIZER)]
+        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip():
+            return
+        task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id))
+        self._learning.add(task)
+        task.add_done_callback(lambda t: self._learning.discard(t) or (
+            not t.cancelled() and t.exception() and log.warning("learning from request %s failed: %r", request_id,
+                                                                t.exception())))
 
     async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
         if plan.fusion == SUMMARIZER:
@@ -467,7 +500,8 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus}, max_ongoing_requests=256,
                           graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
                           logging_config=_LOGGING).bind(
-        experts, store_dir, cfg.model_dump(mode="json"))
+        experts, store_dir, cfg.model_dump(mode="json"),
+        jobs=JobQueue.options(ray_actor_options={"num_cpus": 0}, logging_config=_LOGGING).bind(experts, store_dir, cfg.model_dump(mode="json")))
 
 
 def app(args: dict[str, str]):

@@ -25,7 +25,7 @@ IMOE = [sys.executable, "-m", "imoe_ray.cli"]
 
 def test_every_stage_completes_with_manifests(built):
     cfg, store, manifests = built
-    assert list(manifests) == ["ingest", "embed", "discover", "router", "shard", "base", "experts"]
+    assert list(manifests) == ["ingest", "embed", "discover", "router", "shard", "base", "experts", "summarizer"]
     assert all(m.complete and m.timings_s["total"] > 0 for m in manifests.values())
 
 

@@ -1,7 +1,8 @@
-"""The whole build submitted with the `ray job submit` CLI to a real local cluster."""
+"""The build submitted with the `ray job submit` CLI to a real local cluster."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +13,28 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def test_ray_job_submit_builds_the_store(ray_cluster, small_corpus, tmp_path):
+def test_ray_job_submit_builds_the_store(ray_cluster, built, tmp_path):
+    """The session's store without its shard stage: the job skips what is current and shards again
+    on the cluster (the whole build from scratch is what `built` does in-process)."""
+    cfg, source, _ = built
     store = tmp_path / "store"
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(f"corpus:\n  path: {small_corpus}\nembedding:\n  batch_size: 16\n")
+    shutil.copytree(source.uri, store, ignore=shutil.ignore_patterns("runs"))
+    for stale in ("shards", "kb", "manifests/shard.json"):
+        path = store / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    job_cfg = tmp_path / "job.yaml"
+    job_cfg.write_text(f"corpus:\n  path: {cfg.corpus.path}\n")
     out = subprocess.run(
         [RAY, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.build", "--config", str(cfg), "--store", str(store), "--until", "shard"],
+         "python", "-m", "jobs.build", "--config", str(job_cfg), "--store", str(store), "--until", "shard"],
         capture_output=True, text=True, timeout=900, env=ray_cluster["env"],
     )
+    log = out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "succeeded" in (out.stdout + out.stderr).lower()
+    assert "succeeded" in log.lower()
+    assert "[embed] up to date, skipped" in log and "[router] up to date, skipped" in log, log[-3000:]
+    assert "[shard] running" in log
     assignments = pq.read_table(store / "assignments.parquet")
     assert assignments.num_rows > 0 and "top_category" in assignments.column_names
     assert (store / "shards" / "index.json").exists() and (store / "kb").is_dir()
+    assert (store / "manifests" / "shard.json").exists()

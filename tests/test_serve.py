@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps, generate
+from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps
 from imoe_ray.serving.lora_bank import AdapterBank, AdapterError
 from imoe_ray.serving.model import ServingModel
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from imoe_ray.config import ConfigError, load_config
 from imoe_ray.evaluation.summarizer import score, unigram_f1

@@ -49,8 +49,10 @@ class Encoder:
             torch.set_num_threads(num_threads)
         path = resolve_encoder_path(name)
         try:
+            from imoe_ray.encoders.moe import is_moe_dir, load_moe  # a sparse-MoE encoder directory (issue 9)
+
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path)
+            self.model = load_moe(path) if is_moe_dir(path) else AutoModel.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise EncoderError(f"cannot load encoder {name!r} from {path}: {e}") from e
         self.device = _device(device)

@@ -214,7 +214,10 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
             report("[experts] dense baseline: up to date, skipped")
         else:
             jobs.append(_job("dense", key, inputs, labels, epochs, cfg, base_dir, len(plan)))
-    for stale in set(store.listdir(EXPERTS)) - set(plan) - {"index.json"}:
+    # Experts installed from `.expert` packages (`imoe experts install`) are not the build's: keep them.
+    previous = store.read_json(*INDEX) if store.exists(*INDEX) else {"experts": []}
+    installed = [e for e in previous.get("experts", []) if "package" in e and e["name"] not in plan]
+    for stale in set(store.listdir(EXPERTS)) - set(plan) - {"index.json"} - {e["name"] for e in installed}:
         store.remove(EXPERTS, stale)
 
     info = {n: {"categories": [n] + [a for a, b in aliases.items() if b == n], "rows": len(plan[n]),
@@ -231,7 +234,7 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
         wall = round(time.perf_counter() - started, 1)
     else:
         wall = 0.0
-    index = {"experts": [{"name": n, **info[n]} for n in plan], "aliases": aliases, "base_fingerprint": base_fp,
+    index = {"experts": [{"name": n, **info[n]} for n in plan] + installed, "aliases": aliases, "base_fingerprint": base_fp,
              "dense_baseline": "/".join(DENSE) if "dense" in targets else None}
     store.write_json(index, *INDEX)
     trained = {n: store.read_json(*targets[n], MANIFEST)["training"] for n in targets}

@@ -106,7 +106,8 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
                     settings, encoder, profiles)
     if store.exists(*EXTRA_EXPERTS):
         for p in store.read_json(*EXTRA_EXPERTS):
-            router.add_expert(ExpertProfile(**p))
+            if p.get("category") is not None or encoder is not None:  # joining by centroid needs the encoder
+                router.add_expert(ExpertProfile(**p))
     if store.exists(*EXPERTS_INDEX):  # categories too small for an expert are served by another (or the base)
         router.served_by = dict(store.read_json(*EXPERTS_INDEX).get("aliases", {}))
     return router

@@ -36,6 +36,16 @@ def installed_experts(store_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+def _identity(adapter_dir: Path) -> tuple[int, int] | None:
+    """Inode and mtime of an adapter's config: a registry that activates another version renames a
+    new directory into place, which changes both."""
+    try:
+        st = (adapter_dir / "adapter_config.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 class ServingModel:
     """The base LM, its tokenizer and the adapter bank; plain Python, used by the Serve replica,
     the benchmarks and the tests alike."""
@@ -52,20 +62,31 @@ class ServingModel:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=dtype).to(self.device).eval()
         self.bank = AdapterBank(self.model, capacity)
+        self.root = root
+        self._loaded_from: dict[str, tuple[int, int] | None] = {}  # expert → its files' identity when loaded
         self.experts = installed_experts(root)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def ensure(self, name: str) -> float:
-        """Make an expert resident; returns the milliseconds spent loading it (0 when it was)."""
-        if name == BASE or name in self.bank.resident:
-            if name != BASE:
-                self.bank.resident.move_to_end(name)
+        """Make an expert resident; returns the milliseconds spent loading it (0 when it was). A
+        resident expert whose directory was replaced (another version activated) is loaded again;
+        one that was removed is unknown from then on (requests already decoding finish)."""
+        if name == BASE:
             return 0.0
+        if name in self.bank.resident:
+            if name in self.experts and _identity(self.experts[name]) == self._loaded_from.get(name):
+                self.bank.resident.move_to_end(name)
+                return 0.0
+            self.bank.evict(name)
+            self.experts = installed_experts(self.root)
+        if name not in self.experts:
+            self.experts = installed_experts(self.root)  # installed since (`imoe experts install`)?
         if name not in self.experts:
             raise UnknownExpert(f"no expert named {name!r}; installed: {', '.join(sorted(self.experts))}")
         started = time.perf_counter()
         self.bank.load(name, self.experts[name])
+        self._loaded_from[name] = _identity(self.experts[name])
         return (time.perf_counter() - started) * 1000
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generated]:

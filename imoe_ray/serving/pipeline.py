@@ -22,11 +22,14 @@ SUMMARIZER = "summarizer"
 
 
 class Retriever(Protocol):
-    def retrieve(self, query: str, categories: list[str], k: int) -> list[str]: ...
+    """Passages (with `.text` and `.citation()`) of the categories' knowledge bases (all when none)."""
+    def retrieve(self, query: str, categories: list[str], k: int) -> list: ...
 
 
 class Compressor(Protocol):
-    def compress(self, query: str, passages: list[str], budget_tokens: int) -> str: ...
+    """[prompt, *passages] shortened (the query's key terms kept): `.question` is the prompt, `.context`
+    the passages within `budget_tokens`, `.ratio` tokens before / after."""
+    def compress(self, query: str, texts: list[str], budget_tokens: int | None): ...
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Plan:
     fallback: str | None = None
     exit_layer: int | None = None
     passages: int = 0
+    citations: list[dict] = field(default_factory=list)   # retrieved passages: chunk_id, table, score, ...
+    compression_ratio: float | None = None     # prompt tokens before / after compression
     retries: int = 0                           # times a dead replica's request was sent again
     batch_rows: int = 0                        # rows decoded in the same forward passes as this request
     server_ms: float = 0.0                     # the whole request inside the router deployment
@@ -81,8 +86,8 @@ class Planner:
             plan = Plan(model, mode, prompt, {model: 1.0})
         else:
             plan = self._routed(query, prompt, mode, options)
-        if mode == "optimized":
-            self._add_context(plan, query)
+        if mode in ("fast", "optimized"):
+            self._add_context(plan, query, retrieve=mode == "optimized")
         if len(plan.experts) > 1:
             plan.fusion = options.fusion or (SUMMARIZER if mode == "optimized" and SUMMARIZER in self.experts
                                              else "mixture")
@@ -116,21 +121,25 @@ class Planner:
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 
-    def _add_context(self, plan: Plan, query: str) -> None:
-        """Retrieval and compression slots: filled when the deployment was given the components."""
-        if self.retriever is None:
-            return
-        started = time.perf_counter()
-        passages = self.retriever.retrieve(query, plan.categories, self.retrieval_k)
-        plan.timings_ms["retrieval"] = (time.perf_counter() - started) * 1000
-        plan.passages = len(passages)
-        if not passages:
-            return
-        started = time.perf_counter()
-        context = (self.compressor.compress(query, passages, self.context_budget) if self.compressor
-                   else "\n".join(passages))
-        plan.timings_ms["compression"] = (time.perf_counter() - started) * 1000
-        plan.prompt = f"{context}\n\n{plan.prompt}"
+    def _add_context(self, plan: Plan, query: str, retrieve: bool = True) -> None:
+        """Retrieval (`optimized`) and compression (`fast`, `optimized`) slots: filled when the
+        deployment was given the components."""
+        passages = []
+        if retrieve and self.retriever is not None:
+            started = time.perf_counter()
+            found = self.retriever.retrieve(query, plan.categories or [e for e in plan.experts if e != BASE],
+                                            self.retrieval_k)
+            plan.timings_ms["retrieval"] = (time.perf_counter() - started) * 1000
+            plan.passages, plan.citations = len(found), [p.citation() for p in found]
+            passages = [p.text for p in found]
+        context = "\n".join(passages)
+        if self.compressor is not None:
+            started = time.perf_counter()
+            out = self.compressor.compress(query, [plan.prompt, *passages], self.context_budget)
+            plan.prompt, context, plan.compression_ratio = out.question, out.context, round(out.ratio, 3)
+            plan.timings_ms["compression"] = (time.perf_counter() - started) * 1000
+        if context:
+            plan.prompt = f"{context}\n\n{plan.prompt}"
 
 
 def chat_prompt(messages: list, tokenizer) -> tuple[str, str]:

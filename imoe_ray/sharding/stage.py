@@ -74,7 +74,8 @@ def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table)
     db = lancedb.connect(temp)
     for cid, name in names.items():
         rows = table.filter(in_category(table.column("categories"), cid))
-        db.create_table(name, data=rows.select(["chunk_id", "id", text, "embedding"]))
+        kb = db.create_table(name, data=rows.select(["chunk_id", "id", text, "embedding"]))
+        kb.create_fts_index(text, use_tantivy=False, replace=True)  # native BM25 index: hybrid search
     store.commit(temp, KB)
 
 

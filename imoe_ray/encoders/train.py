@@ -1,0 +1,131 @@
+"""Train the MoE encoder as a Ray Train job (one worker, a plain PyTorch loop) and save it at
+`STORE/encoders/moe` with its manifest (`imoe_moe.json`: settings, training metrics, utilisation).
+
+Only the training rows of the corpus are used (not the router's held-out split), so held-out
+retrieval judges text the encoder never saw.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from imoe_ray.config import Config
+from imoe_ray.store import Store
+
+ENCODERS, MOE = "encoders", "moe"
+MODEL_DIR = "model"
+
+
+def mine_pairs(store: Store, cfg: Config, tokenizer):
+    """The label-free pairs of the store's training chunks."""
+    from imoe_ray.encoders.contrastive import Pairs, neighbour_pairs, view_pairs
+    from imoe_ray.experts.stage import is_heldout
+
+    column = cfg.corpus.text_column
+    table = store.read_table("corpus", "chunks", columns=["id", "chunk_index", column])
+    rows = [(str(i), c, t) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_index").to_pylist(),
+                                                table.column(column).to_pylist()) if t and not is_heldout(i, cfg)]
+    if len(rows) < 2:
+        raise ValueError("fewer than 2 training chunks in the store: nothing to train the encoder on")
+    ids, index, texts = (list(x) for x in zip(*rows))
+    pairs = Pairs()
+    if "views" in cfg.moe_encoder.pairs:
+        rng = np.random.default_rng(cfg.moe_encoder.seed)
+        view_pairs(ids, texts, tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms, pairs)
+    if "neighbours" in cfg.moe_encoder.pairs:
+        neighbour_pairs(ids, index, texts, pairs)
+    return pairs, texts
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker: upcycle the dense encoder, train it on the pairs, report the saved model."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from imoe_ray.encoders.loop import embed, fit
+    from imoe_ray.encoders.moe import reset_utilisation, save_moe, upcycle, utilisation
+
+    m = config["moe"]
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(m["seed"])
+    device = ray.train.torch.get_device()
+    tokenizer = AutoTokenizer.from_pretrained(config["encoder_path"])
+    model = upcycle(AutoModel.from_pretrained(config["encoder_path"]), m["n_experts"], m["top_k"], m["every"],
+                    m["capacity_factor"], m["noise"], m["seed"]).to(device)
+
+    def progress(metrics: dict) -> None:
+        ray.train.report(metrics)
+        print(f"[encoder] step {metrics['step']}/{metrics['steps']}: loss {metrics['loss']:.3f}, "
+              f"balance loss {metrics['aux_loss']:.3f}", file=sys.stderr, flush=True)  # stdout: the CLI's JSON
+
+    metrics = fit(model, tokenizer, *config["pairs"], m, device, progress)
+    train_share = utilisation(model)
+    reset_utilisation(model)
+    with torch.inference_mode():  # inference utilisation: how the chunks themselves are routed
+        texts = config["sample_texts"]
+        for i in range(0, len(texts), 32):
+            embed(model, tokenizer, texts[i:i + 32], m["max_tokens"], device)
+    with tempfile.TemporaryDirectory() as d:
+        save_moe(model.cpu(), tokenizer, Path(d) / MODEL_DIR,
+                 extra={"settings": m, "base_encoder": config["encoder_name"], "metrics": metrics,
+                        "utilisation": utilisation(model), "train_utilisation": train_share})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def require_chunks(store: Store) -> None:
+    if not store.exists("corpus", "chunks"):
+        raise FileNotFoundError(f"{store.path('corpus', 'chunks')} does not exist: build the store first "
+                                f"(imoe build --corpus FILE --store {store.uri} --until ingest)")
+
+
+def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = print) -> dict:
+    """Mine pairs, run the Ray Train job, commit `STORE/encoders/moe`; returns its manifest."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from imoe_ray.embedding.encoder import resolve_encoder_path
+    from imoe_ray.encoders.moe import MOE_FILE
+    from imoe_ray.experts.parallel import cluster_cpus, cluster_gpus
+
+    require_chunks(store)
+    m = cfg.moe_encoder
+    path = resolve_encoder_path(cfg.embedding.encoder)
+    pairs, texts = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
+    report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))})")
+    cpus = m.cpus or max(1, int(cluster_cpus()))
+    rng = np.random.default_rng(m.seed)
+    sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]
+    use_gpu = cluster_gpus() >= 1
+    run_name = f"encoder-moe-{int(time.time())}"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"moe": m.model_dump(mode="json"), "encoder_path": path, "encoder_name": cfg.embedding.encoder,
+                           "pairs": (pairs.anchors, pairs.positives, pairs.groups), "sample_texts": sample,
+                           "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=run_name, storage_path=store.uri_of("runs")),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        manifest = json.loads((Path(d) / MODEL_DIR / MOE_FILE).read_text())
+        manifest["pair_kinds"] = {k: pairs.kinds.count(k) for k in sorted(set(pairs.kinds))}
+        manifest["metrics"]["wall_s"] = round(time.perf_counter() - started, 1)
+        (Path(d) / MODEL_DIR / MOE_FILE).write_text(json.dumps(manifest, indent=2))
+        store.put_dir(Path(d) / MODEL_DIR, ENCODERS, MOE)
+    store.remove("runs", run_name)  # the run's checkpoint is a full copy of the model
+    mt = manifest["metrics"]
+    report(f"[encoder] loss {mt['first_loss']:.3f} → {mt['loss']:.3f}, balance loss {mt['aux_loss']:.3f}; "
+           f"saved {store.path(ENCODERS, MOE)}")
+    return manifest

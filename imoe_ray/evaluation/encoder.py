@@ -1,0 +1,110 @@
+"""`imoe eval encoder`: the MoE encoder side by side with the dense encoder it came from.
+
+Held-out query→chunk retrieval: the queries are query-like views (prefix, sentence, key terms) of the
+store's held-out chunks (the router's test split, which no encoder trained on); each query's relevant
+item is its source chunk, searched by cosine among ALL the store's chunks. Reported per encoder:
+P@K, R@K, MRR@10, MAP, `encode_ms_per_passage` (all chunks, same batch size and threads), and for a
+MoE encoder the share of tokens each expert got while encoding the chunks (plus a bar plot).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imoe_ray.config import Config
+from imoe_ray.store import Store
+
+
+def heldout_view_queries(store: Store, cfg: Config, tokenizer, max_queries: int | None) -> tuple[list[str], list[set[str]], list[str]]:
+    """(queries, relevant chunk ids, view kinds) from the store's held-out chunks."""
+    from imoe_ray.experts.stage import heldout_texts
+    from imoe_ray.routing.views import chunk_views
+
+    texts, chunk_ids = heldout_texts(store, cfg)
+    if not texts:
+        raise ValueError("the store has no held-out chunks (router.test_fraction is 0?)")
+    rng = np.random.default_rng(cfg.router.seed)
+    views = chunk_views(texts, np.arange(len(texts)), tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms)
+    queries, relevant, kinds = views.texts, [{chunk_ids[int(i)]} for i in views.labels], views.kinds
+    if max_queries and len(queries) > max_queries:
+        pick = np.sort(rng.choice(len(queries), max_queries, replace=False))
+        queries, relevant, kinds = [queries[i] for i in pick], [relevant[i] for i in pick], [kinds[i] for i in pick]
+    return queries, relevant, kinds
+
+
+def evaluate_one(encoder, chunk_texts: list[str], chunk_ids: list[str], queries: list[str],
+                 relevant: list[set[str]], batch_size: int = 64) -> dict:
+    """Ranking metrics, encode cost and (MoE) utilisation of one loaded `Encoder`."""
+    from imoe_ray.encoders.moe import moe_layers, reset_utilisation, utilisation
+    from imoe_ray.retrieval.evaluate import ranking_metrics
+
+    is_moe = bool(moe_layers(encoder.model))
+    if is_moe:
+        reset_utilisation(encoder.model)
+    encoder.encode(chunk_texts[:batch_size], batch_size)  # warm-up: first-call allocations are not encode cost
+    if is_moe:
+        reset_utilisation(encoder.model)
+    started = time.perf_counter()
+    passages = encoder.encode(chunk_texts, batch_size)
+    ms = 1000 * (time.perf_counter() - started) / max(1, len(chunk_texts))
+    out: dict = {}
+    if is_moe:
+        out["utilisation"] = utilisation(encoder.model)
+        out["min_expert_share"] = min(min(layer["share"]) for layer in out["utilisation"])
+    q = encoder.encode(queries, batch_size)
+    top = np.argsort(-(q @ passages.T), axis=1)[:, :10]
+    ranked = [[chunk_ids[j] for j in row] for row in top]
+    return ranking_metrics(ranked, relevant) | {"encode_ms_per_passage": round(ms, 3)} | out
+
+
+def compare_encoders(store: Store, cfg: Config, moe: str, baseline: str | None = None,
+                     max_queries: int | None = 600, report=print) -> dict:
+    """The dense baseline (default: embedding.encoder) and `moe` on the same held-out queries."""
+    from imoe_ray.embedding.encoder import Encoder
+
+    column = cfg.corpus.text_column
+    table = store.read_table("corpus", "chunks", columns=["chunk_id", column])
+    chunk_texts, chunk_ids = table.column(column).to_pylist(), table.column("chunk_id").to_pylist()
+    result: dict = {"chunks": len(chunk_ids), "encoders": {}}
+    for name, path in (("dense", baseline or cfg.embedding.encoder), ("moe", moe)):
+        enc = Encoder(path, max_tokens=cfg.embedding.max_tokens, device="cpu", num_threads=cfg.embedding.num_threads)
+        if "queries" not in result:
+            queries, relevant, kinds = heldout_view_queries(store, cfg, enc.tokenizer, max_queries)
+            result["queries"] = len(queries)
+            result["views"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+        report(f"[eval encoder] {name}: {path} on {len(queries)} queries over {len(chunk_ids)} chunks")
+        result["encoders"][name] = {"encoder": path} | evaluate_one(enc, chunk_texts, chunk_ids, queries, relevant)
+    dense, sparse = result["encoders"]["dense"], result["encoders"]["moe"]
+    result["mrr@10_gain_points"] = round(100 * (sparse["mrr@10"] - dense["mrr@10"]), 2)
+    result["encode_cost_ratio"] = round(sparse["encode_ms_per_passage"] / max(dense["encode_ms_per_passage"], 1e-9), 3)
+    result["min_expert_share"] = sparse.get("min_expert_share")
+    return result
+
+
+def plot_utilisation(utilisation: list[dict], path: str | Path) -> None:
+    """One bar chart per MoE layer: the share of tokens each expert got (5% line = the target floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(utilisation), figsize=(3.2 * len(utilisation), 3.2), squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], utilisation):
+        share = layer["share"]
+        ax.bar(range(len(share)), share, color="tab:blue")
+        ax.axhline(1 / len(share), color="grey", linestyle="--", linewidth=1, label="uniform")
+        ax.axhline(0.05, color="tab:red", linestyle=":", linewidth=1, label="5% floor")
+        ax.set_title(f"layer {layer['layer']}")
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(len(share)))
+    axes[0][0].set_ylabel("share of tokens")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,212 @@
+"""`imoe keys generate` and `imoe experts package|sign|verify|install|list|remove|activate|info`
+(registered in imoe_ray/cli.py). A refused package exits with status 2 and one line saying why."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imoe_ray.packaging import PackageError
+
+console = Console(stderr=True)
+keys_app = typer.Typer(help="ed25519 keys that sign .expert packages.", no_args_is_help=True)
+experts_app = typer.Typer(help="Signed, versioned .expert packages and the store's registry.", no_args_is_help=True)
+StoreOpt = typer.Option("store", "--store", "-s", help="Store directory (built through the experts stage).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file.")
+SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set packages.allow_unsigned=true (repeatable).")
+
+
+def _refusals(fn):
+    """A PackageError becomes `error: ...` and exit status 2 (the install contract: non-zero when refused)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PackageError as e:
+            raise Refused(str(e)) from None
+    return wrapper
+
+
+class Refused(click.ClickException):
+    """Shown as `Error: ...` with exit status 2 by `imoe`'s main (a typer.Exit would be swallowed there)."""
+    exit_code = 2
+
+
+def _packages_cfg(store: str | None, config: Optional[Path], overrides: Optional[list[str]]):
+    from imoe_ray.config import load_config, store_config
+
+    cfg = store_config(store, config, overrides) if store else load_config(config, overrides)
+    return cfg.packages
+
+
+def _registry(store: str, config: Optional[Path], overrides: Optional[list[str]]):
+    from imoe_ray.packaging.registry import Registry
+
+    if not Path(store).is_dir():
+        raise PackageError(f"store {store} does not exist")
+    return Registry(store, _packages_cfg(store, config, overrides))
+
+
+@keys_app.command("generate")
+@_refusals
+def keys_generate(out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for imoe-expert.key / .pub.")) -> None:
+    """Generate an ed25519 key pair: the private key (mode 0600) and the public key to share."""
+    from imoe_ray.packaging.signing import generate_keys
+
+    private, public = generate_keys(out)
+    console.print(f"private key {private} (keep it secret), public key {public}: {public.read_text().strip()}")
+    print(public.read_text().strip())
+
+
+@experts_app.command("package")
+@_refusals
+def package(name: str = typer.Argument(..., help="The expert in STORE/experts/NAME."),
+            store: str = StoreOpt,
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Archive to write (default NAME-VERSION.expert)."),
+            version: str = typer.Option("1.0.0", "--version", help="Semantic version of the package."),
+            new_name: Optional[str] = typer.Option(None, "--name", help="Publish under another name."),
+            description: str = typer.Option("", "--description", help="What the expert knows."),
+            license: str = typer.Option("unspecified", "--license", help="License of the weights.")) -> None:
+    """Write a trained expert as an (unsigned) .expert archive; sign it with `imoe experts sign`."""
+    from imoe_ray.packaging.registry import package_expert
+
+    path, m = package_expert(store, name, version, out, new_name, description, license)
+    console.print(f"packaged {m.name} {m.version} ({len(m.files)} files) → {path}")
+    print(path)
+
+
+@experts_app.command("sign")
+@_refusals
+def sign(package: Path = typer.Argument(..., help=".expert archive or package directory."),
+         key: Path = typer.Option(..., "--key", "-k", help="Private key file (imoe keys generate).")) -> None:
+    """Sign a package's manifest (which holds every file's sha256) with an ed25519 key."""
+    import tempfile
+
+    from imoe_ray.packaging.archive import resign, unpack
+    from imoe_ray.packaging.signing import load_signing_key, sign as sign_manifest
+
+    signing_key = load_signing_key(key)
+    with tempfile.TemporaryDirectory() as d:
+        manifest = unpack(package, Path(d)).manifest
+    signature = sign_manifest(manifest, signing_key)
+    resign(package, signature)
+    console.print(f"signed {manifest.name} {manifest.version} with key {signature.key}")
+
+
+@experts_app.command("verify")
+@_refusals
+def verify(package: Path = typer.Argument(..., help=".expert archive or package directory."),
+           store: Optional[str] = typer.Option(None, "--store", "-s", help="Also check base-model compatibility with this store."),
+           config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Check a package without installing it: layout, hashes, signature and trust (and the store's base).
+    Exit 0 only when it would install without --allow-unsigned."""
+    import tempfile
+
+    from imoe_ray.packaging.archive import Limits, unpack
+    from imoe_ray.packaging.registry import Registry
+    from imoe_ray.packaging.signing import trust_status
+
+    cfg = _packages_cfg(store, config, overrides)
+    with tempfile.TemporaryDirectory() as d:
+        unpacked = unpack(package, Path(d), Limits.of(cfg))
+    m = unpacked.manifest
+    trust = trust_status(m, unpacked.signature, cfg.trusted_keys)
+    signer = unpacked.signature.key if unpacked.signature else "-"
+    console.print(f"{m.name} {m.version}: {len(m.files)} files match their sha256; signature: {trust} (key {signer})")
+    if store:
+        ours = Registry(store, cfg).base_fingerprint()
+        if ours != m.base_model.fingerprint:
+            raise PackageError(f"base model mismatch: the package needs fingerprint {m.base_model.fingerprint}, "
+                               f"the store's base model has {ours}")
+        console.print("base model: compatible with the store")
+    if trust != "trusted":
+        raise PackageError(f"{package} is {trust}: not installable without --allow-unsigned")
+
+
+@experts_app.command("install")
+@_refusals
+def install(source: str = typer.Argument(..., help="A .expert archive, a package directory, or a git URL."),
+            store: str = StoreOpt,
+            allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Install unsigned or untrusted packages."),
+            name: Optional[str] = typer.Option(None, "--name", help="Which package, when a directory or repository holds several."),
+            config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Verify and install a package into the store's registry and make it the active version: a running
+    server picks it up without a restart. Exit status 2 when refused."""
+    registry = _registry(store, config, overrides)
+    row = registry.install(source, allow_unsigned or None, name)
+    console.print(f"installed {row.name} {row.version} (category {row.category!r}, {row.size:,} bytes, signature "
+                  f"{row.trust}) → {row.path}; active as experts/{row.name}")
+
+
+@experts_app.command("list")
+@_refusals
+def list_(store: str = StoreOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+          config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """The installed packages: name, version, category, size, signer, base compatibility, active."""
+    from imoe_ray.packaging.registry import as_dict
+
+    rows = _registry(store, config, overrides).list()
+    if as_json:
+        for r in rows:
+            print(json.dumps(as_dict(r)))
+        return
+    table = Table(title=f"{len(rows)} package version(s) in {Path(store) / 'registry'}")
+    for col in ("name", "version", "category", "size", "signer", "base", "active"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for r in rows:
+        table.add_row(r.name, r.version, r.category, f"{r.size / 1e6:.2f} MB", f"{r.signer} ({r.trust})",
+                      "compatible" if r.compatible else "MISMATCH", "yes" if r.active else "")
+    Console().print(table)
+
+
+@experts_app.command("remove")
+@_refusals
+def remove(name: str = typer.Argument(...), store: str = StoreOpt,
+           version: Optional[str] = typer.Option(None, "--version", help="Only this version (default: all)."),
+           config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Remove an installed package (the active version is drained: no new requests, running ones finish)."""
+    removed = _registry(store, config, overrides).remove(name, version)
+    console.print(f"removed {name} {', '.join(removed)}")
+
+
+@experts_app.command("activate")
+@_refusals
+def activate(name: str = typer.Argument(...), version: str = typer.Argument(...), store: str = StoreOpt,
+             config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Make another installed version of NAME the active one."""
+    _registry(store, config, overrides).activate(name, version)
+    console.print(f"{name} {version} is active")
+
+
+@experts_app.command("info")
+@_refusals
+def info(target: str = typer.Argument(..., help="An installed package's name (with --store) or a .expert file."),
+         store: str = StoreOpt, version: Optional[str] = typer.Option(None, "--version"),
+         config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Print a package's manifest (centroid shortened) and its signature as JSON."""
+    import tempfile
+
+    from imoe_ray.packaging.archive import unpack
+
+    path = Path(target)
+    if path.exists():
+        with tempfile.TemporaryDirectory() as d:
+            unpacked = unpack(path, Path(d))
+            data = unpacked.manifest.model_dump(mode="json")
+            data["signature"] = unpacked.signature.to_json() if unpacked.signature else None
+    else:
+        registry = _registry(store, config, overrides)
+        data = registry.manifest(target, version).model_dump(mode="json")
+        data["installed"] = {"versions": registry.versions(target), "active": registry.active_version(target)}
+    centroid = data["routing"]["centroid"]
+    data["routing"]["centroid"] = f"[{len(centroid)} floats]"
+    json.dump(data, sys.stdout, indent=2)
+    print()

@@ -1,0 +1,127 @@
+"""The package manifest: what a `.expert` archive claims about its adapter, checked at install.
+
+`canonical()` is the byte string that signatures cover; it holds the sha256 of every file, so a
+valid signature vouches for the adapter weights too. The JSON schema in `schema/` is generated
+from this model (`python -m imoe_ray.packaging.manifest`), and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imoe_ray.packaging import PackageError
+
+FORMAT = "imoe-expert/1"
+SCHEMA_PATH = Path(__file__).parent / "schema" / "expert-manifest.schema.json"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# semver.org 2.0.0, the official regular expression
+SEMVER_PATTERN = (r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)"
+                  r"(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ADAPTER_DIR = "adapter"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Category(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
+
+
+class Routing(_Strict):
+    keywords: list[str] = Field(default_factory=list, max_length=200)
+    centroid: list[float] = Field(min_length=1, max_length=8192,
+                                  description="the category's mean embedding: how the router places it")
+    priority: float = 0.0
+
+
+class BaseModelRef(_Strict):
+    id: str = Field(min_length=1, description="the base model's name (HF id, path, or store:base)")
+    fingerprint: str = Field(pattern=SHA256_PATTERN, description="sha256 fingerprint of the base model's weights")
+
+
+class Adapter(_Strict):
+    type: Literal["lora", "dora", "ia3"]
+    rank: int | None = Field(None, ge=1)
+    settings: dict[str, str | int | float | bool | list[str] | None] = Field(default_factory=dict)
+
+
+class Training(_Strict):
+    rows: int | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=0)
+    categories: list[str] = Field(default_factory=list)
+    metrics: dict[str, float | int | None] = Field(default_factory=dict)
+
+
+class PackageManifest(_Strict):
+    format: Literal["imoe-expert/1"] = FORMAT
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN)
+    category: Category
+    routing: Routing
+    base_model: BaseModelRef
+    adapter: Adapter
+    training: Training = Training()
+    license: str = Field("unspecified", min_length=1, max_length=200)
+    created_at: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    files: dict[str, str] = Field(min_length=1, description="path inside the package → sha256 of its bytes")
+
+    def canonical(self) -> bytes:
+        """The bytes a signature covers: sorted keys, no whitespace."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+    @classmethod
+    def parse(cls, raw: bytes | str, where: str = "manifest.json") -> "PackageManifest":
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PackageError(f"{where} is not valid JSON: {e}") from None
+        try:
+            manifest = cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: {x['msg']}" for x in e.errors()[:8])
+            raise PackageError(f"{where} is not a valid expert manifest: {problems}") from None
+        for path, digest in manifest.files.items():
+            if not path.startswith(f"{ADAPTER_DIR}/") or "/" in path[len(ADAPTER_DIR) + 1:] or not _is_sha256(digest):
+                raise PackageError(f"{where}: file entry {path!r} must be adapter/<file> with a sha256 hex digest")
+        return manifest
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_schema() -> dict:
+    schema = PackageManifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://imoe-ray/schemas/expert-manifest.schema.json"
+    return schema
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_schema())

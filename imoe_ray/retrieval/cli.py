@@ -1,0 +1,115 @@
+"""CLI of the knowledge bases: `imoe kb list|remove` and `imoe eval retrieval` (registered in imoe_ray/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+kb_app = typer.Typer(help="The experts' knowledge bases (LanceDB): learned rows.", no_args_is_help=True)
+StoreOpt = typer.Option("store", "--store", "-s", help="Store directory (built through the shard stage).")
+
+
+def _open(store: str):
+    from imoe_ray.config import store_config
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBase
+
+    cfg = store_config(store)
+
+    def no_encoder(_texts):  # listing and removing never embed
+        raise RuntimeError("this command does not encode text")
+
+    return KnowledgeBase(Path(store) / "kb", no_encoder, cfg.corpus.text_column)
+
+
+def _tables(store: str, kb, expert: str | None) -> list[str | None]:
+    """The tables of an expert (its categories) or of one category; [None]: every table."""
+    from imoe_ray.retrieval.serving import expert_categories
+
+    if expert is None:
+        return [None]
+    tables = [t for t in expert_categories(store).get(expert, []) if t in kb.names()]
+    if not tables:
+        kb.table(expert)  # a category's table; raises when there is none, with the names there are
+        tables = [expert]
+    return tables
+
+
+@kb_app.command("list")
+def kb_list(store: str = StoreOpt,
+            expert: Optional[str] = typer.Option(None, "--expert", help="Only this expert's tables (its categories), or one category's."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table.")) -> None:
+    """List the rows learned from answers (id, table, request, time, text)."""
+    from imoe_ray.retrieval.learning import list_learned
+
+    kb = _open(store)
+    rows = [r for table in _tables(store, kb, expert) for r in list_learned(kb, table)]
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r))
+        return
+    table = Table(title=f"{len(rows)} learned rows")
+    for col in ("id", "table", "request", "time"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("text")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"])) if r["created_at"] else ""
+        table.add_row(r["chunk_id"], r["table"], r["request_id"] or "", when, (r["text"] or "")[:80].replace("\n", " "))
+    Console().print(table)
+
+
+@kb_app.command("remove")
+def kb_remove(ids: list[str] = typer.Argument(..., help="Learned row ids (learned-…), as `imoe kb list` shows them."),
+              store: str = StoreOpt,
+              expert: Optional[str] = typer.Option(None, "--expert", help="Only from this expert's tables (its categories), or one category's.")) -> None:
+    """Remove learned rows (from every table that holds them); corpus rows cannot be removed."""
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
+    from imoe_ray.retrieval.learning import remove_learned
+
+    kb = _open(store)
+    removed: dict[str, int] = dict.fromkeys(ids, 0)
+    for table in _tables(store, kb, expert):
+        for i, n in remove_learned(kb, ids, table).items():
+            removed[i] += n
+    missing = [i for i, n in removed.items() if n == 0]
+    for i, n in removed.items():
+        if n:
+            console.print(f"removed {i} from {n} table(s)")
+    if missing:
+        raise KnowledgeBaseError(f"no learned row with id {', '.join(missing)} (see `imoe kb list`)")
+
+
+def eval_retrieval(
+    store: str = StoreOpt,
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out corpus file (rows with the store's ids); "
+                                          "default: the store's own held-out split."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --heldout (default: the corpus's)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Query encoder (HF dir or id); the knowledge base "
+                                          "is embedded again with it. Default: the store's encoder."),
+    max_queries: int = typer.Option(300, "--max-queries", min=1, help="Held-out query views evaluated."),
+    compression_queries: int = typer.Option(100, "--compression-queries", min=0, help="Prompts compressed (0: skip)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON here."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML configuration file."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override one setting (repeatable)."),
+) -> None:
+    """Retrieval quality (P@K, R@K, MRR@10, MAP for vector, text, hybrid) on held-out query views whose
+    relevant item is their source chunk, and compression (selective vs filler baseline): ratio and R@5 kept."""
+    from imoe_ray.config import store_config
+    from imoe_ray.retrieval.evaluate import evaluate_retrieval
+    from imoe_ray.store import Store
+
+    cfg = store_config(store, config, overrides)
+    result = evaluate_retrieval(Store(store), cfg, heldout, text_column, encoder, max_queries, compression_queries,
+                                report=lambda m: console.print(m, highlight=False, markup=False))
+    text = json.dumps(result, indent=2)
+    if output:
+        tmp = output.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(output)
+    typer.echo(text)

@@ -1,0 +1,202 @@
+"""`imoe eval retrieval`: P@K, R@K, MRR@10 and MAP of vector, full-text and hybrid search over the
+store's knowledge bases, on held-out query-like views (a prefix, a sentence, key terms: the router's
+views) whose relevant item is their source chunk; and what prompt compression keeps.
+
+Compression is judged on the prompt a request would get: the query and its top-`pool` hybrid
+passages. Each compressor (selective, filler baseline) shortens that prompt; the compressed passages
+are re-indexed (a temporary LanceDB table, one pool per query) and searched again, hybrid, with the
+compressed query. `r@5_retained` is the compressed R@5 over the uncompressed R@5 of the same
+procedure on the same pools (so the pool itself is not what is measured).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from imoe_ray.config import Config
+from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
+from imoe_ray.store import Store
+
+KS = (1, 5, 10)
+MODES = ("vector", "text", "hybrid")
+
+
+def ranking_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
+    """P@k, R@k (k = 1, 5, 10), MRR@10 and MAP (over the top 10) of ranked id lists."""
+    out: dict[str, float] = {}
+    n = max(len(ranked), 1)
+    for k in KS:
+        out[f"p@{k}"] = sum(len(set(r[:k]) & rel) / k for r, rel in zip(ranked, relevant)) / n
+        out[f"r@{k}"] = sum(len(set(r[:k]) & rel) / max(len(rel), 1) for r, rel in zip(ranked, relevant)) / n
+    mrr = ap = 0.0
+    for r, rel in zip(ranked, relevant):
+        hits = 0
+        first = next((i for i, c in enumerate(r[:10], 1) if c in rel), None)
+        mrr += 1.0 / first if first else 0.0
+        precision_sum = 0.0
+        for i, c in enumerate(r[:10], 1):
+            if c in rel:
+                hits += 1
+                precision_sum += hits / i
+        ap += precision_sum / max(min(len(rel), 10), 1)
+    out["mrr@10"], out["map"] = mrr / n, ap / n
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def kb_chunks(kb: KnowledgeBase) -> dict[str, set[str]]:
+    """Input row id → the chunk ids the knowledge base holds for it."""
+    out: dict[str, set[str]] = {}
+    for name in kb.names():
+        t = kb.table(name).to_arrow().select(["chunk_id", "id"])
+        for cid, rid in zip(t.column("chunk_id").to_pylist(), t.column("id").to_pylist()):
+            out.setdefault(str(rid), set()).add(cid)
+    return out
+
+
+def heldout_queries(store: Store, cfg: Config, kb: KnowledgeBase, heldout: str | None, text_column: str | None,
+                    max_queries: int | None, tokenizer) -> tuple[list[str], list[set[str]], list[str]]:
+    """(queries, relevant chunk ids, kind of view). Default: the store's held-out chunks (the router's
+    test rows), each chunk's views relevant to that chunk; with a file: its rows' views, relevant to the
+    knowledge base's chunks of the same row id (rows the store does not hold are skipped)."""
+    from imoe_ray.routing.views import chunk_views
+
+    if heldout:
+        from imoe_ray.corpus.readers import read_corpus_table
+
+        column = text_column or cfg.corpus.text_column
+        table = read_corpus_table(heldout, text_column=column, id_column=cfg.corpus.id_column)
+        by_id = kb_chunks(kb)
+        rows = [(t, by_id[str(i)]) for t, i in zip(table.column(column).to_pylist(), table.column("id").to_pylist())
+                if str(i) in by_id]
+        if not rows:
+            raise KnowledgeBaseError(f"no row of {heldout} is in the store's knowledge base (matched by id): "
+                                     f"nothing to retrieve; pass held-out rows of the corpus the store was built from")
+    else:
+        from imoe_ray.experts.stage import heldout_texts
+
+        texts, chunk_ids = heldout_texts(store, cfg)
+        rows = [(t, {c}) for t, c in zip(texts, chunk_ids)]
+        if not rows:
+            raise KnowledgeBaseError("the store has no held-out chunks (router.test_fraction is 0?): pass --heldout")
+    rng = np.random.default_rng(cfg.router.seed)
+    order = rng.permutation(len(rows))
+    texts, relevant = [rows[i][0] for i in order], [rows[i][1] for i in order]
+    views = chunk_views(texts, np.arange(len(texts)), tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms)
+    queries, rel, kinds = views.texts, [relevant[i] for i in views.labels], views.kinds
+    if max_queries and len(queries) > max_queries:
+        pick = np.sort(rng.choice(len(queries), max_queries, replace=False))
+        queries, rel, kinds = [queries[i] for i in pick], [rel[i] for i in pick], [kinds[i] for i in pick]
+    return queries, rel, kinds
+
+
+def reembedded(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], directory: Path) -> KnowledgeBase:
+    """A copy of the knowledge base with every passage embedded again by another encoder."""
+    import lancedb
+
+    db = lancedb.connect(str(directory))
+    for name in kb.names():
+        t = kb.table(name).to_arrow()
+        vectors = embed(t.column(kb.text_column).to_pylist())
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+        db.create_table(name, data=t.set_column(t.schema.get_field_index("embedding"), "embedding", column))
+    return KnowledgeBase(directory, embed, kb.text_column)
+
+
+def encode_ms_per_passage(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], n: int = 256) -> float:
+    """The encoder's cost on the store's own passages (up to `n`, batches of 64, after a warm-up batch)."""
+    texts: list[str] = []
+    for name in kb.names():
+        texts += kb.table(name).to_arrow().column(kb.text_column).to_pylist()[: n - len(texts)]
+        if len(texts) >= n:
+            break
+    if not texts:
+        return 0.0
+    embed(texts[:8])
+    started = time.perf_counter()
+    embed(texts)
+    return round(1000 * (time.perf_counter() - started) / len(texts), 3)
+
+
+def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, text_column: str | None = None,
+                       encoder: str | None = None, max_queries: int | None = 300, compression_queries: int = 100,
+                       pool: int = 10, report: Callable[[str], None] = print) -> dict:
+    from imoe_ray.compression.filler import FillerCompressor
+    from imoe_ray.compression.selective import SelectiveCompressor
+    from imoe_ray.embedding.encoder import Encoder
+
+    rc = cfg.retrieval
+    enc = Encoder(encoder or cfg.embedding.encoder, max_tokens=cfg.embedding.max_tokens, device="cpu")
+    def embed(texts: list[str]) -> np.ndarray:
+        return enc.encode(texts, batch_size=64)
+
+    kb = KnowledgeBase(Path(store.local_path("kb")), embed, cfg.corpus.text_column)
+    with tempfile.TemporaryDirectory(prefix="imoe-eval-kb-") as tmp:
+        if encoder:
+            report(f"re-embedding the knowledge base with {encoder}")
+            kb = reembedded(kb, embed, Path(tmp) / "kb")
+        queries, relevant, kinds = heldout_queries(store, cfg, kb, heldout, text_column, max_queries, enc.tokenizer)
+        report(f"{len(queries)} held-out queries over {len(kb.names())} knowledge-base tables")
+        vectors = embed(queries)
+        result: dict = {"queries": len(queries), "views": {k: kinds.count(k) for k in sorted(set(kinds))},
+                        "tables": len(kb.names()), "encoder": encoder or cfg.embedding.encoder,
+                        "encode_ms_per_passage": encode_ms_per_passage(kb, embed)}
+        hybrid_hits = []
+        for mode in MODES:
+            hits = [kb.search(q, k=max(10, pool), mode=mode, candidates=max(rc.candidates, 10), rrf_k=rc.rrf_k, vector=v)
+                    for q, v in zip(queries, vectors)]
+            result[mode] = ranking_metrics([[p.chunk_id for p in h] for h in hits], relevant)
+            if mode == "hybrid":
+                hybrid_hits = hits
+        n = min(compression_queries, len(queries))
+        if n and store.exists("base", "config.json"):
+            selective = SelectiveCompressor(store.local_path("base"))
+            filler = FillerCompressor(selective.count)
+            prompts = [(queries[i], [p.text for p in hybrid_hits[i][:pool]], [p.chunk_id for p in hybrid_hits[i][:pool]])
+                       for i in range(n)]
+            report(f"compression: {n} prompts of a query and its top-{pool} passages")
+            plain = _pool_recall(prompts, prompts, relevant[:n], embed, Path(tmp) / "pools-none", rc.rrf_k)
+            for key, compressor in (("compression", selective), ("compression_baseline", filler)):
+                out = [compressor.reduce(q, passages, rc.compression_ratio) for q, passages, _ in prompts]
+                squeezed = [(c.question, c.passages, ids) for c, (_, _, ids) in zip(out, prompts)]
+                r5 = _pool_recall(prompts, squeezed, relevant[:n], embed, Path(tmp) / f"pools-{key}", rc.rrf_k)
+                original, kept = sum(c.original_tokens for c in out), sum(c.compressed_tokens for c in out)
+                result[key] = {"method": "selective" if compressor is selective else "filler",
+                               "ratio": round(original / max(kept, 1), 3), "r@5_retained": round(r5 / plain, 4) if plain else None,
+                               "r@5": round(r5, 4), "r@5_uncompressed": round(plain, 4), "prompts": n,
+                               "original_tokens": original, "compressed_tokens": kept}
+        else:
+            report("compression not measured: " + ("--compression-queries is 0" if not n else
+                                                   "the store has no base model (`imoe build --until base`)"))
+            for key in ("compression", "compression_baseline"):
+                result[key] = {"ratio": None, "r@5_retained": None, "prompts": 0}
+    return result
+
+
+def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed, directory: Path, rrf_k: int) -> float:
+    """R@5 of hybrid search, within each query's own pool of (possibly compressed) passages."""
+    import lancedb
+
+    rows = {"chunk_id": [], "id": [], "text": [], "pool": []}
+    for i, (_, passages, ids) in enumerate(prompts):
+        for text, cid in zip(passages, ids):
+            rows["chunk_id"].append(cid)
+            rows["id"].append(cid)
+            rows["text"].append(text or " ")
+            rows["pool"].append(i)
+    if not rows["text"]:
+        return 0.0
+    vectors = embed(rows["text"])
+    table = pa.table(rows).append_column(
+        "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+    lancedb.connect(str(directory)).create_table("pools", data=table)
+    kb = KnowledgeBase(directory, embed, "text")
+    query_vectors = embed([q or " " for q, _, _ in prompts])
+    ranked = [[p.chunk_id for p in kb.search(q, k=5, mode="hybrid", where=f"pool = {i}", rrf_k=rrf_k, vector=v)]
+              for i, ((q, _, _), v) in enumerate(zip(prompts, query_vectors))]
+    return ranking_metrics(ranked, relevant)["r@5"]

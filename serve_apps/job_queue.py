@@ -1,0 +1,282 @@
+"""The JobQueue deployment (one replica: it owns the schedule) and the `/v1/jobs` routes that the
+Router ingress serves on the same port and forwards here.
+
+Each of `jobs.slots` workers takes the next job and runs it step by step (`jobs.step_tokens` tokens
+per `Experts.generate` call, from prompt + the tokens so far); between steps the job's record is
+saved and the scheduler may pause it for a job that outranks it. A job that outranks a running one
+while every slot is busy starts at once in an extra slot, and the victim yields at its next step
+boundary, so an urgent job's first token does not wait for anyone's step to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import AsyncIterator
+
+import ray
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+
+from imoe_ray.config import Config
+from imoe_ray.job_queue.api import JobRequest
+from imoe_ray.job_queue.preemption import step_request
+from imoe_ray.job_queue.queue import FINISHED, JobQueueCore
+from imoe_ray.job_queue.records import JobRecord
+from imoe_ray.serving import openai_api as oa
+
+log = logging.getLogger("ray.serve")
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@serve.deployment(name="JobQueue", num_replicas=1, max_ongoing_requests=1000)
+class JobQueue:
+    async def __init__(self, experts: DeploymentHandle, store: str, config: dict):
+        from transformers import AutoTokenizer
+
+        from imoe_ray.serving.model import installed_experts
+
+        cfg = Config.model_validate(config)
+        self.cfg, self.store_dir, self.settings, self.experts = cfg, store, cfg.jobs, experts
+        root = Path(store)
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "base")
+        self.context = int(json.loads((root / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
+        self.installed = set(installed_experts(root))
+        self._planner = None  # the router, loaded with the first job that asks to be routed
+        self.core = JobQueueCore(store, self.settings.slots, self.settings.per_agent_limit,
+                                 self.settings.retention_s, decode=self.tokenizer.decode)
+        self.submitted = metrics.Counter("imoe_jobs_submitted", "jobs submitted", tag_keys=("priority",))
+        self.finished = metrics.Counter("imoe_jobs_finished", "jobs finished, by final state", tag_keys=("state",))
+        self.depth = metrics.Gauge("imoe_jobs_waiting", "jobs queued or preempted, per priority", tag_keys=("priority",))
+        self.running = metrics.Gauge("imoe_jobs_running", "jobs generating")
+        self.preemptions = metrics.Counter("imoe_job_preemptions", "jobs paused for a higher-priority one")
+        self.queued_ms = metrics.Histogram("imoe_job_queued_ms", "time a job waited before it (re)started (ms)",
+                                           boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 30000, 120000])
+        self.wake = asyncio.Event()
+        self.workers = [asyncio.create_task(self._worker()) for _ in range(self.settings.slots)]
+        self._extra: set[asyncio.Task] = set()
+        self._gauges()
+        if self.core.recovered:
+            log.info("job queue: %d interrupted jobs requeued", self.core.recovered)
+
+    # ---- the API (called by the Router's /v1/jobs routes) ----
+    async def submit(self, body: dict) -> dict:
+        try:
+            record = await asyncio.to_thread(self._record, JobRequest.model_validate(body))
+        except oa.ApiError as e:
+            return {"status": e.status, "error": e.body()}
+        if self.core.unfinished() >= self.settings.max_queued:
+            e = oa.ApiError(429, f"the job queue is full ({self.settings.max_queued} unfinished jobs); retry later",
+                            code="queue_full")
+            return {"status": e.status, "error": e.body()}
+        self.core.submit(record)
+        self.submitted.inc(tags={"priority": str(record.priority)})
+        self._schedule()
+        return {"id": record.id, "state": record.state}
+
+    async def get(self, job_id: str) -> dict | None:
+        return self.core.view(job_id)
+
+    async def list(self, agent: str | None = None, state: str | None = None) -> list[dict]:
+        return self.core.list(agent, state)
+
+    async def cancel(self, job_id: str) -> dict | None:
+        record = self.core.cancel(job_id)
+        if record is not None and record.state == "cancelled":
+            self.finished.inc(tags={"state": "cancelled"})
+            self._schedule()
+        return None if record is None else self.core.view(job_id)
+
+    # ---- submissions ----
+    def _record(self, body: JobRequest) -> JobRecord:
+        from imoe_ray.serving.openai_api import ImoeOptions
+        from imoe_ray.serving.pipeline import chat_prompt
+
+        s = self.settings
+        if body.max_tokens is not None and body.max_tokens > s.max_tokens_limit:
+            raise oa.ApiError(400, f"max_tokens is {body.max_tokens}; this server allows at most {s.max_tokens_limit}",
+                              param="max_tokens", code="invalid_value")
+        if body.priority > s.max_priority:
+            raise oa.ApiError(400, f"priority is {body.priority}; priorities run from 0 to {s.max_priority}",
+                              param="priority", code="invalid_value")
+        if body.messages is not None:
+            prompt, query = chat_prompt(body.messages, self.tokenizer)
+        else:
+            prompt = query = body.prompt
+        if body.experts:
+            unknown = [e for e in body.experts if e != "base" and e not in self.installed]
+            if unknown:
+                raise oa.ApiError(404, f"no expert named {unknown[0]!r}; see GET /v1/experts", param="experts",
+                                  code="model_not_found")
+            experts = {e: 1.0 / len(body.experts) for e in body.experts}
+        else:
+            plan = self._plan().plan(body.model, query, prompt, ImoeOptions(mode=body.mode, fusion="mixture"))
+            experts, prompt = plan.experts, plan.prompt
+        ids = [self.tokenizer.eos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        limit = body.max_tokens or min(s.max_tokens, max(1, self.context - len(ids)))
+        if len(ids) + limit > self.context:
+            raise oa.ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({limit}) exceed the model's "
+                                   f"context of {self.context} tokens", param="prompt", code="context_length_exceeded")
+        return JobRecord(agent=body.agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
+                         temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                         stop_ids=[self.tokenizer.eos_token_id],
+                         deadline=None if body.deadline_s is None else time.time() + body.deadline_s)
+
+    def _plan(self):
+        if self._planner is None:
+            from imoe_ray.routing.stage import load_router
+            from imoe_ray.serving.pipeline import Planner
+            from imoe_ray.store import Store
+
+            cfg = self.cfg
+            self._planner = Planner(load_router(Store(self.store_dir), cfg), sorted(self.installed), cfg.serve.mode,
+                                    cfg.serve.top_k or cfg.experts.top_k)
+        return self._planner
+
+    # ---- the slots ----
+    def _schedule(self) -> None:
+        """Wake the workers; start an urgent job in an extra slot when it outranks a running one."""
+        urgent = self.core.urgent()
+        if urgent is not None:
+            task = asyncio.create_task(self._run(urgent))
+            self._extra.add(task)
+            task.add_done_callback(self._extra.discard)
+        self.wake.set()
+        self._gauges()
+
+    async def _worker(self) -> None:
+        while True:
+            record = self.core.take()
+            if record is None:
+                self.wake.clear()
+                record = self.core.take()
+            if record is None:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await self._run(record)
+
+    async def _run(self, record: JobRecord) -> None:
+        self.queued_ms.observe(record.telemetry.queued_ms)
+        self._gauges()
+        try:
+            while True:
+                step = 1 if not record.generated else self.settings.step_tokens  # the first token comes fast
+                request = asdict(step_request(record, step))
+                out = await self._step(request)
+                outcome = self.core.stepped(record, out["tokens"], out["finish_reason"])
+                if outcome == "preempted":
+                    self.preemptions.inc()
+                if outcome != "continue":
+                    if record.state in ("succeeded", "failed"):  # cancellations are counted by cancel()
+                        self.finished.inc(tags={"state": record.state})
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bad expert, an unexpected error: the job fails, the queue goes on
+            log.warning("job %s failed: %r", record.id, e)
+            self.core.failed(record, f"{type(e).__name__}: {e}")
+            self.finished.inc(tags={"state": "failed"})
+        finally:
+            self._schedule()
+
+    async def _step(self, request: dict) -> dict:
+        """One generation step on the expert replicas; sent again while a dead replica is replaced
+        (nothing of a failed step was kept, so nothing is duplicated)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await self.experts.generate.remote({"request": request, "stream": False})
+            except _REPLICA_GONE:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    def _gauges(self) -> None:
+        waiting: dict[int, int] = {}
+        for r in self.core.waiting():
+            waiting[r.priority] = waiting.get(r.priority, 0) + 1
+        for priority in set(waiting) | self._seen_priorities():
+            self.depth.set(waiting.get(priority, 0), tags={"priority": str(priority)})
+        self.running.set(len(self.core.running()))
+
+    def _seen_priorities(self) -> set[int]:
+        seen = getattr(self, "_priorities", set())
+        seen |= {r.priority for r in self.core.jobs.values() if not r.finished}
+        self._priorities = seen
+        return seen
+
+
+# ---- the routes on the Router ingress (plain functions: they reach the JobQueue by its handle) ----
+_handle: dict[str, DeploymentHandle] = {}
+
+
+def _jobs() -> DeploymentHandle:
+    if "h" not in _handle:
+        _handle["h"] = serve.get_deployment_handle("JobQueue", serve.get_replica_context().app_name)
+    return _handle["h"]
+
+
+def _not_found(job_id: str) -> oa.ApiError:
+    return oa.ApiError(404, f"no job {job_id!r}", param="id", code="job_not_found")
+
+
+def add_job_routes(api: FastAPI) -> None:
+    """POST/GET /v1/jobs, GET/DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/events (server-sent events)."""
+
+    @api.post("/v1/jobs")
+    async def submit_job(body: JobRequest) -> dict:
+        out = await _jobs().submit.remote(body.model_dump(mode="json", exclude_unset=True))
+        if "error" in out:
+            e = out["error"]["error"]
+            raise oa.ApiError(out["status"], e["message"], param=e["param"], code=e["code"])
+        return out
+
+    @api.get("/v1/jobs")
+    async def list_jobs(agent: str | None = None, state: str | None = None) -> dict:
+        return {"object": "list", "data": await _jobs().list.remote(agent, state)}
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict:
+        out = await _jobs().get.remote(job_id)
+        if out is None:
+            raise _not_found(job_id)
+        return out
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict:
+        out = await _jobs().cancel.remote(job_id)
+        if out is None:
+            raise _not_found(job_id)
+        return out
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        first = await _jobs().get.remote(job_id)
+        if first is None:
+            raise _not_found(job_id)
+        return StreamingResponse(_events(job_id, first), media_type="text/event-stream")
+
+
+async def _events(job_id: str, view: dict, every_s: float = 0.05) -> AsyncIterator[str]:
+    """An event whenever the job's state or token count changes; the last one is its final state."""
+    last = None
+    while True:
+        key = (view["state"], view["tokens"])
+        if key != last:
+            last = key
+            yield f"event: {view['state']}\ndata: {json.dumps(view)}\n\n"
+        if view["state"] in FINISHED:
+            yield "data: [DONE]\n\n"
+            return
+        await asyncio.sleep(every_s)
+        view = await _jobs().get.remote(job_id) or view
