@@ -52,6 +52,43 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def start_imoe_serve(store: Path, env: dict, settings: list[str], log_path: Path,
+                     timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`imoe serve` in its own process, joined to the session's cluster as a user starts it;
+    returns (process, base URL) once `/healthz` answers 200."""
+    import requests
+
+    port = free_port()
+    cmd = [str(BIN / "imoe"), "serve", "--store", str(store), "--port", str(port),
+           *[a for s in settings for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"imoe serve exited: {log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        _wait_for(ready, timeout, "imoe serve's /healthz")
+    except TimeoutError:
+        proc.kill()
+        raise TimeoutError(log_path.read_text()[-3000:]) from None
+    return proc, base
+
+
+def stop_imoe_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM, as a user stops it; it must exit by itself."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """Start `ray start --head --block`; yields {address, dashboard_url, env}."""

@@ -4,9 +4,6 @@ restart, greedy output identical across preemptions, and `/v1/jobs` over real HT
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from imoe_ray.job_queue.queue import JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.job_queue.scheduler import Scheduler
 
-from conftest import free_port
+from conftest import start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,27 +156,10 @@ def jobs_server(ray_cluster, served_store, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("jobs") / "store"
     shutil.copytree(served_store, store, ignore=shutil.ignore_patterns("jobs"))
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "imoe"), "serve", "--store", str(store), "--port", str(port),
-           *[a for s in SETTINGS for a in ("--set", s)]]
     log_path = store.parent / "serve.log"
-    proc = subprocess.Popen(cmd, env=ray_cluster["env"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise TimeoutError(log_path.read_text()[-3000:])
+    proc, base = start_imoe_serve(store, ray_cluster["env"], SETTINGS, log_path)
     yield {"url": f"{base}/v1", "store": store, "log": log_path}
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    stop_imoe_serve(proc)
 
 
 def _wait(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 120) -> dict:

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from imoe_ray.packaging.manifest import SCHEMA_PATH, json_schema, sha256_file
 from imoe_ray.packaging.registry import Registry, package_expert
 from imoe_ray.packaging.signing import generate_keys, load_signing_key, sign
 
-from conftest import free_port
+from conftest import start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 IMOE = str(Path(sys.executable).parent / "imoe")
@@ -364,12 +363,8 @@ def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
     shutil.copytree(built_store.root, store)
     trained = json.loads((store / "experts" / "index.json").read_text())["experts"][0]["name"]
     pkg, _ = package_expert(store, trained, "1.0.0", tmp_path / "hot.expert", new_name="hot-added")
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([IMOE, "serve", "--store", str(store), "--port", str(port),
-                             *[a for s in SERVE_SETTINGS for a in ("--set", s)]],
-                            env=ray_cluster["env"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
+    shutil.rmtree(store / "runs", ignore_errors=True)
+    proc, base = start_imoe_serve(store, ray_cluster["env"], SERVE_SETTINGS, tmp_path / "serve.log")
 
     def models() -> list[str]:
         return [m["id"] for m in requests.get(f"{base}/v1/models", timeout=30).json()["data"]]
@@ -381,15 +376,6 @@ def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
             time.sleep(0.5)
 
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
         assert "hot-added" not in models()
         done = subprocess.run([IMOE, "experts", "install", str(pkg), "--store", str(store), "--allow-unsigned"],
                               capture_output=True, text=True)
@@ -408,6 +394,4 @@ def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
         gone = requests.post(f"{base}/v1/completions", json={"model": "hot-added", "prompt": "the"}, timeout=60)
         assert gone.status_code == 404
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+        stop_imoe_serve(proc)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps
 from imoe_ray.serving.lora_bank import AdapterBank, AdapterError
 from imoe_ray.serving.model import ServingModel
 
-from conftest import free_port
+from conftest import start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,28 +159,10 @@ SERVE_SETTINGS = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_
 @pytest.fixture(scope="module")
 def server(ray_cluster, served_store):
     """`imoe serve` in its own process, joined to the session's cluster, as a user starts it."""
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "imoe"), "serve", "--store", str(served_store), "--port", str(port),
-           *[a for s in SERVE_SETTINGS for a in ("--set", s)]]
-    log = open(served_store.parent / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=ray_cluster["env"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, (served_store.parent / "serve.log").read_text()[-3000:]
-        try:
-            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise TimeoutError((served_store.parent / "serve.log").read_text()[-3000:])
-    yield {"url": f"{base}/v1", "base": base, "proc": proc, "log": served_store.parent / "serve.log"}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+    log = served_store.parent / "serve.log"
+    proc, base = start_imoe_serve(served_store, ray_cluster["env"], SERVE_SETTINGS, log)
+    yield {"url": f"{base}/v1", "base": base, "proc": proc, "log": log}
+    stop_imoe_serve(proc)
 
 
 @pytest.fixture(scope="module")
