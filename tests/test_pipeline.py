@@ -26,7 +26,9 @@ IMOE = [sys.executable, "-m", "imoe_ray.cli"]
 def test_every_stage_completes_with_manifests(built):
     cfg, store, manifests = built
     assert list(manifests) == ["ingest", "embed", "discover", "router", "shard", "base", "experts", "summarizer"]
-    assert all(m.complete and m.timings_s["total"] > 0 for m in manifests.values())
+    assert all(m.complete for m in manifests.values())
+    # the summarizer stage is off in the session store (conftest), so it may take no measurable time
+    assert all(m.timings_s["total"] > 0 for name, m in manifests.items() if name != "summarizer")
 
 
 def test_assignments_contract(built, small_corpus):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,11 +25,17 @@ def test_ray_job_submit_builds_the_store(ray_cluster, built, tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     job_cfg = tmp_path / "job.yaml"
     job_cfg.write_text(f"corpus:\n  path: {cfg.corpus.path}\n")
-    out = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.build", "--config", str(job_cfg), "--store", str(store), "--until", "shard"],
-        capture_output=True, text=True, timeout=900, env=ray_cluster["env"],
-    )
+    for attempt in range(5):
+        out = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", str(REPO), "--",
+             "python", "-m", "jobs.build", "--config", str(job_cfg), "--store", str(store), "--until", "shard"],
+            capture_output=True, text=True, timeout=900, env=ray_cluster["env"],
+        )
+        # Ray's job server answers 500 "No available agent ... try again later" while the node's
+        # dashboard agent is not (yet, or momentarily) registered: as its message says, try again.
+        if "No available agent" not in out.stderr:
+            break
+        time.sleep(10)
     log = out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in log.lower()
