@@ -424,15 +424,21 @@ def eval_lm(
     cfg = resolve_config(store, config, overrides)
     result = evaluate_lm(Store(store), cfg, heldout, text_column, category_column, route_tokens, top_k, max_texts,
                          report=lambda m: console.print(m, highlight=False, markup=False))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(output)
-    plot_lm(result, output.with_suffix(".png"))
-    console.print(_lm_table(result))
+    _publish_eval(result, output, plot_lm, _lm_table, quiet)
+
+
+def _publish_eval(result: dict, output: Path, plot, table, quiet: bool) -> None:
+    """An evaluation's JSON written to `output` (atomically), its PNG beside it, its table on the
+    console, and the JSON on stdout unless `quiet`."""
+    from imoe_ray.store import write_text_atomic
+
+    text = json.dumps(result, indent=2)
+    write_text_atomic(output, text)
+    plot(result, output.with_suffix(".png"))
+    console.print(table(result))
     console.print(f"wrote {output} and {output.with_suffix('.png')}")
     if not quiet:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(text)
 
 
 def _lm_table(result: dict) -> Table:
@@ -475,15 +481,7 @@ def eval_summarizer(
     result = evaluate_summarizer(s, cfg, cases, max_new_tokens, report=lambda m: console.print(m, highlight=False, markup=False))
     if output is None:
         output = s.local_path("fusion", "eval-summarizer.json") if s.is_local else Path("eval-summarizer.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(output)
-    plot_summarizer(result, output.with_suffix(".png"))
-    console.print(_summarizer_table(result))
-    console.print(f"wrote {output} and {output.with_suffix('.png')}")
-    if not quiet:
-        typer.echo(json.dumps(result, indent=2))
+    _publish_eval(result, output, plot_summarizer, _summarizer_table, quiet)
 
 
 def _summarizer_table(result: dict) -> Table:

@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from imoe_ray.store import write_text_atomic
+
 console = Console(stderr=True)
 StoreOpt = typer.Option("store", "--store", "-s", help="Store directory (built through at least the ingest stage).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file.")
@@ -21,9 +23,7 @@ def _report(message: str) -> None:
 
 def _write(text: str, output: Optional[Path]) -> None:
     if output:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        write_text_atomic(output, text)
 
 
 def train_encoder(store: str = StoreOpt, config: Optional[Path] = ConfigOpt,

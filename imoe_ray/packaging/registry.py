@@ -26,6 +26,7 @@ from imoe_ray.packaging import PackageError
 from imoe_ray.packaging.archive import MANIFEST, SIGNATURE, SUFFIX, Limits, Unpacked, adapter_files, file_hashes, pack, unpack
 from imoe_ray.packaging.manifest import PackageManifest
 from imoe_ray.packaging.signing import Signature, trust_status
+from imoe_ray.store import write_text_atomic
 
 REGISTRY = "registry"
 ACTIVE = "active"
@@ -48,10 +49,7 @@ class Installed:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temp.write_text(json.dumps(obj, indent=2))
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _read_json(path: Path, default=None):

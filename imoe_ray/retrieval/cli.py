@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from imoe_ray.store import write_text_atomic
+
 console = Console(stderr=True)
 kb_app = typer.Typer(help="The experts' knowledge bases (LanceDB): learned rows.", no_args_is_help=True)
 StoreOpt = typer.Option("store", "--store", "-s", help="Store directory (built through the shard stage).")
@@ -109,7 +111,5 @@ def eval_retrieval(
                                 report=lambda m: console.print(m, highlight=False, markup=False))
     text = json.dumps(result, indent=2)
     if output:
-        tmp = output.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        write_text_atomic(output, text)
     typer.echo(text)

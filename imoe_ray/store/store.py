@@ -20,6 +20,18 @@ class StoreError(RuntimeError):
     """The store is missing something a stage needs; the message says what and how to make it."""
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a local file through a temporary name in the same folder, then rename it into place."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+    return path
+
+
 def _split_uri(uri: str) -> tuple[pafs.FileSystem, str, bool]:
     if "://" in uri:
         fs, root = pafs.FileSystem.from_uri(uri)
