@@ -24,6 +24,28 @@ def percentiles(ms: list[float]) -> dict:
             "n": len(ms)}
 
 
+def request_overhead(router, retriever, experts: list[str], cfg, queries: list[str]) -> dict:
+    """What retrieval adds to a request: the serving pipeline's whole planning step (route, then
+    retrieve; the query is encoded while the router runs) in `optimized` mode without compression,
+    against `basic` mode (route only) on the same queries, alternating."""
+    from imoe_ray.serving.openai_api import ImoeOptions
+    from imoe_ray.serving.pipeline import Planner
+
+    planner = Planner(router, experts, "basic", cfg.experts.top_k, retriever, None, cfg.retrieval.k)
+    ms: dict[str, list[float]] = {"basic": [], "optimized": []}
+    slot = []
+    for q in queries:
+        for mode in ms:
+            started = time.perf_counter()
+            plan = planner.plan("imoe", q, q, ImoeOptions(mode=mode))
+            ms[mode].append((time.perf_counter() - started) * 1000)
+            if mode == "optimized":
+                slot.append(plan.timings_ms["retrieval"])
+    basic, optimized = (float(np.percentile(ms[m], 50)) for m in ("basic", "optimized"))
+    return {"plan_basic": percentiles(ms["basic"]), "plan_optimized_no_compression": percentiles(ms["optimized"]),
+            "retrieval_slot_in_plan": percentiles(slot), "request_added_by_retrieval_p50_ms": round(optimized - basic, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", required=True)
@@ -90,6 +112,7 @@ def main() -> None:
         np.argpartition(-(matrix @ v), cfg.retrieval.k)[: cfg.retrieval.k]
         ms.append((time.perf_counter() - started) * 1000)
     out["baseline_numpy_bruteforce"] = percentiles(ms)
+    out.update(request_overhead(router, retriever, kb.names(), cfg, queries))
     out["ratio_hybrid_to_baseline_p50"] = round(out["hybrid_routed"]["p50_ms"] / out["baseline_numpy_bruteforce"]["p50_ms"], 3)
     out["search_only_hybrid_p50_ms"] = round(out["hybrid_routed"]["p50_ms"] - out["query_encoding"]["p50_ms"], 3)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -215,9 +215,14 @@ class ServeConfig(_Section):
 
 class RetrievalConfig(_Section):
     """Per-expert knowledge bases (LanceDB), prompt pre-compression and learning from answers."""
-    search: Literal["hybrid", "vector", "text"] = Field("hybrid", description="hybrid: vector and full-text fused by RRF")
+    search: Literal["hybrid", "vector", "text"] = Field("hybrid", description="hybrid: vector and full-text fused")
     k: int = Field(4, ge=1, description="passages retrieved per request")
     candidates: int = Field(20, ge=1, description="hits per list (vector, text) before fusion")
+    fusion: Literal["score", "rrf"] = Field(
+        "score", description="hybrid: 'score': weighted sum of max-normalised cosine and BM25; 'rrf': weighted reciprocal rank")
+    vector_weight: float | None = Field(None, ge=0, le=1, description="weight of the vector list in hybrid fusion; "
+                                        "null: the one calibrated at shard time (kb/fusion.json)")
+    calibration_queries: int = Field(120, ge=0, description="query views that calibrate the fusion weight at shard time; 0: none")
     rrf_k: int = Field(60, ge=1, description="k of reciprocal-rank fusion, 1/(k + rank)")
     min_similarity: float = Field(0.2, ge=-1, le=1, description="relevance floor: cosine of passage and query")
     compressor: Literal["selective", "filler", "none"] = Field(
@@ -241,14 +246,29 @@ class MoeEncoderConfig(_Section):
     margin: float = Field(0.3, ge=0, description="margin of the triplet and contrastive losses")
     pairs: list[Literal["neighbours", "views"]] = Field(["views", "neighbours"], min_length=1,
                                                       description="mined pairs: query-like view of a chunk, next chunk of its document")
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(32, ge=2)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null: by hardware (see `resolved`)")
+    batch_size: int | None = Field(None, ge=2, description="pairs per step; null: by hardware")
     lr: float = Field(3e-5, gt=0)
     router_lr: float = Field(1e-3, gt=0, description="learning rate of the routers (new weights)")
-    max_tokens: int = Field(128, ge=8, description="truncation length while training")
+    max_tokens: int | None = Field(None, ge=8, description="truncation length while training; null: by hardware")
     utilisation_chunks: int = Field(256, ge=1, description="training chunks encoded after training to record expert utilisation")
     cpus: int | None = Field(None, ge=1, description="CPUs of the training worker; default: every CPU of the cluster")
     seed: int = 0
+
+    # what a null steps / batch_size / max_tokens becomes: the GPU settings take ~15 s a step on 2 CPUs
+    BY_HARDWARE: ClassVar[dict[str, dict[str, int]]] = {
+        "gpu": {"steps": 200, "batch_size": 32, "max_tokens": 128},
+        "cpu": {"steps": 100, "batch_size": 16, "max_tokens": 64},
+    }
+
+    def resolved(self, gpu: bool) -> dict[str, Any]:
+        """The settings as a plain dict, null steps / batch_size / max_tokens filled in for a cluster
+        with (`gpu`) or without GPUs; resolved where training starts, recorded in the model's manifest."""
+        settings = self.model_dump(mode="json")
+        for name, value in self.BY_HARDWARE["gpu" if gpu else "cpu"].items():
+            if settings[name] is None:
+                settings[name] = value
+        return settings
 
 
 class RayConfig(_Section):

@@ -322,7 +322,7 @@ class Router:
         for expert in plan.experts:
             self.requests.inc(tags={"expert": expert, "mode": plan.mode})
         if body.stream:
-            return StreamingResponse(self._stream(body, plan, chat), media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, plan, chat, query), media_type="text/event-stream")
         try:
             text, finish, prompt_tokens, completion_tokens = await self._answer(body, plan)
         finally:
@@ -385,7 +385,7 @@ class Router:
             tokens += part["tokens"]
         return self.tokenizer.decode(tokens)
 
-    async def _stream(self, body, plan: Plan, chat: bool) -> AsyncIterator[str]:
+    async def _stream(self, body, plan: Plan, chat: bool, query: str) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
@@ -395,6 +395,7 @@ class Router:
                 yield _sse(make(chunk_id, body.model, first, None, imoe=plan.imoe()))
                 yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
                 yield "data: [DONE]\n\n"
+                self._learn(query, text, plan, chunk_id)
                 return
             ids, limit = self._tokens(plan.prompt, body)
             if chat:
@@ -416,6 +417,7 @@ class Router:
             tail = {"imoe": plan.imoe(), "usage": oa.usage(len(ids), len(tokens))}
             yield _sse(make(chunk_id, body.model, {} if chat else "", finish, **tail))
             yield "data: [DONE]\n\n"
+            self._learn(query, sent, plan, chunk_id)  # what the client received, once it has all of it
         except oa.ApiError as e:
             yield _sse(e.body())
         finally:

@@ -168,6 +168,42 @@ def test_train_encoder_cli_on_a_store_copy(built, ray_session, tmp_path):
     assert bad.returncode == 2 and "build the store first" in bad.stderr
 
 
+def test_training_length_resolves_by_hardware():
+    """steps / batch_size / max_tokens left null: the GPU settings with a GPU, the short CPU ones without."""
+    from imoe_ray.config import MoeEncoderConfig
+
+    m = MoeEncoderConfig()
+    gpu, cpu = m.resolved(gpu=True), m.resolved(gpu=False)
+    assert {k: gpu[k] for k in ("steps", "batch_size", "max_tokens")} == MoeEncoderConfig.BY_HARDWARE["gpu"]
+    assert {k: cpu[k] for k in ("steps", "batch_size", "max_tokens")} == MoeEncoderConfig.BY_HARDWARE["cpu"]
+    assert cpu["steps"] * cpu["batch_size"] * cpu["max_tokens"] < gpu["steps"] * gpu["batch_size"] * gpu["max_tokens"]
+    assert MoeEncoderConfig(steps=7).resolved(gpu=True)["steps"] == 7  # a setting given wins
+    assert m.steps is None and "BY_HARDWARE" not in m.model_dump()  # one config; resolved where training starts
+
+
+def test_too_few_training_chunks_is_a_one_line_user_error(tokenizer, tmp_path):
+    """One chunk cannot make a pair: a StoreError in the library, exit 2 and one line from the CLI (before Ray)."""
+    import os
+
+    import pyarrow as pa
+
+    from imoe_ray.config import Config
+    from imoe_ray.encoders.train import mine_pairs
+    from imoe_ray.store import Store
+    from imoe_ray.store.store import StoreError
+
+    store = Store(str(tmp_path / "store"))
+    store.write_table(pa.table({"chunk_id": ["d:0"], "id": ["d"], "chunk_index": pa.array([0], pa.int32()),
+                                "text": [TEXTS[0]]}), "corpus", "chunks")
+    with pytest.raises(StoreError, match="at least 2"):
+        mine_pairs(store, Config(), tokenizer)
+    done = subprocess.run([sys.executable, "-m", "imoe_ray.cli", "train-encoder", "--store", store.uri], cwd=REPO,
+                          capture_output=True, text=True, env=os.environ | {"COLUMNS": "400"}, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "at least 2" in lines[0], done.stderr
+
+
 def test_side_by_side_metrics_and_utilisation_plot(tokenizer, tmp_path):
     from imoe_ray.evaluation.encoder import evaluate_one, plot_utilisation
 
@@ -180,3 +216,38 @@ def test_side_by_side_metrics_and_utilisation_plot(tokenizer, tmp_path):
     assert result["utilisation"][0]["tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)  # chunks only
     plot_utilisation(result["utilisation"], tmp_path / "util.png")
     assert (tmp_path / "util.png").stat().st_size > 5_000
+
+
+def test_discovery_nmi_side_by_side(tokenizer, tmp_path):
+    """`--label-column`: the store's discovery run on each encoder's embeddings, NMI against the chunks' labels."""
+    import numpy as np
+    import pyarrow as pa
+
+    from imoe_ray.config import Config
+    from imoe_ray.corpus.readers import CorpusError
+    from imoe_ray.evaluation.encoder import chunk_labels, compare_encoders
+    from imoe_ray.store import Store
+
+    vocab = {"net": "socket packet router tcp latency bandwidth handshake firewall".split(),
+             "math": "matrix eigenvalue integral vector theorem derivative lemma tensor".split(),
+             "cook": "flour oven butter simmer recipe garlic dough pastry".split()}
+    rng = np.random.default_rng(0)
+    rows = [(f"{d}{i}", d, " ".join(rng.choice(words, 12))) for d, words in vocab.items() for i in range(14)]
+    store = Store(str(tmp_path / "store"))
+    store.write_table(pa.table({"chunk_id": [f"{r[0]}:0" for r in rows], "id": [r[0] for r in rows],
+                                "chunk_index": pa.array([0] * len(rows), pa.int32()), "text": [r[2] for r in rows],
+                                "n_tokens": pa.array([12] * len(rows), pa.int32()), "domain": [r[1] for r in rows]}),
+                      "corpus", "chunks")
+    save_moe(upcycle(tiny_bert(tokenizer.vocab_size), n_experts=3, top_k=1, every=1), tokenizer, tmp_path / "moe")
+    cfg = Config()
+    assert chunk_labels(store, cfg, "domain") == {r[0]: r[1] for r in rows}
+    with pytest.raises(CorpusError, match="--labels"):
+        chunk_labels(store, cfg, "topic")
+    result = compare_encoders(store, cfg, str(tmp_path / "moe"), max_queries=20, report=lambda _m: None,
+                              label_column="domain")
+    for name in ("dense", "moe"):
+        found = result["encoders"][name]["discovery"]
+        assert result["encoders"][name]["nmi"] == found["nmi"] == result["nmi"][name]
+        assert found["rows_evaluated"] == len(rows) and found["n_labels"] == 3
+    assert result["encoders"]["dense"]["nmi"] > 0.8  # three vocabularies: the real encoder separates them
+    assert result["nmi"]["change"] == pytest.approx(result["nmi"]["moe"] - result["nmi"]["dense"], abs=1e-4)

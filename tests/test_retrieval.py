@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
+from imoe_ray.config import RetrievalConfig
+from imoe_ray.retrieval.fusion import Fusion, calibrate, configured, fuse
+from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError, Passage
 from imoe_ray.retrieval.learning import learn, list_learned, remove_learned
 
 IMOE = str(Path(sys.executable).parent / "imoe")
@@ -129,6 +131,25 @@ def test_kb_list_and_remove_through_the_cli(kb, store_copy):
     assert remove_learned(kb, [learned.chunk_id]) == {learned.chunk_id: 0}
 
 
+def test_an_expert_installed_later_learns_into_a_table_of_its_own(kb, store_copy):
+    """A packaged expert has no knowledge base: its first learned answer creates its table, which
+    vector, full-text and hybrid search then find; names that are not safe file names are refused."""
+    before = kb.names()
+    assert learn(kb, "q", "a", ["../escape"], "req-bad", create=True).added == []
+    assert kb.names() == before and not (store_copy / "escape.lance").exists()
+    learned = learn(kb, "How do late experts remember?", "In a table made for them.", ["late-expert"], "req-late",
+                    create=True)
+    try:
+        assert learned.added == ["late-expert"] and kb.names() == sorted(before + ["late-expert"])
+        for mode in ("vector", "text", "hybrid"):
+            hits = kb.search("how do late experts remember", ["late-expert"], k=3, mode=mode)
+            assert [h.chunk_id for h in hits] == [learned.chunk_id] and hits[0].source == "learned", mode
+        assert [r["table"] for r in list_learned(kb)] == ["late-expert"]
+    finally:
+        kb.db.drop_table("late-expert")
+        kb._tables.pop("late-expert", None)
+
+
 def test_compression_keeps_key_terms_and_reaches_the_ratio(kb, store_copy):
     from imoe_ray.compression.filler import FillerCompressor
     from imoe_ray.compression.selective import SelectiveCompressor
@@ -150,6 +171,36 @@ def test_compression_keeps_key_terms_and_reaches_the_ratio(kb, store_copy):
     assert "the" not in filler.question.lower().split()
 
 
+def _passages(ranked: list[tuple[str, float]]) -> list[Passage]:
+    return [Passage(cid, cid, cid, "t", score, 0.5) for cid, score in ranked]
+
+
+def test_score_fusion_weights_and_calibration():
+    """Hybrid fusion: max-normalised scores summed with the weight; a passage missing from a list
+    gets that list's floor; calibration picks the weight that ranks the relevant chunks best."""
+    by_vector = _passages([("a", 0.9), ("b", 0.8), ("c", 0.3)])
+    by_text = _passages([("c", 12.0), ("d", 9.0), ("e", 3.0)])
+    assert [p.chunk_id for p in fuse(by_vector, by_text, Fusion("score", 1.0))][:3] == ["a", "b", "c"]
+    assert [p.chunk_id for p in fuse(by_vector, by_text, Fusion("score", 0.0))][:2] == ["c", "d"]
+    fused = fuse(by_vector, by_text, Fusion("score", 0.5), depth=3)
+    assert fused[0].chunk_id == "c" and fused[0].score == pytest.approx(0.5 * 0.3 / 0.9 + 0.5 * 1.0)
+    assert {p.chunk_id: p.score for p in fused}["a"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.25)  # text floor 3/12
+    unfilled = fuse(by_vector, by_text, Fusion("score", 0.5), depth=4)  # lists ran out: missing scores 0
+    assert {p.chunk_id: p.score for p in unfilled}["a"] == pytest.approx(0.5 * 1.0)
+    assert [p.chunk_id for p in fuse(by_vector, by_text, Fusion("rrf", 0.5, rrf_k=1))][0] in {"a", "c"}
+    # text is right when the query has the words (2 of 3 queries), the vector list otherwise: a mix wins
+    cases = [(_passages([("x", 0.9), ("rel1", 0.85)]), _passages([("rel1", 9.0), ("x", 1.0)])),
+             (_passages([("y", 0.9), ("rel2", 0.88)]), _passages([("rel2", 5.0)])),
+             (_passages([("rel3", 0.9), ("z", 0.5)]), _passages([("z", 3.0), ("rel3", 2.9)]))]
+    relevant = [{"rel1"}, {"rel2"}, {"rel3"}]
+    fusion = calibrate(cases, relevant, "score", source="unit")
+    c = fusion.calibration
+    assert c["text_only_mrr@10"] == pytest.approx(5 / 6, abs=1e-3) and c["vector_only_mrr@10"] == pytest.approx(2 / 3, abs=1e-3)
+    assert 0.0 < fusion.vector_weight < 1.0 and c["mrr@10"][str(fusion.vector_weight)] == pytest.approx(1.0)
+    assert configured(fusion, RetrievalConfig(vector_weight=0.9)).vector_weight == 0.9
+    assert configured(fusion, RetrievalConfig(fusion="rrf")).vector_weight == 0.5  # tuned for another method
+
+
 def test_eval_retrieval_cli_json(built):
     _, store, _ = built
     run = subprocess.run([IMOE, "eval", "retrieval", "--store", str(store.root), "--text-column", "text",
@@ -164,6 +215,9 @@ def test_eval_retrieval_cli_json(built):
         assert result[key]["ratio"] > 1.0 and result[key]["r@5_retained"] is not None
     assert result["compression"]["ratio"] >= 2.0
     assert result["encode_ms_per_passage"] > 0
+    calibrated = json.loads((Path(store.root) / "kb" / "fusion.json").read_text())  # written by the shard stage
+    assert calibrated["calibration"]["queries"] > 0 and "calib" in calibrated["calibration"]["source"]
+    assert result["fusion"]["vector_weight"] == calibrated["vector_weight"]
     missing = subprocess.run([IMOE, "eval", "retrieval", "--store", str(store.root), "--heldout", "/nonexistent.jsonl"],
                              capture_output=True, text=True)
     assert missing.returncode == 2

@@ -229,12 +229,22 @@ def test_optimized_request_cites_passages_and_learns(client, served_store):
     assert {c["table"] for c in imoe["citations"]} <= set(expert_categories(served_store)[name])
     assert all(c["chunk_id"] and c["score"] > 0 for c in imoe["citations"])
     assert imoe["timings_ms"]["retrieval"] > 0 and imoe["compression_ratio"] >= 1.0
+    streamed = list(client.chat.completions.create(
+        model=name, temperature=0, stream=True, max_tokens=12, extra_body={"imoe": {"mode": "optimized"}},
+        messages=[{"role": "user", "content": "standard deviation of a numpy array"}]))
+    answer = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     kb = KnowledgeBase(served_store / "kb", lambda texts: None)
     deadline = time.time() + 60  # learning runs after the response, in the background
-    while not (mine := [r for r in list_learned(kb) if r["request_id"] == reply.id]) and time.time() < deadline:
+    ids = {reply.id, streamed[0].id}
+    while True:
+        mine = [r for r in list_learned(kb) if r["request_id"] in ids]
+        if {r["request_id"] for r in mine} == ids or time.time() > deadline:
+            break
         time.sleep(0.5)
-    assert mine and {r["table"] for r in mine} == set(expert_categories(served_store)[name])
-    remove_learned(kb, [mine[0]["chunk_id"]])  # the shared store as it was
+    assert {r["request_id"] for r in mine} == ids, "a streamed response is learned as well as a plain one"
+    assert all(r["table"] in expert_categories(served_store)[name] for r in mine)
+    assert any(r["text"].endswith(answer.strip()) for r in mine if r["request_id"] == streamed[0].id)
+    remove_learned(kb, list({r["chunk_id"] for r in mine}))  # the shared store as it was
 
 
 def test_route_experts_models_endpoints(server, client, served_store):

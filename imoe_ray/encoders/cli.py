@@ -36,7 +36,7 @@ def train_encoder(store: str = StoreOpt, config: Optional[Path] = ConfigOpt,
     from imoe_ray.store import Store
 
     cfg = store_config(store, config, overrides)
-    require_chunks(Store(store))  # before Ray starts
+    require_chunks(Store(store), cfg)  # before Ray starts
     init_ray(cfg.ray)
     manifest = run(Store(store), cfg, report=_report)
     typer.echo(json.dumps({"path": str(Path(store) / "encoders" / "moe"), "metrics": manifest["metrics"],
@@ -48,14 +48,19 @@ def eval_encoder(
     encoder: Optional[str] = typer.Option(None, "--encoder", help="MoE encoder directory (default: STORE/encoders/moe)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Dense encoder to compare with (default: the store's)."),
     max_queries: int = typer.Option(600, "--max-queries", min=1, help="Held-out query views evaluated."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Also compare discovery NMI against this "
+                                               "label column (of the store's chunks, or of --labels)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Corpus file the store was built from, holding "
+                                         "--label-column (default: the store's chunks)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the expert-utilisation bar plot (PNG) here."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON here."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Dense vs MoE encoder on held-out query→chunk retrieval (P@K, R@K, MRR@10, MAP among all chunks),
-    encode_ms_per_passage of both, and the MoE's expert utilisation."""
-    from imoe_ray.config import store_config
+    encode_ms_per_passage of both, the MoE's expert utilisation and, with --label-column, the discovery
+    NMI of each (the store's discovery run on each encoder's embeddings)."""
+    from imoe_ray.config import ConfigError, store_config
     from imoe_ray.evaluation.encoder import compare_encoders, plot_utilisation
     from imoe_ray.store import Store
 
@@ -63,7 +68,10 @@ def eval_encoder(
     path = encoder or str(Path(store) / "encoders" / "moe")
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no encoder at {path}: run `imoe train-encoder --store {store}` first")
-    result = compare_encoders(Store(store), cfg, path, baseline, max_queries, report=_report)
+    if labels and not label_column:
+        raise ConfigError("--labels needs --label-column (the column holding the labels)")
+    result = compare_encoders(Store(store), cfg, path, baseline, max_queries, report=_report,
+                              label_column=label_column, labels_path=labels)
     if plot:
         plot_utilisation(result["encoders"]["moe"]["utilisation"], plot)
         result["plot"] = str(plot)

@@ -18,14 +18,15 @@ import torch
 
 from imoe_ray.config import Config
 from imoe_ray.store import Store
+from imoe_ray.store.store import StoreError
 
 ENCODERS, MOE = "encoders", "moe"
 MODEL_DIR = "model"
 
 
-def mine_pairs(store: Store, cfg: Config, tokenizer):
-    """The label-free pairs of the store's training chunks."""
-    from imoe_ray.encoders.contrastive import Pairs, neighbour_pairs, view_pairs
+def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str]]:
+    """(document id, chunk index, text) of the store's non-empty training chunks (held-out split excluded);
+    a `StoreError` (a user error: one line, exit 2) when there are fewer than 2 to pair."""
     from imoe_ray.experts.stage import is_heldout
 
     column = cfg.corpus.text_column
@@ -33,8 +34,18 @@ def mine_pairs(store: Store, cfg: Config, tokenizer):
     rows = [(str(i), c, t) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_index").to_pylist(),
                                                 table.column(column).to_pylist()) if t and not is_heldout(i, cfg)]
     if len(rows) < 2:
-        raise ValueError("fewer than 2 training chunks in the store: nothing to train the encoder on")
-    ids, index, texts = (list(x) for x in zip(*rows))
+        raise StoreError(f"{store.path('corpus', 'chunks')} has {len(rows)} non-empty training chunk(s) of "
+                         f"{table.num_rows} (the held-out split, router.test_fraction={cfg.router.test_fraction}, "
+                         f"is excluded): the encoder needs at least 2 to mine pairs; build the store from a "
+                         f"larger corpus")
+    return rows
+
+
+def mine_pairs(store: Store, cfg: Config, tokenizer):
+    """The label-free pairs of the store's training chunks."""
+    from imoe_ray.encoders.contrastive import Pairs, neighbour_pairs, view_pairs
+
+    ids, index, texts = (list(x) for x in zip(*training_chunks(store, cfg)))
     pairs = Pairs()
     if "views" in cfg.moe_encoder.pairs:
         rng = np.random.default_rng(cfg.moe_encoder.seed)
@@ -80,10 +91,13 @@ def train_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def require_chunks(store: Store) -> None:
+def require_chunks(store: Store, cfg: Config | None = None) -> None:
+    """The store has chunks (and, given `cfg`, at least 2 training chunks): checked before Ray starts."""
     if not store.exists("corpus", "chunks"):
         raise FileNotFoundError(f"{store.path('corpus', 'chunks')} does not exist: build the store first "
                                 f"(imoe build --corpus FILE --store {store.uri} --until ingest)")
+    if cfg is not None:
+        training_chunks(store, cfg)
 
 
 def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = print) -> dict:
@@ -107,10 +121,13 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     rng = np.random.default_rng(m.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]
     use_gpu = cluster_gpus() >= 1
+    settings = m.resolved(gpu=use_gpu)
+    report(f"[encoder] {'GPU' if use_gpu else 'CPU'} worker: {settings['steps']} steps x {settings['batch_size']} "
+           f"pairs, {settings['max_tokens']} tokens")
     run_name = f"encoder-moe-{int(time.time())}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"moe": m.model_dump(mode="json"), "encoder_path": path, "encoder_name": cfg.embedding.encoder,
+        train_loop_config={"moe": settings, "encoder_path": path, "encoder_name": cfg.embedding.encoder,
                            "pairs": (pairs.anchors, pairs.positives, pairs.groups), "sample_texts": sample,
                            "threads": cpus},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),

@@ -28,13 +28,18 @@ def evaluate_discovery(store: Store, cfg: Config, labels_path: str, label_column
         raise StoreError(f"no {ASSIGNMENTS[0]} in {store.uri}: run `imoe build --until discover` first")
     assignments: pa.Table = store.read_table(*ASSIGNMENTS, columns=["id", "top_category"])
     labels = read_labels(labels_path, label_column, cfg)
-    ids = assignments.column("id").to_pylist()
-    predicted = assignments.column("top_category").to_numpy()
+    return label_scores(assignments.column("id").to_pylist(), assignments.column("top_category").to_numpy(),
+                        labels, labels_path)
+
+
+def label_scores(ids: list[str], predicted: np.ndarray, labels: dict[str, str], source: str) -> dict:
+    """NMI and ARI of per-chunk categories (`ids`: each chunk's document id; -1 = none, its own label)
+    against the labels of the documents that have one."""
     known = np.array([i in labels for i in ids])
     if not known.any():
-        raise CorpusError(f"no id of {labels_path} matches the store's assignments: is it the same corpus?")
+        raise CorpusError(f"no id of {source} matches the store's chunks: is it the same corpus?")
     truth = [labels[i] for i, k in zip(ids, known) if k]
-    pred = predicted[known]
+    pred = np.asarray(predicted)[known]
     clustered = pred >= 0
     truth_arr = np.array(truth)
     return {

@@ -61,5 +61,12 @@ class ExpertsWatcher:
         installed = installed_experts(self.store)
         sync_router(planner.router, self.store)
         planner.experts = set(installed)
+        if planner.retriever is not None and hasattr(planner.retriever, "experts"):
+            from imoe_ray.retrieval.serving import expert_categories
+
+            # in place: the Learner holds the same mapping, so both see the new expert's tables
+            mapping = planner.retriever.experts
+            mapping.clear()
+            mapping.update(expert_categories(self.store))
         self._seen = stamp
         return installed

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from imoe_ray.config import Config
+from imoe_ray.retrieval.fusion import configured
 from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
 from imoe_ray.store import Store
 
@@ -64,8 +65,6 @@ def heldout_queries(store: Store, cfg: Config, kb: KnowledgeBase, heldout: str |
     """(queries, relevant chunk ids, kind of view). Default: the store's held-out chunks (the router's
     test rows), each chunk's views relevant to that chunk; with a file: its rows' views, relevant to the
     knowledge base's chunks of the same row id (rows the store does not hold are skipped)."""
-    from imoe_ray.routing.views import chunk_views
-
     if heldout:
         from imoe_ray.corpus.readers import read_corpus_table
 
@@ -78,13 +77,29 @@ def heldout_queries(store: Store, cfg: Config, kb: KnowledgeBase, heldout: str |
             raise KnowledgeBaseError(f"no row of {heldout} is in the store's knowledge base (matched by id): "
                                      f"nothing to retrieve; pass held-out rows of the corpus the store was built from")
     else:
-        from imoe_ray.experts.stage import heldout_texts
-
-        texts, chunk_ids = heldout_texts(store, cfg)
-        rows = [(t, {c}) for t, c in zip(texts, chunk_ids)]
+        rows = [(t, {c}) for t, c in split_chunks(store, cfg, "test")]
         if not rows:
             raise KnowledgeBaseError("the store has no held-out chunks (router.test_fraction is 0?): pass --heldout")
-    rng = np.random.default_rng(cfg.router.seed)
+    return view_queries(rows, cfg, tokenizer, max_queries, cfg.router.seed)
+
+
+def split_chunks(store: Store, cfg: Config, split: str) -> list[tuple[str, str]]:
+    """(text, chunk id) of the store's chunks in one of the router's splits (train, calib, test)."""
+    from imoe_ray.routing.views import split_of
+
+    table = store.read_table("corpus", "chunks", columns=["id", "chunk_id", cfg.corpus.text_column])
+    return [(t, c) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_id").to_pylist(),
+                                      table.column(cfg.corpus.text_column).to_pylist())
+            if t and split_of(str(i), cfg.router.calib_fraction, cfg.router.test_fraction) == split]
+
+
+def view_queries(rows: list[tuple[str, set[str]]], cfg: Config, tokenizer, max_queries: int | None,
+                 seed: int) -> tuple[list[str], list[set[str]], list[str]]:
+    """Query-like views (the router's: a prefix, a sentence, key terms) of (text, relevant ids) rows,
+    at most `max_queries` of them, drawn at random."""
+    from imoe_ray.routing.views import chunk_views
+
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
     texts, relevant = [rows[i][0] for i in order], [rows[i][1] for i in order]
     views = chunk_views(texts, np.arange(len(texts)), tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms)
@@ -93,6 +108,28 @@ def heldout_queries(store: Store, cfg: Config, kb: KnowledgeBase, heldout: str |
         pick = np.sort(rng.choice(len(queries), max_queries, replace=False))
         queries, rel, kinds = [queries[i] for i in pick], [rel[i] for i in pick], [kinds[i] for i in pick]
     return queries, rel, kinds
+
+
+def calibrate_fusion(store: Store, cfg: Config, kb: KnowledgeBase, tokenizer, report: Callable[[str], None] = print):
+    """The hybrid-search weight of a knowledge base, chosen on views of the router's calibration
+    chunks (the training chunks when there is no calibration split), never on the test chunks."""
+    from imoe_ray.retrieval.fusion import Fusion, calibrate
+
+    rc = cfg.retrieval
+    split = "calib" if cfg.router.calib_fraction > 0 else "train"
+    rows = [(t, {c}) for t, c in split_chunks(store, cfg, split)]
+    if not rows:
+        return Fusion(rc.fusion, 0.5, rc.rrf_k, {"queries": 0, "source": f"no {split} chunks: not calibrated"})
+    queries, relevant, _ = view_queries(rows, cfg, tokenizer, rc.calibration_queries, cfg.router.seed + 1)
+    vectors = kb.embed(queries)
+    depth = max(rc.candidates, 10)  # as `evaluate_retrieval` searches
+    pairs = kb.candidates_many(queries, vectors, depth)
+    fusion = calibrate(pairs, relevant, rc.fusion, rc.rrf_k, source=f"views of the {split} chunks", depth=depth)
+    c = fusion.calibration
+    report(f"hybrid fusion ({rc.fusion}) calibrated on {len(queries)} views of {split} chunks: vector weight "
+           f"{fusion.vector_weight} (MRR@10 {c['mrr@10'][str(fusion.vector_weight)]} vs text {c['text_only_mrr@10']}, "
+           f"vector {c['vector_only_mrr@10']})")
+    return fusion
 
 
 def reembedded(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], directory: Path) -> KnowledgeBase:
@@ -140,15 +177,18 @@ def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, te
         if encoder:
             report(f"re-embedding the knowledge base with {encoder}")
             kb = reembedded(kb, embed, Path(tmp) / "kb")
+            if rc.vector_weight is None and rc.calibration_queries:  # another encoder: another weight
+                kb.fusion = calibrate_fusion(store, cfg, kb, enc.tokenizer, report)
+        kb.fusion = configured(kb.fusion, rc)
         queries, relevant, kinds = heldout_queries(store, cfg, kb, heldout, text_column, max_queries, enc.tokenizer)
         report(f"{len(queries)} held-out queries over {len(kb.names())} knowledge-base tables")
         vectors = embed(queries)
         result: dict = {"queries": len(queries), "views": {k: kinds.count(k) for k in sorted(set(kinds))},
                         "tables": len(kb.names()), "encoder": encoder or cfg.embedding.encoder,
-                        "encode_ms_per_passage": encode_ms_per_passage(kb, embed)}
+                        "encode_ms_per_passage": encode_ms_per_passage(kb, embed), "fusion": kb.fusion.to_json()}
         hybrid_hits = []
         for mode in MODES:
-            hits = [kb.search(q, k=max(10, pool), mode=mode, candidates=max(rc.candidates, 10), rrf_k=rc.rrf_k, vector=v)
+            hits = [kb.search(q, k=max(10, pool), mode=mode, candidates=max(rc.candidates, 10), vector=v)
                     for q, v in zip(queries, vectors)]
             result[mode] = ranking_metrics([[p.chunk_id for p in h] for h in hits], relevant)
             if mode == "hybrid":
@@ -160,11 +200,11 @@ def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, te
             prompts = [(queries[i], [p.text for p in hybrid_hits[i][:pool]], [p.chunk_id for p in hybrid_hits[i][:pool]])
                        for i in range(n)]
             report(f"compression: {n} prompts of a query and its top-{pool} passages")
-            plain = _pool_recall(prompts, prompts, relevant[:n], embed, Path(tmp) / "pools-none", rc.rrf_k)
+            plain = _pool_recall(prompts, prompts, relevant[:n], embed, Path(tmp) / "pools-none", kb.fusion)
             for key, compressor in (("compression", selective), ("compression_baseline", filler)):
                 out = [compressor.reduce(q, passages, rc.compression_ratio) for q, passages, _ in prompts]
                 squeezed = [(c.question, c.passages, ids) for c, (_, _, ids) in zip(out, prompts)]
-                r5 = _pool_recall(prompts, squeezed, relevant[:n], embed, Path(tmp) / f"pools-{key}", rc.rrf_k)
+                r5 = _pool_recall(prompts, squeezed, relevant[:n], embed, Path(tmp) / f"pools-{key}", kb.fusion)
                 original, kept = sum(c.original_tokens for c in out), sum(c.compressed_tokens for c in out)
                 result[key] = {"method": "selective" if compressor is selective else "filler",
                                "ratio": round(original / max(kept, 1), 3), "r@5_retained": round(r5 / plain, 4) if plain else None,
@@ -178,7 +218,7 @@ def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, te
     return result
 
 
-def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed, directory: Path, rrf_k: int) -> float:
+def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed, directory: Path, fusion) -> float:
     """R@5 of hybrid search, within each query's own pool of (possibly compressed) passages."""
     import lancedb
 
@@ -195,8 +235,8 @@ def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed,
     table = pa.table(rows).append_column(
         "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
     lancedb.connect(str(directory)).create_table("pools", data=table)
-    kb = KnowledgeBase(directory, embed, "text")
+    kb = KnowledgeBase(directory, embed, "text", fusion=fusion)
     query_vectors = embed([q or " " for q, _, _ in prompts])
-    ranked = [[p.chunk_id for p in kb.search(q, k=5, mode="hybrid", where=f"pool = {i}", rrf_k=rrf_k, vector=v)]
+    ranked = [[p.chunk_id for p in kb.search(q, k=5, mode="hybrid", where=f"pool = {i}", vector=v)]
               for i, ((q, _, _), v) in enumerate(zip(prompts, query_vectors))]
     return ranking_metrics(ranked, relevant)["r@5"]

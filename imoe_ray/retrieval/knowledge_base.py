@@ -1,8 +1,9 @@
 """Per-category knowledge bases: the LanceDB tables the shard stage writes (`STORE/kb/<category>.lance`).
 
 Search is vector (cosine on the embedding column), full-text (LanceDB's native BM25 index, no
-tantivy needed; built lazily when a table lacks it) or hybrid: both lists fused by reciprocal rank
-(RRF), across every table searched, with duplicates (a chunk in several categories) kept once.
+tantivy needed; built lazily when a table lacks it) or hybrid: both lists fused (`fusion.py`: a
+weighted sum of max-normalised scores, the weight calibrated per store), across every table
+searched, with duplicates (a chunk in several categories) kept once.
 Every hit carries its cosine similarity to the query, which is what the relevance floor reads in
 every mode (BM25 and RRF scores are not comparable across queries).
 """
@@ -21,6 +22,8 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 
+from imoe_ray.retrieval.fusion import Fusion, fuse, load_fusion
+
 SearchMode = Literal["hybrid", "vector", "text"]
 LOCKS = ".locks"
 _FTS_SAFE = re.compile(r"[^\w\s]+")
@@ -36,7 +39,7 @@ class Passage:
     id: str
     text: str
     table: str
-    score: float            # the mode's own score: cosine (vector), BM25 (text), RRF (hybrid)
+    score: float            # the mode's own score: cosine (vector), BM25 (text), fused (hybrid)
     similarity: float       # cosine of the passage's embedding and the query's
     source: str = "corpus"  # "learned": appended from an answer
 
@@ -67,10 +70,11 @@ def fts_query(text: str) -> str:
 
 
 class KnowledgeBase:
-    """The tables of one store's `kb/` directory; `embed` turns query texts into L2-normalised vectors."""
+    """The tables of one store's `kb/` directory; `embed` turns query texts into L2-normalised vectors.
+    Hybrid search fuses with `fusion`, by default the one calibrated for this knowledge base."""
 
     def __init__(self, kb_dir: str | Path, embed: Callable[[list[str]], np.ndarray], text_column: str = "text",
-                 consistency_s: float = 0.0):
+                 consistency_s: float = 0.0, fusion: Fusion | None = None):
         import lancedb  # imported late: its runtime must not be loaded before Ray forks workers
 
         self.dir = Path(kb_dir)
@@ -80,6 +84,7 @@ class KnowledgeBase:
         self.db = lancedb.connect(str(self.dir), read_consistency_interval=timedelta(seconds=consistency_s))
         self.embed = embed
         self.text_column = text_column
+        self.fusion = fusion or load_fusion(self.dir) or Fusion()
         self._tables: dict[str, object] = {}
         self._schemas: dict[int, set[str]] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kb")
@@ -106,17 +111,28 @@ class KnowledgeBase:
 
     def search(self, query: str, tables: list[str] | None = None, k: int = 4, mode: SearchMode = "hybrid",
                min_similarity: float | None = None, where: str | None = None, candidates: int = 20,
-               rrf_k: int = 60, vector: np.ndarray | None = None) -> list[Passage]:
+               fusion: Fusion | None = None, vector: np.ndarray | None = None) -> list[Passage]:
         """The top-k passages of the named tables (all tables when None or empty) for `query`.
         `where` is a SQL filter on the table's columns (e.g. "source = 'learned'"), applied before ranking."""
         if mode not in ("hybrid", "vector", "text"):
             raise KnowledgeBaseError(f"search mode must be hybrid, vector or text, not {mode!r}")
+        depth = max(k, candidates)
+        by_vector, by_text = self.candidates(query, tables, depth, mode, where, vector)
+        ranked = by_vector if mode == "vector" else by_text if mode == "text" else fuse(by_vector, by_text,
+                                                                                         fusion or self.fusion, depth)
+        if min_similarity is not None:
+            ranked = [p for p in ranked if p.similarity >= min_similarity]
+        return ranked[:k]
+
+    def candidates(self, query: str, tables: list[str] | None = None, n: int = 20, mode: SearchMode = "hybrid",
+                   where: str | None = None, vector: np.ndarray | None = None) -> tuple[list[Passage], list[Passage]]:
+        """The best `n` of each list (by vector, by text; the one `mode` does not use is empty),
+        over every named table, each chunk once."""
         known = self.names()
         names = [t for t in tables if t in known] if tables else known
         if vector is None:
             vector = self.embed([query])[0]
         vector = np.asarray(vector, np.float32)
-        n = max(k, candidates)
         tasks = []
         for name in names:
             table = self.table(name)
@@ -128,12 +144,20 @@ class KnowledgeBase:
         results = list(self._pool.map(lambda task: task[1](), tasks)) if len(tasks) > 1 else [t[1]() for t in tasks]
         by_vector = [p for (kind, _), hits in zip(tasks, results) if kind == "vector" for p in hits]
         by_text = [p for (kind, _), hits in zip(tasks, results) if kind == "text" for p in hits]
-        by_vector = _unique(sorted(by_vector, key=lambda p: -p.score))[:n]
-        by_text = _unique(sorted(by_text, key=lambda p: -p.score))[:n]
-        ranked = by_vector if mode == "vector" else by_text if mode == "text" else rrf([by_vector, by_text], rrf_k)
-        if min_similarity is not None:
-            ranked = [p for p in ranked if p.similarity >= min_similarity]
-        return ranked[:k]
+        return _unique(sorted(by_vector, key=lambda p: -p.score))[:n], _unique(sorted(by_text, key=lambda p: -p.score))[:n]
+
+    def candidates_many(self, queries: list[str], vectors: np.ndarray, n: int = 20) -> list[tuple[list[Passage], list[Passage]]]:
+        """`candidates` of many queries over every table, as `calibrate` needs them: one batched
+        vector search per table (one LanceDB call for all queries), full-text one query at a time."""
+        vectors = np.asarray(vectors, np.float32)
+        by_vector: list[list[Passage]] = [[] for _ in queries]
+        for name in self.names():
+            table = self.table(name)
+            q = table.search(vectors, vector_column_name="embedding").distance_type("cosine").limit(n)
+            for r in _rows(q.select([c for c in self._columns(table) if c != "embedding"] + ["_distance"])):
+                by_vector[int(r.get("query_index", 0))].append(self._passage(r, name, 1.0 - float(r["_distance"])))
+        return [(_unique(sorted(hits, key=lambda p: -p.score))[:n], self.candidates(query, None, n, "text", vector=v)[1])
+                for query, v, hits in zip(queries, vectors, by_vector)]
 
     def _columns(self, table) -> list[str]:
         if id(table) not in self._schemas:  # reading the schema costs a round trip: once per table
@@ -186,21 +210,6 @@ def _unique(passages: list[Passage]) -> list[Passage]:
         if p.chunk_id not in seen:
             seen.add(p.chunk_id)
             out.append(p)
-    return out
-
-
-def rrf(lists: list[list[Passage]], k: int = 60) -> list[Passage]:
-    """Reciprocal-rank fusion: score = sum over lists of 1 / (k + rank), rank from 1."""
-    fused: dict[str, Passage] = {}
-    scores: dict[str, float] = {}
-    for ranked in lists:
-        for rank, p in enumerate(ranked, 1):
-            fused.setdefault(p.chunk_id, p)
-            scores[p.chunk_id] = scores.get(p.chunk_id, 0.0) + 1.0 / (k + rank)
-    out = []
-    for cid in sorted(scores, key=scores.get, reverse=True):
-        p = fused[cid]
-        out.append(Passage(p.chunk_id, p.id, p.text, p.table, scores[cid], p.similarity, p.source))
     return out
 
 

@@ -9,6 +9,7 @@ table nor duplicate a row; LanceDB's own versioning keeps every earlier version 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError, table_lock
 
 LEARNED = "learned"
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
 # Columns the shard stage does not write, added (as SQL expressions for the existing rows) on first use.
 PROVENANCE = {"source": "'corpus'", "request_id": "CAST(NULL AS STRING)", "created_at": "CAST(NULL AS DOUBLE)",
               "expert": "CAST(NULL AS STRING)", "text_hash": "CAST(NULL AS STRING)"}
@@ -46,12 +48,37 @@ class Learned:
     duplicate: list[str]    # tables that already held it
 
 
+def create_table(kb: KnowledgeBase, name: str) -> bool:
+    """An empty table for an expert that has none (one installed from a package after the build),
+    shaped like the shard stage's tables plus the provenance columns. False when the name is not a
+    safe file name or there is no table to copy the embedding width from."""
+    import pyarrow as pa
+
+    existing = kb.names()
+    if name in existing:
+        return True
+    if not _TABLE_NAME.match(name) or not existing:
+        return False
+    like = kb.table(existing[0]).schema
+    fields = [like.field(c) for c in ("chunk_id", "id", kb.text_column, "embedding")]
+    fields += [pa.field("source", pa.string()), pa.field("request_id", pa.string()),
+               pa.field("created_at", pa.float64()), pa.field("expert", pa.string()), pa.field("text_hash", pa.string())]
+    with table_lock(kb.dir, name):
+        if name not in kb.names():
+            kb.db.create_table(name, schema=pa.schema(fields), exist_ok=True)
+    return True
+
+
 def learn(kb: KnowledgeBase, question: str, answer: str, tables: list[str], request_id: str,
-          max_chars: int = 4000, vector: np.ndarray | None = None) -> Learned:
-    """Append one exchange to each named table (unknown names are skipped), once per table."""
+          max_chars: int = 4000, vector: np.ndarray | None = None, create: bool = False) -> Learned:
+    """Append one exchange to each named table, once per table. Names without a table are skipped,
+    or, with `create`, get a new empty table first (an expert installed after the build)."""
     text = learned_text(question, answer, max_chars)
     digest = normalised_hash(text)
     chunk_id = f"{LEARNED}-{digest[:16]}"
+    if create and answer.strip():
+        for name in dict.fromkeys(tables):
+            create_table(kb, name)
     names = [t for t in dict.fromkeys(tables) if t in set(kb.names())]
     if not names or not answer.strip():
         return Learned(chunk_id, [], [])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imoe_ray.compression.units import Compressed, count_tokens, key_terms
 from imoe_ray.config import Config
+from imoe_ray.retrieval.fusion import configured
 from imoe_ray.retrieval.knowledge_base import KnowledgeBase, Passage, open_knowledge_base
 from imoe_ray.retrieval.learning import Learned, learn
 
@@ -32,9 +33,12 @@ class StoreRetriever:
         out = [t for n in names for t in ([n] if n in known else self.experts.get(n, []))]
         return list(dict.fromkeys(t for t in out if t in known))
 
-    def retrieve(self, query: str, categories: list[str], k: int) -> list[Passage]:
+    def embed(self, query: str):
+        return self.kb.embed([query])[0]
+
+    def retrieve(self, query: str, categories: list[str], k: int, vector=None) -> list[Passage]:
         return self.kb.search(query, self.tables(categories) or None, k=k, mode=self.rc.search,
-                              min_similarity=self.rc.min_similarity, candidates=self.rc.candidates, rrf_k=self.rc.rrf_k)
+                              min_similarity=self.rc.min_similarity, candidates=self.rc.candidates, vector=vector)
 
 
 class PromptCompressor:
@@ -91,8 +95,8 @@ class Learner:
         self.kb, self.rc, self.experts = kb, cfg.retrieval, experts
 
     def learn(self, question: str, answer: str, experts: list[str], request_id: str) -> Learned:
-        tables = [t for e in experts for t in self.experts.get(e, [])]
-        return learn(self.kb, question, answer, tables, request_id, self.rc.learn_max_chars)
+        tables = [t for e in experts for t in self.experts.get(e, [e])]
+        return learn(self.kb, question, answer, tables, request_id, self.rc.learn_max_chars, create=True)
 
 
 def build_components(store: str | Path, cfg: Config, threads: int | None = 1):
@@ -103,5 +107,6 @@ def build_components(store: str | Path, cfg: Config, threads: int | None = 1):
     experts = expert_categories(store)
     kb = open_knowledge_base(store, cfg.embedding.encoder, cfg.embedding.max_tokens, cfg.corpus.text_column,
                              consistency_s=1.0, threads=threads)
+    kb.fusion = configured(kb.fusion, cfg.retrieval)
     learner = Learner(kb, cfg, experts) if cfg.retrieval.learn else None
     return StoreRetriever(kb, cfg, experts), compressor, learner

@@ -11,6 +11,7 @@ Modes:
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -22,8 +23,10 @@ SUMMARIZER = "summarizer"
 
 
 class Retriever(Protocol):
-    """Passages (with `.text` and `.citation()`) of the categories' knowledge bases (all when none)."""
-    def retrieve(self, query: str, categories: list[str], k: int) -> list: ...
+    """Passages (with `.text` and `.citation()`) of the categories' knowledge bases (all when none);
+    `embed` is the query's vector, which `retrieve` takes instead of encoding the query itself."""
+    def embed(self, query: str): ...
+    def retrieve(self, query: str, categories: list[str], k: int, vector=None) -> list: ...
 
 
 class Compressor(Protocol):
@@ -72,6 +75,7 @@ class Planner:
         self.top_k = top_k
         self.retriever, self.compressor = retriever, compressor
         self.retrieval_k, self.context_budget = retrieval_k, context_budget
+        self._encoding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-encode")
 
     def models(self) -> list[str]:
         """What `model` may name: the routed mixture, the base model, or one expert."""
@@ -79,6 +83,9 @@ class Planner:
 
     def plan(self, model: str, query: str, prompt: str, options: ImoeOptions) -> Plan:
         mode = options.mode or self.mode
+        # the query's vector does not depend on the route: it is encoded while the router runs
+        vector = self._encoding.submit(self.retriever.embed, query) \
+            if mode == "optimized" and self.retriever is not None else None
         if model != ROUTED_MODEL and model != BASE and model not in self.experts:
             raise ApiError(404, f"the model {model!r} does not exist; use 'imoe' (routed), 'base', or one of the "
                                 f"experts listed at GET /v1/experts", param="model", code="model_not_found")
@@ -87,7 +94,7 @@ class Planner:
         else:
             plan = self._routed(query, prompt, mode, options)
         if mode in ("fast", "optimized"):
-            self._add_context(plan, query, retrieve=mode == "optimized")
+            self._add_context(plan, query, retrieve=mode == "optimized", vector=vector)
         if len(plan.experts) > 1:
             plan.fusion = options.fusion or (SUMMARIZER if mode == "optimized" and SUMMARIZER in self.experts
                                              else "mixture")
@@ -121,14 +128,15 @@ class Planner:
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 
-    def _add_context(self, plan: Plan, query: str, retrieve: bool = True) -> None:
+    def _add_context(self, plan: Plan, query: str, retrieve: bool = True, vector: Future | None = None) -> None:
         """Retrieval (`optimized`) and compression (`fast`, `optimized`) slots: filled when the
-        deployment was given the components."""
+        deployment was given the components. The retrieval timing is what retrieval adds after
+        routing: the rest of the query's encoding, the search and the fusion."""
         passages = []
         if retrieve and self.retriever is not None:
             started = time.perf_counter()
             found = self.retriever.retrieve(query, plan.categories or [e for e in plan.experts if e != BASE],
-                                            self.retrieval_k)
+                                            self.retrieval_k, vector=vector.result() if vector else None)
             plan.timings_ms["retrieval"] = (time.perf_counter() - started) * 1000
             plan.passages, plan.citations = len(found), [p.citation() for p in found]
             passages = [p.text for p in found]

@@ -66,7 +66,9 @@ def shard_table(store: Store, cfg: Config) -> tuple[pa.Table, str]:
     return table, "router" if routed else "discovery"
 
 
-def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table) -> None:
+def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table,
+              report: Callable[[str], None]) -> dict:
+    """The per-category LanceDB tables, and the hybrid-search fusion calibrated on them."""
     import lancedb  # imported late: its runtime must not be loaded before Ray forks workers
 
     text = cfg.corpus.text_column
@@ -76,7 +78,22 @@ def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table)
         rows = table.filter(in_category(table.column("categories"), cid))
         kb = db.create_table(name, data=rows.select(["chunk_id", "id", text, "embedding"]))
         kb.create_fts_index(text, use_tantivy=False, replace=True)  # native BM25 index: hybrid search
+    fusion = _calibrate_fusion(store, cfg, temp, report) if cfg.retrieval.calibration_queries else None
     store.commit(temp, KB)
+    return {"fusion_vector_weight": fusion.vector_weight if fusion else None}
+
+
+def _calibrate_fusion(store: Store, cfg: Config, kb_dir: str, report: Callable[[str], None]):
+    from imoe_ray.embedding.encoder import Encoder
+    from imoe_ray.retrieval.evaluate import calibrate_fusion
+    from imoe_ray.retrieval.fusion import save_fusion
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBase
+
+    encoder = Encoder(cfg.embedding.encoder, max_tokens=cfg.embedding.max_tokens, device="cpu")
+    kb = KnowledgeBase(kb_dir, lambda texts: encoder.encode(texts, batch_size=64), cfg.corpus.text_column)
+    fusion = calibrate_fusion(store, cfg, kb, encoder.tokenizer, report)
+    save_fusion(kb_dir, fusion)
+    return fusion
 
 
 def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] = print) -> dict:
@@ -95,11 +112,12 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
         sizes[name] = store.read_table(SHARDS, name, columns=["chunk_id"]).num_rows
     for stale in set(store.listdir(SHARDS)) - set(names.values()) - {"index.json"}:
         store.remove(SHARDS, stale)
+    kb_metrics = {}
     if cfg.sharding.write_lancedb and store.is_local:
-        _write_kb(store, cfg, names, table)
+        kb_metrics = _write_kb(store, cfg, names, table, report)
     fallback = int(pc.sum(pc.equal(pc.list_value_length(table.column("categories")), 0)).as_py() or 0)
     index = {"categories": [{"id": cid, "name": name, "rows": sizes[name]} for cid, name in names.items()],
              "fallback_rows": fallback, "classifier": classifier}
     store.write_json(index, *INDEX)
-    return {"shard_rows": sizes, "fallback_rows": fallback, "classifier": classifier}
+    return {"shard_rows": sizes, "fallback_rows": fallback, "classifier": classifier, **kb_metrics}
 
