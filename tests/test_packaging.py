@@ -358,6 +358,9 @@ def test_rebuilding_the_experts_keeps_installed_packages(ray_session, built, tmp
 
 
 def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBase
+    from imoe_ray.retrieval.learning import list_learned
+
     cfg, built_store, _ = built
     store = tmp_path / "store"
     shutil.copytree(built_store.root, store)
@@ -387,6 +390,13 @@ def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
         answer = requests.post(f"{base}/v1/completions", json={"model": "hot-added", "prompt": "the", "max_tokens": 4},
                                timeout=120)
         assert answer.status_code == 200, answer.text                  # a replica loaded it from the store
+        ask = {"model": "hot-added", "prompt": query, "max_tokens": 8, "imoe": {"mode": "optimized"}}
+        first = requests.post(f"{base}/v1/completions", json=ask, timeout=120)
+        assert first.status_code == 200, first.text                    # no table of its own yet: all tables searched
+        wait_for(lambda: [r for r in list_learned(KnowledgeBase(store / "kb", None)) if r["table"] == "hot-added"],
+                 "the answer was not learned into a new table of the expert's")
+        again = requests.post(f"{base}/v1/completions", json=ask, timeout=120).json()
+        assert {c["table"] for c in again["imoe"]["citations"]} == {"hot-added"}, again["imoe"]  # its own table now
         assert subprocess.run([IMOE, "experts", "remove", "hot-added", "--store", str(store)]).returncode == 0
         wait_for(lambda: "hot-added" not in models(), "the removed expert is still listed")
         route = requests.post(f"{base}/v1/route", json={"text": query}, timeout=60).json()
