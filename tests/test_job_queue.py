@@ -158,8 +158,9 @@ def jobs_server(ray_cluster, served_store, tmp_path_factory):
     shutil.copytree(served_store, store, ignore=shutil.ignore_patterns("jobs"))
     log_path = store.parent / "serve.log"
     proc, base = start_imoe_serve(store, ray_cluster["env"], SETTINGS, log_path)
-    yield {"url": f"{base}/v1", "store": store, "log": log_path}
-    stop_imoe_serve(proc)
+    server = {"url": f"{base}/v1", "store": store, "log": log_path, "proc": proc}
+    yield server
+    stop_imoe_serve(server["proc"])  # the restart test replaces it
 
 
 def _wait(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 120) -> dict:
@@ -229,3 +230,32 @@ def test_jobs_survive_killing_the_job_queue_replica(ray_session, jobs_server, se
     assert [v["state"] for v in views] == ["succeeded", "succeeded"], views
     assert views[0]["output"] == views[1]["output"], "the same greedy job: the same output, restart or not"
     assert serve.status().applications["imoe"].status in ("RUNNING", "DEPLOYING")
+
+
+def test_jobs_survive_restarting_the_whole_application(ray_cluster, jobs_server, served_store):
+    """The module's `imoe serve` stopped (SIGTERM: the Serve application is deleted) while one job
+    runs and others wait, then started again on the same store: the jobs finish with the same
+    greedy output as a job never interrupted (no token lost or duplicated). A deadline that passes
+    while its job waits fails it, over HTTP too. Runs last: it restarts the module's server."""
+    expert = json.loads((served_store / "experts" / "index.json").read_text())["experts"][0]["name"]
+    body = {"agent": "restart", "prompt": "the array is sorted and", "experts": [expert], "max_tokens": 48}
+    url, store = jobs_server["url"], jobs_server["store"]
+
+    def submit(job: dict) -> str:
+        r = requests.post(f"{url}/jobs", json=job, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    whole = _wait(url, submit(body))  # uninterrupted
+    ids = [submit(body) for _ in range(24)]  # slots=1: they run one after another
+    late = submit(body | {"deadline_s": 0.5})
+    _wait(url, ids[0], states=("running", "succeeded"))
+    stop_imoe_serve(jobs_server["proc"])
+    saved = [json.loads((store / "jobs" / f"{i}.json").read_text())["state"] for i in ids]
+    assert saved[-1] in ("queued", "running", "preempted"), saved  # unfinished when the application stopped
+    jobs_server["proc"], base = start_imoe_serve(store, ray_cluster["env"], SETTINGS, jobs_server["log"])
+    views = [_wait(f"{base}/v1", i, timeout=180) for i in ids]
+    assert [v["state"] for v in views] == ["succeeded"] * len(ids), views
+    assert [v["output"] for v in views] == [whole["output"]] * len(ids), "the same greedy output across the restart"
+    expired = _wait(f"{base}/v1", late)
+    assert expired["state"] == "failed" and "deadline" in expired["error"], expired
