@@ -14,6 +14,8 @@ The deployments are thin: the work is in `imoe_ray.serving` (plain Python).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
 import time
@@ -44,15 +46,16 @@ _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableEr
 
 # ---- expert replicas -------------------------------------------------------------------------
 class _Resident:
-    """What the multiplexed LRU holds per adapter; its eviction drops the adapter from the bank."""
+    """What the multiplexed LRU holds per adapter; its eviction drops the adapter from the bank
+    (`evict`: at once, or when the batches decoding with it are done)."""
 
-    def __init__(self, model: ServingModel, name: str, on_evict):
-        self.model, self.name, self._on_evict = model, name, on_evict
+    def __init__(self, name: str, evict):
+        self.name, self._evict = name, evict
 
     def __del__(self):
-        if self.model is not None and self.model.bank.evict(self.name):
-            self._on_evict(self.name)
-        self.model = None
+        if self._evict is not None:
+            self._evict(self.name)
+        self._evict = None
 
 
 def _rows(jobs: list[dict]) -> int:
@@ -80,12 +83,34 @@ class Experts:
         self.batch_rows = metrics.Histogram("imoe_batch_rows", "rows decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
         self.pending = 0
+        # two batches decode at once: an adapter the LRU drops while the other batch still decodes
+        # with it leaves the bank only when that batch is done
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self._evict_later: set[str] = set()
 
     async def _load(self, name: str) -> _Resident:
+        self._evict_later.discard(name)
         ms = await asyncio.to_thread(self.model.ensure, name)
         self.loads.inc(tags={"expert": name})
         self.load_ms.observe(ms)
-        return _Resident(self.model, name, lambda n: self.evictions.inc(tags={"expert": n}))
+        return _Resident(name, self._evict)
+
+    def _evict(self, name: str) -> None:
+        if self._in_use[name] > 0:
+            self._evict_later.add(name)
+        elif self.model.bank.evict(name):
+            self.evictions.inc(tags={"expert": name})
+
+    @contextlib.contextmanager
+    def _pinned(self, names: list[str]):
+        self._in_use.update(names)
+        try:
+            yield
+        finally:
+            self._in_use.subtract(names)
+            for name in [n for n in names if self._in_use[n] <= 0 and n in self._evict_later]:
+                self._evict_later.discard(name)
+                self._evict(name)
 
     async def generate(self, job: dict) -> dict:
         """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
@@ -105,7 +130,10 @@ class Experts:
         finally:
             self._pending(-1)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows)
+    # Two batches may decode at once, their steps interleaved on the event loop: a request that
+    # arrives while a long batch decodes starts within a step or two instead of after that batch
+    # (an urgent job's first token, a short request behind long ones).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows, max_concurrent_batches=2)
     async def _decode_whole(self, jobs: list[dict]) -> list[dict]:
         results: list[dict] = [{"tokens": []} for _ in jobs]
         async for out in self._decode(jobs, budget_s=None):
@@ -114,7 +142,7 @@ class Experts:
                     results[i] = part | {"tokens": results[i]["tokens"] + part["tokens"]}
         return results
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows, max_concurrent_batches=2)
     async def _decode_stream(self, jobs: list[dict]):
         finished = [False] * len(jobs)
         async for out in self._decode(jobs, budget_s=STREAM_EVERY_S):
@@ -128,24 +156,25 @@ class Experts:
         self.batch_rows.observe(_rows(jobs))
         for group in _groups(jobs, self.capacity):
             load_ms = 0.0
-            for name in dict.fromkeys(e for i in group for e in jobs[i]["request"]["experts"]):
-                if name != BASE:
+            names = [n for n in dict.fromkeys(e for i in group for e in jobs[i]["request"]["experts"]) if n != BASE]
+            with self._pinned(names):
+                for name in names:
                     started = time.perf_counter()
                     await self.adapter(name)
                     load_ms += (time.perf_counter() - started) * 1000
-            requests = [GenerationRequest(**jobs[i]["request"]) for i in group]
-            steps = self.model.steps(requests)
-            started = time.perf_counter()
-            done = False
-            while not done:
-                new, done = await _advance(steps, len(requests), budget_s)
-                elapsed = (time.perf_counter() - started) * 1000
-                out: list[Any] = [None] * len(jobs)
-                for g, i in enumerate(group):
-                    if new[g].token_ids or new[g].finish_reason:
-                        out[i] = {"tokens": new[g].token_ids, "finish_reason": new[g].finish_reason,
-                                  "load_ms": load_ms, "generate_ms": elapsed, "batch_rows": _rows(jobs)}
-                yield out
+                requests = [GenerationRequest(**jobs[i]["request"]) for i in group]
+                steps = self.model.steps(requests)
+                started = time.perf_counter()
+                done = False
+                while not done:
+                    new, done = await _advance(steps, len(requests), budget_s)
+                    elapsed = (time.perf_counter() - started) * 1000
+                    out: list[Any] = [None] * len(jobs)
+                    for g, i in enumerate(group):
+                        if new[g].token_ids or new[g].finish_reason:
+                            out[i] = {"tokens": new[g].token_ids, "finish_reason": new[g].finish_reason,
+                                      "load_ms": load_ms, "generate_ms": elapsed, "batch_rows": _rows(jobs)}
+                    yield out
 
     def _pending(self, delta: int) -> None:
         self.pending += delta
