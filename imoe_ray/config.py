@@ -248,21 +248,21 @@ class MoeEncoderConfig(_Section):
                                                       description="mined pairs: query-like view of a chunk, next chunk of its document")
     steps: int | None = Field(None, ge=1, description="optimizer steps; null: by hardware (see `resolved`)")
     batch_size: int | None = Field(None, ge=2, description="pairs per step; null: by hardware")
-    lr: float = Field(3e-5, gt=0)
+    lr: float | None = Field(None, gt=0, description="learning rate; null: by hardware")
     router_lr: float = Field(1e-3, gt=0, description="learning rate of the routers (new weights)")
     max_tokens: int | None = Field(None, ge=8, description="truncation length while training; null: by hardware")
     utilisation_chunks: int = Field(256, ge=1, description="training chunks encoded after training to record expert utilisation")
     cpus: int | None = Field(None, ge=1, description="CPUs of the training worker; default: every CPU of the cluster")
     seed: int = 0
 
-    # what a null steps / batch_size / max_tokens becomes: the GPU settings take ~15 s a step on 2 CPUs
+    # what a null steps / batch_size / max_tokens / lr becomes: the GPU settings take ~15 s a step on 2 CPUs
     BY_HARDWARE: ClassVar[dict[str, dict[str, int]]] = {
-        "gpu": {"steps": 200, "batch_size": 32, "max_tokens": 128},
-        "cpu": {"steps": 100, "batch_size": 16, "max_tokens": 64},
+        "gpu": {"steps": 200, "batch_size": 32, "max_tokens": 128, "lr": 3e-5},
+        "cpu": {"steps": 50, "batch_size": 32, "max_tokens": 64, "lr": 1e-4},
     }
 
     def resolved(self, gpu: bool) -> dict[str, Any]:
-        """The settings as a plain dict, null steps / batch_size / max_tokens filled in for a cluster
+        """The settings as a plain dict, null steps / batch_size / max_tokens / lr filled in for a cluster
         with (`gpu`) or without GPUs; resolved where training starts, recorded in the model's manifest."""
         settings = self.model_dump(mode="json")
         for name, value in self.BY_HARDWARE["gpu" if gpu else "cpu"].items():

@@ -174,8 +174,8 @@ def test_training_length_resolves_by_hardware():
 
     m = MoeEncoderConfig()
     gpu, cpu = m.resolved(gpu=True), m.resolved(gpu=False)
-    assert {k: gpu[k] for k in ("steps", "batch_size", "max_tokens")} == MoeEncoderConfig.BY_HARDWARE["gpu"]
-    assert {k: cpu[k] for k in ("steps", "batch_size", "max_tokens")} == MoeEncoderConfig.BY_HARDWARE["cpu"]
+    assert {k: gpu[k] for k in ("steps", "batch_size", "max_tokens", "lr")} == MoeEncoderConfig.BY_HARDWARE["gpu"]
+    assert {k: cpu[k] for k in ("steps", "batch_size", "max_tokens", "lr")} == MoeEncoderConfig.BY_HARDWARE["cpu"]
     assert cpu["steps"] * cpu["batch_size"] * cpu["max_tokens"] < gpu["steps"] * gpu["batch_size"] * gpu["max_tokens"]
     assert MoeEncoderConfig(steps=7).resolved(gpu=True)["steps"] == 7  # a setting given wins
     assert m.steps is None and "BY_HARDWARE" not in m.model_dump()  # one config; resolved where training starts
