@@ -230,6 +230,13 @@ def _not_found(job_id: str) -> oa.ApiError:
     return oa.ApiError(404, f"no job {job_id!r}", param="id", code="job_not_found")
 
 
+def _found(view: dict | None, job_id: str) -> dict:
+    """The JobQueue's answer about a job, or a 404 when it has no such job."""
+    if view is None:
+        raise _not_found(job_id)
+    return view
+
+
 def add_job_routes(api: FastAPI) -> None:
     """POST/GET /v1/jobs, GET/DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/events (server-sent events)."""
 
@@ -247,17 +254,11 @@ def add_job_routes(api: FastAPI) -> None:
 
     @api.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict:
-        out = await _jobs().get.remote(job_id)
-        if out is None:
-            raise _not_found(job_id)
-        return out
+        return _found(await _jobs().get.remote(job_id), job_id)
 
     @api.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str) -> dict:
-        out = await _jobs().cancel.remote(job_id)
-        if out is None:
-            raise _not_found(job_id)
-        return out
+        return _found(await _jobs().cancel.remote(job_id), job_id)
 
     @api.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str):

@@ -83,12 +83,12 @@ class Planner:
 
     def plan(self, model: str, query: str, prompt: str, options: ImoeOptions) -> Plan:
         mode = options.mode or self.mode
-        # the query's vector does not depend on the route: it is encoded while the router runs
-        vector = self._encoding.submit(self.retriever.embed, query) \
-            if mode == "optimized" and self.retriever is not None else None
         if model != ROUTED_MODEL and model != BASE and model not in self.experts:
             raise ApiError(404, f"the model {model!r} does not exist; use 'imoe' (routed), 'base', or one of the "
                                 f"experts listed at GET /v1/experts", param="model", code="model_not_found")
+        # the query's vector does not depend on the route: it is encoded while the router runs
+        vector = self._encoding.submit(self.retriever.embed, query) \
+            if mode == "optimized" and self.retriever is not None else None
         if model != ROUTED_MODEL:
             plan = Plan(model, mode, prompt, {model: 1.0})
         else:
