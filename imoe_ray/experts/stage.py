@@ -51,11 +51,17 @@ def _training_texts(table, cfg: Config) -> list[str]:
     return [t for i, t in zip(ids, texts) if not is_heldout(i, cfg) and t]
 
 
+def split_chunks(store: Store, cfg: Config, split: str) -> list[tuple[str, str]]:
+    """(text, chunk id) of the store's non-empty chunks in one of the router's splits (train, calib, test)."""
+    table = store.read_table("corpus", "chunks", columns=["id", "chunk_id", cfg.corpus.text_column])
+    return [(t, c) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_id").to_pylist(),
+                                      table.column(cfg.corpus.text_column).to_pylist())
+            if t and split_of(str(i), cfg.router.calib_fraction, cfg.router.test_fraction) == split]
+
+
 def heldout_texts(store: Store, cfg: Config) -> tuple[list[str], list[str]]:
     """The held-out chunks (texts, chunk ids): the router's test split, which no model trained on."""
-    table = store.read_table("corpus", "chunks", columns=["id", "chunk_id", cfg.corpus.text_column])
-    rows = [(t, c) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_id").to_pylist(),
-                                      table.column(cfg.corpus.text_column).to_pylist()) if is_heldout(i, cfg) and t]
+    rows = split_chunks(store, cfg, "test")
     return [r[0] for r in rows], [r[1] for r in rows]
 
 

@@ -77,20 +77,12 @@ def heldout_queries(store: Store, cfg: Config, kb: KnowledgeBase, heldout: str |
             raise KnowledgeBaseError(f"no row of {heldout} is in the store's knowledge base (matched by id): "
                                      f"nothing to retrieve; pass held-out rows of the corpus the store was built from")
     else:
+        from imoe_ray.experts.stage import split_chunks
+
         rows = [(t, {c}) for t, c in split_chunks(store, cfg, "test")]
         if not rows:
             raise KnowledgeBaseError("the store has no held-out chunks (router.test_fraction is 0?): pass --heldout")
     return view_queries(rows, cfg, tokenizer, max_queries, cfg.router.seed)
-
-
-def split_chunks(store: Store, cfg: Config, split: str) -> list[tuple[str, str]]:
-    """(text, chunk id) of the store's chunks in one of the router's splits (train, calib, test)."""
-    from imoe_ray.routing.views import split_of
-
-    table = store.read_table("corpus", "chunks", columns=["id", "chunk_id", cfg.corpus.text_column])
-    return [(t, c) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_id").to_pylist(),
-                                      table.column(cfg.corpus.text_column).to_pylist())
-            if t and split_of(str(i), cfg.router.calib_fraction, cfg.router.test_fraction) == split]
 
 
 def view_queries(rows: list[tuple[str, set[str]]], cfg: Config, tokenizer, max_queries: int | None,
@@ -113,6 +105,7 @@ def view_queries(rows: list[tuple[str, set[str]]], cfg: Config, tokenizer, max_q
 def calibrate_fusion(store: Store, cfg: Config, kb: KnowledgeBase, tokenizer, report: Callable[[str], None] = print):
     """The hybrid-search weight of a knowledge base, chosen on views of the router's calibration
     chunks (the training chunks when there is no calibration split), never on the test chunks."""
+    from imoe_ray.experts.stage import split_chunks
     from imoe_ray.retrieval.fusion import Fusion, calibrate
 
     rc = cfg.retrieval
