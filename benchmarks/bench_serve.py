@@ -188,6 +188,8 @@ def _serve(store: Path, port: int, overrides: list[str]) -> str:
 
 
 def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
+    """HTTP requests and in-process generate calls alternate, so that drift in this machine's speed
+    affects both alike; the overhead is the median of the paired differences."""
     import requests
     import torch
 
@@ -197,29 +199,38 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
     name = _experts(store)[0]
     url = _serve(store, port, ["serve.max_replicas=1", "serve.expert_cpus=1", "serve.router_cpus=0.5"])
     body = {"model": name, "prompt": "the function returns", "max_tokens": tokens, "temperature": 0}
-    session = requests.Session()
-    for _ in range(5):
-        session.post(f"{url}/completions", json=body, timeout=60).raise_for_status()
-    http = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        r = session.post(f"{url}/completions", json=body, timeout=60)
-        http.append(time.perf_counter() - t)
-        assert r.json()["usage"]["completion_tokens"] == tokens
     torch.set_num_threads(1)
     model = ServingModel(store, threads=1)
     prompt = [model.tokenizer.eos_token_id] + model.tokenizer("the function returns", add_special_tokens=False)["input_ids"]
-    local = []
+    session = requests.Session()
+    http, local, server, replica = [], [], [], []
     for i in range(reps + 5):
+        t = time.perf_counter()
+        r = session.post(f"{url}/completions", json=body, timeout=60)
+        elapsed = time.perf_counter() - t
+        r.raise_for_status()
+        assert r.json()["usage"]["completion_tokens"] == tokens
         t = time.perf_counter()
         model.generate([GenerationRequest(prompt, {name: 1.0}, tokens)])
         if i >= 5:
+            http.append(elapsed)
             local.append(time.perf_counter() - t)
-    out = {"http_p50_ms": p50(http) * 1e3, "in_process_p50_ms": p50(local) * 1e3}
-    out["overhead_ms"] = out["http_p50_ms"] - out["in_process_p50_ms"]
-    print(f"request overhead ({tokens} tokens, forced expert, p50 of {reps}): HTTP through Serve "
+            server.append(r.json()["imoe"]["server_ms"] / 1e3)
+            replica.append(r.json()["imoe"]["timings_ms"]["generate"] / 1e3)
+    ms = lambda xs: p50(xs) * 1e3  # noqa: E731
+    out = {"http_p50_ms": ms(http), "in_process_p50_ms": ms(local),
+           "overhead_ms": ms([h - g for h, g in zip(http, local)]),
+           "proxy_and_http_ms": ms([h - s for h, s in zip(http, server)]),
+           "router_and_handle_ms": ms([s - g for s, g in zip(server, replica)]),
+           "replica_decode_minus_in_process_ms": ms([g - x for g, x in zip(replica, local)])}
+    print(f"request overhead ({tokens} tokens, forced expert, p50 of {reps} alternating pairs): HTTP through Serve "
           f"{out['http_p50_ms']:.1f} ms, in-process generate {out['in_process_p50_ms']:.1f} ms, "
           f"overhead {out['overhead_ms']:.1f} ms (target <= 15 ms)")
+    print(f"  where: proxy + HTTP {out['proxy_and_http_ms']:.1f} ms | router + handle call {out['router_and_handle_ms']:.1f} ms"
+          f" | replica decoding vs in-process {out['replica_decode_minus_in_process_ms']:+.1f} ms")
+    from ray import serve
+
+    serve.delete("imoe")
     return out
 
 

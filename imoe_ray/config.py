@@ -205,7 +205,8 @@ class ServeConfig(_Section):
     router_cpus: float = Field(0.5, ge=0, description="CPUs of the router (ingress) replica")
     threads: int | None = Field(None, ge=1, description="torch threads per expert replica; default: its CPUs")
     max_batch_size: int = Field(16, ge=1, description="rows decoded together (an ensemble of k experts is k rows)")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long arrivals wait for company before they "
+                                        "join the decoding batch (later ones join at its next step anyway)")
     max_tokens: int = Field(64, ge=1, description="completion length when a request does not say")
     max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
     top_k: int | None = Field(None, ge=1, description="experts of an ensemble request; default: experts.top_k")

@@ -14,13 +14,11 @@ The deployments are thin: the work is in `imoe_ray.serving` (plain Python).
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
@@ -32,7 +30,8 @@ from ray.util import metrics
 
 from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
-from imoe_ray.serving.generation import Generated, GenerationRequest, collect
+from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
+from imoe_ray.serving.generation import DecodeBatch, GenerationRequest
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts
@@ -40,7 +39,7 @@ from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cu
 from serve_apps.job_queue import JobQueue, add_job_routes
 
 log = logging.getLogger("ray.serve")
-STREAM_EVERY_S = 0.03          # how often a batch with streaming requests hands tokens back
+STREAM_EVERY_S = 0.03          # how often a streaming request is handed its new tokens
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
@@ -58,23 +57,31 @@ class _Resident:
         self._evict = None
 
 
-def _rows(jobs: list[dict]) -> int:
-    return sum(len(j["request"]["experts"]) for j in jobs)
+def _rows(requests: list[GenerationRequest]) -> int:
+    return sum(len(r.experts) for r in requests)
 
 
 @serve.deployment(name="Experts")
 class Experts:
+    """The base model and a bank of resident experts, decoded with continuous batching: a request
+    joins the batch already decoding at its next step (`imoe_ray.serving.batcher`), whatever its
+    expert, so a short or urgent request never waits for a long batch to end. Arrivals at the same
+    moment are taken in together by `@serve.batch` and prefilled in one forward pass."""
+
     def __init__(self, store: str, config: dict):
         cfg = Config.model_validate(config).serve
         self.capacity = cfg.max_loaded_experts
         self.model = ServingModel(store, capacity=None, threads=cfg.threads or _replica_cpus())
-        for batched in (self._decode_whole, self._decode_stream):
-            batched.set_max_batch_size(cfg.max_batch_size)
-            batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._enqueue.set_max_batch_size(cfg.max_batch_size)
+        self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
         async def load(name: str) -> _Resident:  # a plain function: Serve keeps its LRU on it
             return await self._load(name)
 
         self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loaded_experts)(load)
+        self.batcher = ContinuousBatcher(DecodeBatch(self.model.model, self.model.bank, self.model.pad_id),
+                                         max_rows=cfg.max_batch_size, capacity=cfg.max_loaded_experts,
+                                         load=self.adapter, released=self._released)
         self.loads = metrics.Counter("imoe_adapter_loads", "adapters loaded into a replica", tag_keys=("expert",))
         self.evictions = metrics.Counter("imoe_adapter_evictions", "adapters evicted from a replica",
                                          tag_keys=("expert",))
@@ -83,10 +90,7 @@ class Experts:
         self.batch_rows = metrics.Histogram("imoe_batch_rows", "rows decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
         self.pending = 0
-        # two batches decode at once: an adapter the LRU drops while the other batch still decodes
-        # with it leaves the bank only when that batch is done
-        self._in_use: collections.Counter[str] = collections.Counter()
-        self._evict_later: set[str] = set()
+        self._evict_later: set[str] = set()  # dropped by the LRU while the batch still decodes with them
 
     async def _load(self, name: str) -> _Resident:
         self._evict_later.discard(name)
@@ -96,85 +100,43 @@ class Experts:
         return _Resident(name, self._evict)
 
     def _evict(self, name: str) -> None:
-        if self._in_use[name] > 0:
+        if name in self.batcher.in_use():
             self._evict_later.add(name)
         elif self.model.bank.evict(name):
             self.evictions.inc(tags={"expert": name})
 
-    @contextlib.contextmanager
-    def _pinned(self, names: list[str]):
-        self._in_use.update(names)
-        try:
-            yield
-        finally:
-            self._in_use.subtract(names)
-            for name in [n for n in names if self._in_use[n] <= 0 and n in self._evict_later]:
-                self._evict_later.discard(name)
-                self._evict(name)
+    def _released(self, names: set[str]) -> None:
+        for name in names & self._evict_later:
+            self._evict_later.discard(name)
+            self._evict(name)
 
     async def generate(self, job: dict) -> dict:
         """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
-        self._pending(+1)
-        try:
-            return await self._decode_whole(job)
-        finally:
-            self._pending(-1)
+        async for part in self._parts(job, every_s=None):
+            return part
+        raise RuntimeError("decoding ended without a result")
 
     async def stream(self, job: dict) -> AsyncIterator[dict]:
         """The same as a stream of parts, new tokens every ~30 ms (called with stream=True)."""
+        async for part in self._parts(job, every_s=STREAM_EVERY_S):
+            yield part
+
+    async def _parts(self, job: dict, every_s: float | None) -> AsyncIterator[dict]:
         self._pending(+1)
         try:
-            async for part in self._decode_stream(job):
-                if part is not None:
-                    yield part
+            ticket = await self._enqueue(GenerationRequest(**job["request"]))
+            async for part in self.batcher.parts(ticket, every_s):
+                if part.finish_reason is not None:
+                    self.batch_rows.observe(part.batch_rows)
+                yield {"tokens": part.tokens, "finish_reason": part.finish_reason, "load_ms": part.load_ms,
+                       "generate_ms": part.generate_ms, "queued_ms": part.queued_ms, "batch_rows": part.batch_rows}
         finally:
             self._pending(-1)
 
-    # Two batches may decode at once, their steps interleaved on the event loop: a request that
-    # arrives while a long batch decodes starts within a step or two instead of after that batch
-    # (an urgent job's first token, a short request behind long ones).
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows, max_concurrent_batches=2)
-    async def _decode_whole(self, jobs: list[dict]) -> list[dict]:
-        results: list[dict] = [{"tokens": []} for _ in jobs]
-        async for out in self._decode(jobs, budget_s=None):
-            for i, part in enumerate(out):
-                if part is not None:
-                    results[i] = part | {"tokens": results[i]["tokens"] + part["tokens"]}
-        return results
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004, batch_size_fn=_rows, max_concurrent_batches=2)
-    async def _decode_stream(self, jobs: list[dict]):
-        finished = [False] * len(jobs)
-        async for out in self._decode(jobs, budget_s=STREAM_EVERY_S):
-            yield [StopIteration if finished[i] else part for i, part in enumerate(out)]
-            finished = [f or (p is not None and p["finish_reason"] is not None) for f, p in zip(finished, out)]
-        yield [StopIteration] * len(jobs)
-
-    async def _decode(self, jobs: list[dict], budget_s: float | None):
-        """Decode a batch: groups of at most `max_loaded_experts` distinct adapters, each group in
-        one mixed-adapter batch; yields one entry per job and hand-back (None: nothing new)."""
-        self.batch_rows.observe(_rows(jobs))
-        for group in _groups(jobs, self.capacity):
-            load_ms = 0.0
-            names = [n for n in dict.fromkeys(e for i in group for e in jobs[i]["request"]["experts"]) if n != BASE]
-            with self._pinned(names):
-                for name in names:
-                    started = time.perf_counter()
-                    await self.adapter(name)
-                    load_ms += (time.perf_counter() - started) * 1000
-                requests = [GenerationRequest(**jobs[i]["request"]) for i in group]
-                steps = self.model.steps(requests)
-                started = time.perf_counter()
-                done = False
-                while not done:
-                    new, done = await _advance(steps, len(requests), budget_s)
-                    elapsed = (time.perf_counter() - started) * 1000
-                    out: list[Any] = [None] * len(jobs)
-                    for g, i in enumerate(group):
-                        if new[g].token_ids or new[g].finish_reason:
-                            out[i] = {"tokens": new[g].token_ids, "finish_reason": new[g].finish_reason,
-                                      "load_ms": load_ms, "generate_ms": elapsed, "batch_rows": _rows(jobs)}
-                    yield out
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=_rows)
+    async def _enqueue(self, requests: list[GenerationRequest]) -> list[Ticket]:
+        """Requests that arrived together join the decoding batch together (one prefill pass)."""
+        return [self.batcher.submit(r) for r in requests]
 
     def _pending(self, delta: int) -> None:
         self.pending += delta
@@ -182,39 +144,6 @@ class Experts:
 
     def resident(self) -> list[str]:
         return list(self.model.bank.resident)
-
-
-async def _advance(steps, n: int, budget_s: float | None) -> tuple[list[Generated], bool]:
-    """Decode step by step on the event loop, yielding to it between steps: requests that arrive
-    meanwhile are taken in (and queue for the next batch) at once, which a decoding thread holding
-    the GIL would delay. Returns at the end, or after about `budget_s` (streaming)."""
-    out = [Generated() for _ in range(n)]
-    started = time.perf_counter()
-    while True:
-        new, done = collect(steps, n, budget_s=0.0)
-        for mine, step in zip(out, new):
-            mine.token_ids += step.token_ids
-            mine.finish_reason = step.finish_reason or mine.finish_reason
-        await asyncio.sleep(0)
-        if done or (budget_s is not None and time.perf_counter() - started >= budget_s):
-            return out, done
-
-
-def _groups(jobs: list[dict], capacity: int) -> list[list[int]]:
-    """Split jobs so that no group needs more than `capacity` distinct adapters at once."""
-    groups: list[list[int]] = []
-    names: list[set[str]] = []
-    for i, job in enumerate(jobs):
-        need = set(job["request"]["experts"]) - {BASE}
-        for g, have in enumerate(names):
-            if len(have | need) <= capacity:
-                groups[g].append(i)
-                have |= need
-                break
-        else:
-            groups.append([i])
-            names.append(set(need))
-    return groups
 
 
 def _replica_cpus() -> int:
@@ -343,7 +272,10 @@ class Router:
         arrived = time.perf_counter()
         self._queue(+1)
         try:
-            plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
+            if self.planner.is_quick(body.model, body.imoe):  # a forced expert, nothing to retrieve: µs
+                plan = self.planner.plan(body.model, query, prompt, body.imoe)
+            else:
+                plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
         except Exception:
             self._queue(-1)
             raise

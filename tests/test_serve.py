@@ -114,6 +114,37 @@ def test_batched_decoding_equals_one_request_at_a_time(served_store, model):
     assert all(g.finish_reason == "length" for g in together)
 
 
+def test_requests_joining_a_running_batch_decode_as_if_alone(served_store, model):
+    """Continuous batching: requests join between steps (their cache padded into the batch's) and
+    leave when done; every request gets exactly the tokens it gets decoded alone."""
+    from imoe_ray.serving.generation import DecodeBatch
+
+    names = _expert_names(served_store)
+    eos = model.tokenizer.eos_token_id
+    ids = lambda t: [eos] + model.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    arrivals = {0: [GenerationRequest(ids("a matrix"), {names[0]: 1.0}, 6)],
+                2: [GenerationRequest(ids("parse the xml document and walk its element tree"), {names[1]: 1.0}, 9),
+                    GenerationRequest(ids("the socket"), {names[0]: 0.6, "base": 0.4}, 4)],
+                7: [GenerationRequest(ids("the server sends the request"), {"base": 1.0}, 5, temperature=0.9, seed=7)],
+                12: [GenerationRequest(ids("a"), {names[1]: 1.0}, 3)]}  # joins an empty batch again
+    for n in names[:2]:
+        model.ensure(n)
+    batch, got, widths = DecodeBatch(model.model, model.bank, model.pad_id), {}, []
+    keys = {}
+    for step in range(40):
+        for r in arrivals.get(step, []):
+            keys[batch.join(r)] = r
+        for key, (token, finish) in batch.step().items():
+            got.setdefault(key, []).extend([] if finish == "stop" else [token])
+        widths.append(0 if batch._mask is None else batch._mask.shape[1])
+    assert not batch.requests and not batch.rows
+    for key, r in keys.items():
+        alone = model.generate([r])[0]
+        assert got[key] == alone.token_ids, key
+    assert widths[1] < widths[3], "a longer prompt joining widened the batch"
+    assert max(widths) <= max(len(r.prompt_ids) for r in keys.values()) + 9, "padding columns were dropped"
+
+
 def test_greedy_decoding_matches_transformers_generate(served_store, model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -140,14 +171,58 @@ def test_stop_token_ends_a_request_without_text(model):
     assert done and len(rest[0].token_ids) == 49
 
 
-def test_groups_respect_the_resident_capacity():
-    from serve_apps.imoe import _groups
+def test_continuous_batcher_joins_requests_within_the_resident_capacity(served_store, model):
+    """Requests submitted while others decode join them (up to `capacity` distinct experts and
+    `max_rows` rows), the rest wait their turn; every request gets its tokens as if alone, streamed
+    requests in several parts, and a client that leaves early frees its rows."""
+    import asyncio
 
-    jobs = [{"request": {"experts": e}} for e in ({"a": 1}, {"b": 1}, {"a": .5, "c": .5}, {"base": 1}, {"d": 1})]
-    groups = _groups(jobs, capacity=2)
-    assert sorted(i for g in groups for i in g) == list(range(5))
-    for g in groups:
-        assert len({n for i in g for n in jobs[i]["request"]["experts"]} - {"base"}) <= 2
+    from imoe_ray.serving.batcher import ContinuousBatcher
+    from imoe_ray.serving.generation import DecodeBatch
+
+    names = _expert_names(served_store)[:3]
+    prompt = [model.tokenizer.eos_token_id] + model.tokenizer("the value", add_special_tokens=False)["input_ids"]
+    reqs = [GenerationRequest(prompt, {names[0]: 1.0}, 12), GenerationRequest(prompt, {names[1]: 1.0}, 6),
+            GenerationRequest(prompt, {names[0]: 0.5, names[2]: 0.5}, 5), GenerationRequest(prompt, {"base": 1.0}, 8)]
+    alone = [model.generate([r])[0].token_ids for r in reqs]
+    loaded, seen = [], []
+
+    async def run(capacity: int) -> list[list[int]]:
+        async def load(name):
+            loaded.append(name)
+            model.ensure(name)
+
+        batcher = ContinuousBatcher(DecodeBatch(model.model, model.bank, model.pad_id), max_rows=4,
+                                    capacity=capacity, load=load)
+        step = batcher.batch.step
+
+        def watched():
+            seen.append((capacity, batcher.in_use(), len(batcher.batch.requests)))
+            return step()
+
+        batcher.batch.step = watched
+
+        async def one(r, delay, every):
+            await asyncio.sleep(delay)
+            return [p async for p in batcher.parts(batcher.submit(r), every)]
+
+        async def leaver():
+            parts = batcher.parts(batcher.submit(GenerationRequest(prompt, {"base": 1.0}, 100)), 0.0)
+            await parts.__anext__()
+            await parts.aclose()  # the client goes away after its first part
+
+        parts = await asyncio.gather(one(reqs[0], 0, None), one(reqs[1], 0.01, 0.0), one(reqs[2], 0.02, None),
+                                     one(reqs[3], 0.03, None), leaver())
+        assert not batcher.batch.requests and not batcher.waiting, "the leaver's rows are gone"
+        assert len(parts[1]) > 1 and parts[1][-1].finish_reason == "length"  # streamed in parts
+        return [[t for p in ps for t in p.tokens] for ps in parts[:4]]
+
+    assert asyncio.run(run(capacity=1)) == alone
+    # more experts than the capacity only for a request that needs them, decoding alone
+    assert all(len(in_use) <= 1 or n == 1 for c, in_use, n in seen if c == 1)
+    assert asyncio.run(run(capacity=3)) == alone
+    assert any(len(in_use) >= 2 and n >= 2 for c, in_use, n in seen if c == 3), "different experts decoded together"
+    assert set(loaded) == set(names)
 
 
 # ---- the application over HTTP ----------------------------------------------------------------
@@ -311,17 +386,18 @@ def test_a_replica_crash_mid_request_is_survived(ray_session, server, client, se
             "model": name, "prompt": f"request {i}", "max_tokens": 48, "temperature": 1.0, "seed": i})
         outcomes.append((r.status_code, r.json()))
 
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Experts" in (a.class_name or "")]
+    assert replicas, "no live expert replica"
+    replica = ray.get_actor(replicas[0].name, namespace="serve")
     workers = [threading.Thread(target=long_request, args=(i,)) for i in range(12)]
     for w in workers:
         w.start()
     # A stream's first token proves the replica is decoding (on a loaded machine a fixed sleep may
-    # kill it before any request arrived); the requests above were sent first.
+    # kill it before any request arrived); the requests above were sent first and decode with it.
     probe = requests.post(f"{server['url']}/completions", stream=True, timeout=240, json={
-        "model": name, "prompt": "probe", "max_tokens": 200, "stream": True})
+        "model": name, "prompt": "probe", "max_tokens": 40, "stream": True})
     next(line for line in probe.iter_lines() if line.startswith(b"data:"))
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Experts" in (a.class_name or "")]
-    assert replicas, "no live expert replica"
-    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    ray.kill(replica, no_restart=True)
     for w in workers:
         w.join(timeout=240)
     probe.close()

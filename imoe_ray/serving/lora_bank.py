@@ -7,8 +7,8 @@ as plain tensors, and every wrapped linear layer adds
 
     y = W x + s_j · B_j (A_j x)          for the adapter j of each row of the batch
 
-so one forward pass serves rows of different experts (the S-LoRA/Punica idea, in plain torch
-gathers rather than custom kernels). Switching an adapter is choosing an index; loading one is
+so one forward pass serves rows of different experts (the S-LoRA/Punica idea without custom
+kernels: the batch is grouped by adapter and each group's update is two small matmuls on its slice). Switching an adapter is choosing an index; loading one is
 reading a file of a few MB. The base weights are never modified, so "base" is simply index 0.
 The files are the PEFT adapter directories training writes; anything they hold that this does not
 implement (DoRA, IA3, per-module rank or alpha patterns) is refused with a clear error.
@@ -84,48 +84,29 @@ def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "
 
 
 class _Plan:
-    """Which adapter every row of the current batch uses, with the adapters' weights stacked."""
+    """Which adapter every row of the current batch uses, as runs of consecutive rows that share one
+    (a batch grouped by adapter has one run per adapter). Each run adds its low-rank update to its
+    slice of the output in place: a few small matmuls per layer, nothing gathered or stacked."""
 
-    def __init__(self, adapters: list[LoRAWeights], rows: list[int], device: torch.device):
-        self.adapters = adapters                     # index 0 is the base (no adapter) when any row uses it
-        self.uniform = len(set(rows)) == 1
-        self.rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
-
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        if self.uniform:
-            adapter = self.adapters[int(self.rows[0])]
-            if adapter is None or module not in adapter.modules:
-                return None
-            a, b = adapter.modules[module]
-            return (x @ a.t()) @ b.t() * adapter.scale
-        stacked = self._stack(module)
-        if stacked is None:
-            return None
-        a, b, scale = stacked
-        rows_a, rows_b = a[self.rows], b[self.rows]                     # (batch, r, in), (batch, out, r)
-        low = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), rows_a.transpose(1, 2))
-        out = torch.bmm(low, rows_b.transpose(1, 2)) * scale[self.rows].view(-1, 1, 1)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    def _stack(self, module: str):
-        if module not in self._stacked:
-            present = [w.modules.get(module) if w is not None else None for w in self.adapters]
-            shapes = [p for p in present if p is not None]
-            if not shapes:
-                self._stacked[module] = None
+    def __init__(self, adapters: list[LoRAWeights | None], rows: list[int]):
+        self.adapters = adapters                     # None: the base (no adapter)
+        self.runs: list[tuple[int, int, int]] = []   # (adapter index, first row, row after the last)
+        for i, j in enumerate(rows):
+            if self.runs and self.runs[-1][0] == j:
+                self.runs[-1] = (j, self.runs[-1][1], i + 1)
             else:
-                r = max(a.shape[0] for a, _ in shapes)
-                (a0, b0) = shapes[0]
-                a = a0.new_zeros(len(present), r, a0.shape[1])
-                b = b0.new_zeros(len(present), b0.shape[0], r)
-                scale = a0.new_zeros(len(present))
-                for i, p in enumerate(present):
-                    if p is not None:
-                        a[i, : p[0].shape[0]], b[i, :, : p[1].shape[1]] = p
-                        scale[i] = self.adapters[i].scale
-                self._stacked[module] = (a, b, scale)
-        return self._stacked[module]
+                self.runs.append((j, i, i + 1))
+
+    def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        whole = len(self.runs) == 1
+        for j, start, stop in self.runs:
+            adapter = self.adapters[j]
+            if adapter is None or module not in adapter.modules:
+                continue
+            a, b = adapter.modules[module]
+            part = x if whole else x[start:stop]
+            delta = (part @ a.t()) @ b.t()
+            (y if whole else y[start:stop]).add_(delta.to(y.dtype), alpha=adapter.scale)
 
 
 class LoRAHost(nn.Module):
@@ -140,10 +121,9 @@ class LoRAHost(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         plan = self._bank[0].plan
-        if plan is None:
-            return y
-        delta = plan.delta(self.module, x)
-        return y if delta is None else y + delta.to(y.dtype)
+        if plan is not None:
+            plan.add_delta(self.module, x, y)
+        return y
 
 
 class AdapterBank:
@@ -214,7 +194,7 @@ class AdapterBank:
         index = {n: i for i, n in enumerate(names)}
         adapters = [None if n == BASE else self.resident[n] for n in names]
         with self.lock:
-            previous, self.plan = self.plan, _Plan(adapters, [index[n] for n in rows], self.device)
+            previous, self.plan = self.plan, _Plan(adapters, [index[n] for n in rows])
             try:
                 yield
             finally:
