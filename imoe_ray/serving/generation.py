@@ -9,6 +9,7 @@ request leaves the batch (and the KV cache) as soon as it is finished.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -81,6 +82,8 @@ class DecodeBatch:
         self.rows: list[tuple[int, str]] = []             # (request key, adapter) per row of the cache
         self._cache = None
         self._mask = self._positions = self._next = None   # (rows, width), (rows, 1), (rows, 1)
+        # only the last position's logits: a prompt's other positions would cost a vocabulary-wide projection each
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def join(self, request: GenerationRequest) -> int:
         """Add a request; it is prefilled with the next step. Returns its key in `step`'s results."""
@@ -114,7 +117,7 @@ class DecodeBatch:
         if self.rows:
             with self.bank.use([name for _, name in self.rows]):
                 logits = self.model(input_ids=self._next, attention_mask=self._mask, position_ids=self._positions,
-                                    past_key_values=self._cache, use_cache=True).logits[:, -1]
+                                    past_key_values=self._cache, use_cache=True, **self._last_only).logits[:, -1]
             logprobs.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         if self._joining:
             logprobs.append(self._prefill())
@@ -160,7 +163,7 @@ class DecodeBatch:
         cache = DynamicCache()
         with self.bank.use([name for _, name in rows]):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                past_key_values=cache, use_cache=True, **self._last_only).logits[:, -1]
         self._append(rows, cache, mask, positions[:, -1:])
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
