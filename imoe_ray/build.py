@@ -28,12 +28,13 @@ class Stage:
     run: Callable[..., dict]
     summary: str
     resumable: bool = False  # keeps partial work across a kill, recorded in a partial manifest
+    starts_ray: bool = False  # joins Ray itself, once its input is known to be good (bad input fails in seconds)
 
 
 HELD_OUT = ("router.calib_fraction", "router.test_fraction")  # the held-out rows no LM trains on
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), ingest.run,
-          "read and chunk the corpus"),
+          "read and chunk the corpus", starts_ray=True),
     Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)",
           resumable=True),
     Stage("discover", ("discovery", "corpus.chunk_tokens"), discover.run, "discover categories (HDBSCAN)"),
@@ -60,7 +61,6 @@ def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
     store = Store(cfg.store)
     upstream = ingest.corpus_fingerprint(cfg)
-    init_ray(cfg.ray)
     done: dict[str, StageManifest] = {}
     for stage in STAGES:
         manifest = _run_stage(stage, store, cfg, upstream, force or stage.name in force_stages, report)
@@ -84,6 +84,8 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     resume = bool(partial and partial.matches(config_hash, inputs) and not force)
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
     manifest = StageManifest(stage.name, config_hash, inputs)
+    if not stage.starts_ray:
+        init_ray(cfg.ray)  # only once a stage has work to do: an up-to-date store needs no cluster
     if stage.resumable:
         manifest.start(store)
     started = time.perf_counter()

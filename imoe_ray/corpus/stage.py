@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from imoe_ray.cluster import init_ray
 from imoe_ray.config import Config
 from imoe_ray.corpus.chunking import Chunker
 from imoe_ray.corpus.readers import CorpusError, read_corpus_table
@@ -42,6 +43,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     """Read and validate the corpus in the driver (so errors are immediate), chunk it on Ray Data."""
     c = cfg.corpus
     table = read_corpus_table(c.path, text_column=c.text_column, id_column=c.id_column, split=c.split)
+    init_ray(cfg.ray)
     ds = ray.data.from_arrow(_blocks(table, 8))
     chunked = ds.map_batches(
         Chunker,
