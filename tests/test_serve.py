@@ -217,6 +217,14 @@ def test_continuous_batcher_joins_requests_within_the_resident_capacity(served_s
         assert len(parts[1]) > 1 and parts[1][-1].finish_reason == "length"  # streamed in parts
         return [[t for p in ps for t in p.tokens] for ps in parts[:4]]
 
+    async def too_wide():
+        batcher = ContinuousBatcher(DecodeBatch(model.model, model.bank, model.pad_id), max_rows=1, capacity=3)
+        wide, fine = batcher.submit(reqs[2]), batcher.submit(reqs[3])
+        with pytest.raises(ValueError, match="max_batch_size"):
+            [p async for p in batcher.parts(wide)]
+        return [t for p in [p async for p in batcher.parts(fine)] for t in p.tokens]
+
+    assert asyncio.run(too_wide()) == alone[3], "a request too wide for the batch fails alone"
     assert asyncio.run(run(capacity=1)) == alone
     # more experts than the capacity only for a request that needs them, decoding alone
     assert all(len(in_use) <= 1 or n == 1 for c, in_use, n in seen if c == 1)

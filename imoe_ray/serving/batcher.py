@@ -66,10 +66,12 @@ class ContinuousBatcher:
 
     def submit(self, request: GenerationRequest) -> Ticket:
         """Queue a request; it joins the batch at the next step where it fits."""
-        if len(request.experts) > self.max_rows:
-            raise ValueError(f"a request mixing {len(request.experts)} experts needs that many rows; "
-                             f"this replica decodes at most {self.max_rows} (serve.max_batch_size)")
         ticket = Ticket(request)
+        if len(request.experts) > self.max_rows:  # its own error: requests that arrived with it go on
+            ticket.error = ValueError(f"a request mixing {len(request.experts)} experts needs that many rows; "
+                                      f"this replica decodes at most {self.max_rows} (serve.max_batch_size)")
+            ticket.ready.set()
+            return ticket
         self.waiting.append(ticket)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
