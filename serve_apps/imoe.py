@@ -276,6 +276,11 @@ class Router:
                 plan = self.planner.plan(body.model, query, prompt, body.imoe)
             else:
                 plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
+            if plan.fusion != SUMMARIZER and len(plan.experts) > self.settings.max_batch_size:
+                raise oa.ApiError(400, f"this request mixes {len(plan.experts)} experts, one batch row each; the "
+                                       f"server decodes at most {self.settings.max_batch_size} rows together "
+                                       f"(serve.max_batch_size): ask for a smaller imoe.top_k",
+                                  param="imoe.top_k", code="invalid_value")
         except Exception:
             self._queue(-1)
             raise
