@@ -324,12 +324,26 @@ def serve(
 
 def _start_serving(cfg: Config, store: str, config: Optional[Path], overrides: Optional[list[str]],
                    port: Optional[int], host: Optional[str]) -> str:
+    import signal
+
+    from ray import serve as ray_serve
+
     from imoe_ray.cluster import dashboard_url, init_ray
     from serve_apps.imoe import start
 
-    init_ray(cfg.ray, dashboard=True)
-    with console.status("starting Ray Serve (router ingress + expert replicas)…"):
-        url = start(store, str(config) if config else None, overrides, port=port, host=host)
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    init_ray(cfg.ray, dashboard=True)  # before the handlers: ray.init installs its own for SIGTERM
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stopped while starting: what was deployed is removed
+        signal.signal(sig, interrupt)
+    try:
+        with console.status("starting Ray Serve (router ingress + expert replicas)…"):
+            url = start(store, str(config) if config else None, overrides, port=port, host=host)
+    except KeyboardInterrupt:
+        console.print("stopped before the server was ready")
+        ray_serve.shutdown()
+        raise typer.Exit(0) from None
     console.print(f"[bold green]serving[/] {url}  (OpenAI-compatible; model 'imoe' is routed)")
     console.print(f"Ray dashboard: {dashboard_url() or 'not running'}  (metrics: imoe_requests, imoe_adapter_loads, "
                   f"imoe_routing_latency_ms, imoe_queue_depth)")

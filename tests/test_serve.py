@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps
 from imoe_ray.serving.lora_bank import AdapterBank, AdapterError
 from imoe_ray.serving.model import ServingModel
 
-from conftest import start_imoe_serve, stop_imoe_serve
+from conftest import free_port, start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -422,3 +424,28 @@ def test_sigterm_stops_the_server_cleanly(server):
     assert proc.wait(timeout=120) == 0, server["log"].read_text()[-2000:]
     with pytest.raises(requests.RequestException):
         requests.get(f"{server['base']}/healthz", timeout=3)
+
+
+def test_sigterm_while_starting_removes_what_was_deployed(ray_session, served_store, tmp_path):
+    """SIGTERM before the server is ready (a supervisor giving up, a test ending early) still stops
+    cleanly: exit 0, and no half-deployed replica is left on the cluster."""
+    from ray.util.state import list_actors
+
+    def replicas() -> list:
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ServeReplica:imoe:" in (a.class_name or "")]
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "imoe_ray.cli", "serve", "--store", str(served_store), "--port",
+                             str(port), *[a for s in SERVE_SETTINGS for a in ("--set", s)]],
+                            env=ray_session["env"], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.time() + 180
+    while not replicas():  # deploying, not ready yet
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    deadline = time.time() + 60
+    while replicas():
+        assert time.time() < deadline, f"replicas left behind: {replicas()}"
+        time.sleep(0.5)
