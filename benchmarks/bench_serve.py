@@ -209,14 +209,15 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
         r = session.post(f"{url}/completions", json=body, timeout=60)
         elapsed = time.perf_counter() - t
         r.raise_for_status()
-        assert r.json()["usage"]["completion_tokens"] == tokens
+        reply = r.json()
+        assert reply["usage"]["completion_tokens"] == tokens
         t = time.perf_counter()
         model.generate([GenerationRequest(prompt, {name: 1.0}, tokens)])
         if i >= 5:
             http.append(elapsed)
             local.append(time.perf_counter() - t)
-            server.append(r.json()["imoe"]["server_ms"] / 1e3)
-            replica.append(r.json()["imoe"]["timings_ms"]["generate"] / 1e3)
+            server.append(reply["imoe"]["server_ms"] / 1e3)
+            replica.append(reply["imoe"]["timings_ms"]["generate"] / 1e3)
     ms = lambda xs: p50(xs) * 1e3  # noqa: E731
     out = {"http_p50_ms": ms(http), "in_process_p50_ms": ms(local),
            "overhead_ms": ms([h - g for h, g in zip(http, local)]),

@@ -112,9 +112,7 @@ class Experts:
 
     async def generate(self, job: dict) -> dict:
         """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
-        async for part in self._parts(job, every_s=None):
-            return part
-        raise RuntimeError("decoding ended without a result")
+        return [part async for part in self._parts(job, every_s=None)][-1]  # one part: the whole answer
 
     async def stream(self, job: dict) -> AsyncIterator[dict]:
         """The same as a stream of parts, new tokens every ~30 ms (called with stream=True)."""
@@ -272,10 +270,7 @@ class Router:
         arrived = time.perf_counter()
         self._queue(+1)
         try:
-            if self.planner.is_quick(body.model, body.imoe):  # a forced expert, nothing to retrieve: µs
-                plan = self.planner.plan(body.model, query, prompt, body.imoe)
-            else:
-                plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
+            plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
             if plan.fusion != SUMMARIZER and len(plan.experts) > self.settings.max_batch_size:
                 raise oa.ApiError(400, f"this request mixes {len(plan.experts)} experts, one batch row each; the "
                                        f"server decodes at most {self.settings.max_batch_size} rows together "

@@ -117,11 +117,12 @@ class ContinuousBatcher:
         try:
             await self._loop()
         except BaseException as e:  # cancelled with the replica, or a bug: nobody is left waiting forever
+            error = e if isinstance(e, Exception) else RuntimeError("the decoding loop stopped")
             for ticket in self.waiting:
-                ticket.error = e if isinstance(e, Exception) else RuntimeError("the decoding loop stopped")
+                ticket.error = error
                 ticket.ready.set()
             self.waiting.clear()
-            self._fail_all(e if isinstance(e, Exception) else RuntimeError("the decoding loop stopped"))
+            self._fail_all(error)
             raise
 
     async def _loop(self) -> None:

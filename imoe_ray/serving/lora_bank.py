@@ -8,7 +8,8 @@ as plain tensors, and every wrapped linear layer adds
     y = W x + s_j · B_j (A_j x)          for the adapter j of each row of the batch
 
 so one forward pass serves rows of different experts (the S-LoRA/Punica idea without custom
-kernels: the batch is grouped by adapter and each group's update is two small matmuls on its slice). Switching an adapter is choosing an index; loading one is
+kernels: the batch is grouped by adapter and each group's update is two small matmuls on its
+slice). Switching an adapter is choosing an index; loading one is
 reading a file of a few MB. The base weights are never modified, so "base" is simply index 0.
 The files are the PEFT adapter directories training writes; anything they hold that this does not
 implement (DoRA, IA3, per-module rank or alpha patterns) is refused with a clear error.

@@ -81,12 +81,6 @@ class Planner:
         """What `model` may name: the routed mixture, the base model, or one expert."""
         return [ROUTED_MODEL, BASE, *sorted(self.experts)]
 
-    def is_quick(self, model: str, options: ImoeOptions) -> bool:
-        """Whether planning is only bookkeeping: a named model, and no retrieval or compression to run."""
-        mode = options.mode or self.mode
-        return model != ROUTED_MODEL and (mode == "basic" or (self.compressor is None and
-                                                              (mode == "fast" or self.retriever is None)))
-
     def plan(self, model: str, query: str, prompt: str, options: ImoeOptions) -> Plan:
         mode = options.mode or self.mode
         if model != ROUTED_MODEL and model != BASE and model not in self.experts:
