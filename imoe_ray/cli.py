@@ -216,8 +216,7 @@ def sample_corpus(
 
 # The quickstart's smaller run (so that build + serve finish in under 10 minutes on 2 CPU cores);
 # `imoe build` with the defaults trains longer and gives the README's perplexity figures.
-QUICKSTART_SETTINGS = ["discovery.max_categories=6", "pretrain.epochs=2", "experts.epochs=2",
-                       "experts.dense_baseline=false"]
+QUICKSTART_SETTINGS = ["discovery.max_categories=6", "pretrain.epochs=2", "experts.dense_baseline=false"]
 QUICKSTART_QUESTIONS = [
     "How do I plot a histogram with matplotlib and label the axes?",
     "How do I select the rows of a pandas DataFrame where a column is above a value?",

@@ -138,9 +138,11 @@ class ExpertsConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="modules the adapter wraps")
     output_layer: bool = Field(True, description="with all-linear, also adapt lm_head: an expert can then shift "
                                                  "next-token frequencies toward its domain")
-    epochs: float = Field(3.0, gt=0, description="passes over each expert's shard")
+    # One pass in small batches: on the sample corpus, 3 passes made each expert fit its shard's own
+    # passages and lose on new ones (top-1 expert 1.06x the dense baseline's perplexity, 0.94x at one pass).
+    epochs: float = Field(1.0, gt=0, description="passes over each expert's shard")
     lr: float = Field(4e-3, gt=0)
-    batch_size: int = Field(8, ge=1, description="blocks per optimizer step (over all of an expert's workers)")
+    batch_size: int = Field(4, ge=1, description="blocks per optimizer step (over all of an expert's workers)")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="'deepspeed': ZeRO through Ray Train")
     zero_stage: int = Field(2, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2: every rank keeps whole parameters)")
     workers_per_expert: int = Field(1, ge=1)
