@@ -78,7 +78,8 @@ class RouterConfig(_Section):
     max_query_chars: int = Field(20_000, ge=100, description="characters of a request the router reads")
     fast_features: int = Field(2**17, ge=2**10, description="hash buckets of the fast path's n-gram features")
     fast_c: float = Field(10.0, gt=0, description="inverse regularisation of the fast path's logistic regression")
-    fast_min_precision: float = Field(0.97, ge=0, le=1, description="held-out precision the fast path must keep")
+    fast_min_precision: float = Field(0.9, ge=0, le=1, description="held-out precision the fast path must keep "
+                                      "(it must also be at least as accurate there as the slow path)")
     ponder_lambdas: list[float] = Field([0.01, 0.03, 0.05, 0.07, 0.1, 0.15], min_length=1, description="DACT halting weights tried")
     max_accuracy_drop: float = Field(0.01, ge=0, description="DACT may lose this much accuracy against the full encoder")
     aux_weight: float = Field(0.5, ge=0, description="weight of the per-layer classification loss")
