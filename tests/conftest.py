@@ -52,17 +52,23 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def launch_imoe_serve(store: Path, env: dict, settings: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`imoe serve` started in its own process on a free port, not waited for: (process, base URL)."""
+    port = free_port()
+    cmd = [str(BIN / "imoe"), "serve", "--store", str(store), "--port", str(port),
+           *[a for s in settings for a in ("--set", s)]]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def start_imoe_serve(store: Path, env: dict, settings: list[str], log_path: Path,
                      timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """`imoe serve` in its own process, joined to the session's cluster as a user starts it;
     returns (process, base URL) once `/healthz` answers 200."""
     import requests
 
-    port = free_port()
-    cmd = [str(BIN / "imoe"), "serve", "--store", str(store), "--port", str(port),
-           *[a for s in settings for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = launch_imoe_serve(store, env, settings, log_path)
 
     def ready() -> bool:
         if proc.poll() is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from imoe_ray.serving.generation import GenerationRequest, collect, decode_steps
 from imoe_ray.serving.lora_bank import AdapterBank, AdapterError
 from imoe_ray.serving.model import ServingModel
 
-from conftest import free_port, start_imoe_serve, stop_imoe_serve
+from conftest import launch_imoe_serve, start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -434,11 +432,8 @@ def test_sigterm_while_starting_removes_what_was_deployed(ray_session, served_st
     def replicas() -> list:
         return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ServeReplica:imoe:" in (a.class_name or "")]
 
-    port = free_port()
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "imoe_ray.cli", "serve", "--store", str(served_store), "--port",
-                             str(port), *[a for s in SERVE_SETTINGS for a in ("--set", s)]],
-                            env=ray_session["env"], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    proc, _ = launch_imoe_serve(served_store, ray_session["env"], SERVE_SETTINGS, log)
     deadline = time.time() + 180
     while not replicas():  # deploying, not ready yet
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
