@@ -92,6 +92,10 @@ def _deepspeed_engine(model, optimizer, micro_batch: int, zero_stage: int, devic
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a minute of C++ on every
+        # fresh worker) that only its inference all-reduce uses; training reduces through gloo anyway.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
