@@ -173,7 +173,7 @@ def _wait(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), ti
     raise TimeoutError(view)
 
 
-def test_jobs_over_http_preemption_events_and_errors(jobs_server, served_store):
+def test_jobs_over_http_preemption_events_and_errors(ray_session, jobs_server, served_store):
     url = jobs_server["url"]
     expert = json.loads((served_store / "experts" / "index.json").read_text())["experts"][0]["name"]
     body = {"agent": "a", "prompt": "the server sends the request and", "experts": [expert], "max_tokens": 40}
@@ -212,6 +212,30 @@ def test_jobs_over_http_preemption_events_and_errors(jobs_server, served_store):
         assert r.status_code == status and r.json()["error"]["message"], (bad, r.text)
     r = requests.get(f"{url}/jobs/job-nothere", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    # the telemetry as Ray metrics: what the dashboard's Prometheus scrapes from the node
+    exported = _ray_metrics(lambda m: m.get("ray_imoe_jobs_submitted", 0) >= 6 and m.get("ray_imoe_job_preemptions", 0) >= 1)
+    assert exported.get("ray_imoe_jobs_submitted", 0) >= 6 and exported.get("ray_imoe_job_preemptions", 0) >= 1, exported
+    assert exported.get("ray_imoe_jobs_finished", 0) >= 4 and exported.get("ray_imoe_job_queued_ms_count", 0) >= 4, exported
+
+
+def _ray_metrics(ready, timeout: float = 60) -> dict[str, float]:
+    """The `imoe_*` series on the node's Prometheus endpoint, summed over their labels, once `ready`
+    holds (Ray exports every few seconds)."""
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.time() + timeout
+    while True:
+        totals: dict[str, float] = {}
+        for line in requests.get(url, timeout=10).text.splitlines():
+            if line.startswith("ray_imoe_"):
+                name, value = line.split("{")[0].split(" ")[0], float(line.rsplit(" ", 1)[1])
+                name = name.removesuffix("_total")  # Prometheus names a counter's series `<name>_total`
+                totals[name] = totals.get(name, 0.0) + value
+        if ready(totals) or time.time() > deadline:
+            return totals
+        time.sleep(1)
 
 
 def test_jobs_survive_killing_the_job_queue_replica(ray_session, jobs_server, served_store):
