@@ -4,7 +4,8 @@
    `load_adapter` + `set_adapter`;
 2. resident memory of one replica with 32 installed experts (bank LRU of `max_loaded_experts`)
    vs a PEFT model with all 32 loaded, each in a fresh process, against the base model alone;
-3. request overhead: the Serve HTTP path (forced expert) vs calling generate in-process;
+3. request overhead: the Serve HTTP path (forced expert) vs calling generate in-process, next to
+   Ray Serve's own floor for the same two hops (proxy → FastAPI ingress → handle → replica, no model);
 4. throughput at 16 concurrent clients: `@serve.batch` mixed-adapter batches vs max_batch_size 1.
 
     imoe build --corpus corpus.jsonl --store store --until experts
@@ -187,9 +188,36 @@ def _serve(store: Path, port: int, overrides: list[str]) -> str:
     return start(str(store), None, overrides, port=port)
 
 
+def _floor_app():
+    """Ray Serve with nothing of ours: a FastAPI ingress that hands the JSON body to a second
+    deployment by handle and returns its answer, the two hops every `imoe` request makes."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo:
+        def __call__(self, body: dict) -> dict:
+            return {"object": "text_completion", "choices": [{"index": 0, "text": ""}], "request": body}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, echo):
+            self.echo = echo
+
+        @api.post("/completions")
+        async def completions(self, body: dict) -> dict:
+            return await self.echo.remote(body)
+
+    return Ingress.bind(Echo.bind())
+
+
 def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
-    """HTTP requests and in-process generate calls alternate, so that drift in this machine's speed
-    affects both alike; the overhead is the median of the paired differences."""
+    """HTTP requests, in-process generate calls and requests to Ray Serve's floor app alternate, so
+    that drift in this machine's speed affects all alike; the overhead is the median of the paired
+    differences."""
     import requests
     import torch
 
@@ -197,13 +225,17 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
     from imoe_ray.serving.model import ServingModel
 
     name = _experts(store)[0]
+    from ray import serve
+
     url = _serve(store, port, ["serve.max_replicas=1", "serve.expert_cpus=1", "serve.router_cpus=0.5"])
+    serve.run(_floor_app(), name="floor", route_prefix="/floor")
+    floor_url = f"http://127.0.0.1:{port}/floor/completions"
     body = {"model": name, "prompt": "the function returns", "max_tokens": tokens, "temperature": 0}
     torch.set_num_threads(1)
     model = ServingModel(store, threads=1)
     prompt = [model.tokenizer.eos_token_id] + model.tokenizer("the function returns", add_special_tokens=False)["input_ids"]
     session = requests.Session()
-    http, local, server, replica = [], [], [], []
+    http, local, server, replica, floor = [], [], [], [], []
     for i in range(reps + 5):
         t = time.perf_counter()
         r = session.post(f"{url}/completions", json=body, timeout=60)
@@ -213,9 +245,13 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
         assert reply["usage"]["completion_tokens"] == tokens
         t = time.perf_counter()
         model.generate([GenerationRequest(prompt, {name: 1.0}, tokens)])
+        generated = time.perf_counter() - t
+        t = time.perf_counter()
+        session.post(floor_url, json=body, timeout=60).raise_for_status()
         if i >= 5:
             http.append(elapsed)
-            local.append(time.perf_counter() - t)
+            local.append(generated)
+            floor.append(time.perf_counter() - t)
             server.append(reply["imoe"]["server_ms"] / 1e3)
             replica.append(reply["imoe"]["timings_ms"]["generate"] / 1e3)
     ms = lambda xs: p50(xs) * 1e3  # noqa: E731
@@ -223,14 +259,17 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
            "overhead_ms": ms([h - g for h, g in zip(http, local)]),
            "proxy_and_http_ms": ms([h - s for h, s in zip(http, server)]),
            "router_and_handle_ms": ms([s - g for s, g in zip(server, replica)]),
-           "replica_decode_minus_in_process_ms": ms([g - x for g, x in zip(replica, local)])}
+           "replica_decode_minus_in_process_ms": ms([g - x for g, x in zip(replica, local)]),
+           "ray_serve_floor_ms": ms(floor),
+           "overhead_beyond_floor_ms": ms([h - g - f for h, g, f in zip(http, local, floor)])}
     print(f"request overhead ({tokens} tokens, forced expert, p50 of {reps} alternating pairs): HTTP through Serve "
           f"{out['http_p50_ms']:.1f} ms, in-process generate {out['in_process_p50_ms']:.1f} ms, "
           f"overhead {out['overhead_ms']:.1f} ms (target <= 15 ms)")
     print(f"  where: proxy + HTTP {out['proxy_and_http_ms']:.1f} ms | router + handle call {out['router_and_handle_ms']:.1f} ms"
           f" | replica decoding vs in-process {out['replica_decode_minus_in_process_ms']:+.1f} ms")
-    from ray import serve
-
+    print(f"  Ray Serve's floor for the same two hops (no model): {out['ray_serve_floor_ms']:.1f} ms; "
+          f"our overhead beyond it: {out['overhead_beyond_floor_ms']:.1f} ms")
+    serve.delete("floor")
     serve.delete("imoe")
     return out
 
