@@ -3,19 +3,12 @@ up to date, and resumed (not redone) when a previous run was cut off."""
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from imoe_ray.cluster import init_ray
-from imoe_ray.config import Config
-from imoe_ray.corpus import stage as ingest
-from imoe_ray.discovery import stage as discover
-from imoe_ray.embedding import stage as embed
-from imoe_ray.experts import stage as experts
-from imoe_ray.fusion import stage as fusion
-from imoe_ray.routing import stage as router
-from imoe_ray.sharding import stage as shard
+from imoe_ray.config import ROUTER_TRAINING_FIELDS, Config
 from imoe_ray.store import StageManifest, Store
 
 Report = Callable[[str], None]
@@ -25,28 +18,34 @@ Report = Callable[[str], None]
 class Stage:
     name: str
     settings: tuple[str, ...]  # config fields whose change invalidates the stage
-    run: Callable[..., dict]
+    entry: str  # "module:function", imported when the stage runs: a skipped stage or bad input loads no torch
     summary: str
     resumable: bool = False  # keeps partial work across a kill, recorded in a partial manifest
     starts_ray: bool = False  # joins Ray itself, once its input is known to be good (bad input fails in seconds)
 
+    def run(self, *args) -> dict:
+        module, function = self.entry.split(":")
+        return getattr(importlib.import_module(module), function)(*args)
+
 
 HELD_OUT = ("router.calib_fraction", "router.test_fraction")  # the held-out rows no LM trains on
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), ingest.run,
+    Stage("ingest", ("corpus", "embedding.encoder", "embedding.max_tokens"), "imoe_ray.corpus.stage:run",
           "read and chunk the corpus", starts_ray=True),
-    Stage("embed", ("embedding.encoder", "embedding.max_tokens"), embed.run, "embed every chunk (Ray Data actor pool)",
-          resumable=True),
-    Stage("discover", ("discovery", "corpus.chunk_tokens"), discover.run, "discover categories (HDBSCAN)"),
-    Stage("router", ("embedding.encoder",) + router.TRAINING_FIELDS, router.run,
+    Stage("embed", ("embedding.encoder", "embedding.max_tokens"), "imoe_ray.embedding.stage:run",
+          "embed every chunk (Ray Data actor pool)", resumable=True),
+    Stage("discover", ("discovery", "corpus.chunk_tokens"), "imoe_ray.discovery.stage:run",
+          "discover categories (HDBSCAN)"),
+    Stage("router", ("embedding.encoder",) + ROUTER_TRAINING_FIELDS, "imoe_ray.routing.stage:run",
           "train the router (fast path + DACT early-exit classifier), calibrate on held-out chunks"),
-    Stage("shard", ("sharding", "router"), shard.run, "route every chunk, write per-category Parquet shards and LanceDB tables"),
-    Stage("base", ("experts.base_model", "pretrain") + HELD_OUT, experts.run_base,
+    Stage("shard", ("sharding", "router"), "imoe_ray.sharding.stage:run",
+          "route every chunk, write per-category Parquet shards and LanceDB tables"),
+    Stage("base", ("experts.base_model", "pretrain") + HELD_OUT, "imoe_ray.experts.stage:run_base",
           "the base LM: the configured one, or a tokenizer and a small Llama pre-trained on the corpus (Ray Train)",
           resumable=True),
-    Stage("experts", ("experts", "pretrain.seq_len") + HELD_OUT, experts.run_experts,
+    Stage("experts", ("experts", "pretrain.seq_len") + HELD_OUT, "imoe_ray.experts.stage:run_experts",
           "one PEFT adapter per category, each a Ray Train job, in parallel; and the dense baseline", resumable=True),
-    Stage("summarizer", ("fusion", "pretrain.seq_len") + HELD_OUT, fusion.run,
+    Stage("summarizer", ("fusion", "pretrain.seq_len") + HELD_OUT, "imoe_ray.fusion.stage:run",
           "the summarizer: a LoRA adapter that grounds several experts' drafts in one answer (Ray Train)",
           resumable=True),
 )
@@ -59,8 +58,10 @@ def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report
     named `force_stages`); returns the manifests of the stages run or skipped."""
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
+    from imoe_ray.corpus.stage import corpus_fingerprint
+
     store = Store(cfg.store)
-    upstream = ingest.corpus_fingerprint(cfg)
+    upstream = corpus_fingerprint(cfg)
     done: dict[str, StageManifest] = {}
     for stage in STAGES:
         manifest = _run_stage(stage, store, cfg, upstream, force or stage.name in force_stages, report)
@@ -85,6 +86,8 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
     manifest = StageManifest(stage.name, config_hash, inputs)
     if not stage.starts_ray:
+        from imoe_ray.cluster import init_ray
+
         init_ray(cfg.ray)  # only once a stage has work to do: an up-to-date store needs no cluster
     if stage.resumable:
         manifest.start(store)

@@ -511,13 +511,15 @@ def _summarizer_table(result: dict) -> Table:
     return table
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from imoe_ray.corpus.readers import CorpusError
-    from imoe_ray.embedding.encoder import EncoderError
-    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
-    from imoe_ray.store.store import StoreError
+_USER_ERRORS = (("imoe_ray.corpus.readers", "CorpusError"), ("imoe_ray.embedding.encoder", "EncoderError"),
+                ("imoe_ray.store.store", "StoreError"), ("imoe_ray.retrieval.knowledge_base", "KnowledgeBaseError"))
 
-    return ConfigError, CorpusError, EncoderError, StoreError, FileNotFoundError, KnowledgeBaseError
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of the modules this run loaded: a module never imported raised nothing,
+    and importing it now (torch, LanceDB) would only delay the message by seconds."""
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return (ConfigError, FileNotFoundError, *loaded)
 
 
 def main() -> None:

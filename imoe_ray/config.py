@@ -104,6 +104,11 @@ class RouterConfig(_Section):
         return self
 
 
+# Router settings read at request time (changing them needs no retraining), and the ones training reads.
+ROUTER_RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature")
+ROUTER_TRAINING_FIELDS = tuple(f"router.{k}" for k in RouterConfig.model_fields if k not in ROUTER_RUNTIME_FIELDS)
+
+
 class ShardingConfig(_Section):
     write_lancedb: bool = True
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imoe_ray.corpus import Chunker, CorpusError, chunk_table, read_corpus_table
+from imoe_ray.corpus import CorpusError, read_corpus_table
+from imoe_ray.corpus.chunking import Chunker, chunk_table
 from imoe_ray.corpus.chunking import window_starts
 from imoe_ray.corpus.sample import build_sample_corpus
 

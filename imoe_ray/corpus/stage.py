@@ -13,7 +13,6 @@ import ray
 
 from imoe_ray.cluster import init_ray
 from imoe_ray.config import Config
-from imoe_ray.corpus.chunking import Chunker
 from imoe_ray.corpus.readers import CorpusError, read_corpus_table
 from imoe_ray.store import Store
 
@@ -43,6 +42,8 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     """Read and validate the corpus in the driver (so errors are immediate), chunk it on Ray Data."""
     c = cfg.corpus
     table = read_corpus_table(c.path, text_column=c.text_column, id_column=c.id_column, split=c.split)
+    from imoe_ray.corpus.chunking import Chunker  # transformers: only once the corpus is known to be good
+
     init_ray(cfg.ray)
     ds = ray.data.from_arrow(_blocks(table, 8))
     chunked = ds.map_batches(

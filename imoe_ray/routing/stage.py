@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from imoe_ray.config import Config, RouterConfig
+from imoe_ray.config import ROUTER_RUNTIME_FIELDS as RUNTIME_FIELDS
+from imoe_ray.config import Config
 from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
 from imoe_ray.embedding.ray_embed import layer_states_matrix
 from imoe_ray.embedding.stage import read_embeddings
@@ -31,9 +32,6 @@ WEIGHTS = ("router", "weights.safetensors")
 EXTRA_EXPERTS = ("router", "experts.json")
 EXPERTS_INDEX = ("experts", "index.json")  # written by the experts stage
 REFERENCE = ("router", "reference-head.safetensors")  # the full-encoder baseline, for benchmarks only
-# Settings read at request time; changing them needs no retraining.
-RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature")
-TRAINING_FIELDS = tuple(f"router.{k}" for k in RouterConfig.model_fields if k not in RUNTIME_FIELDS)
 
 
 def make_encoder(cfg: Config):
