@@ -159,18 +159,19 @@ def route(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Route requests to experts: categories (most probable first), probabilities, experts, exit layer, latency."""
-    from imoe_ray.routing.stage import load_router
     from imoe_ray.store import Store
 
     if (text is None) == (input is None):
         raise ConfigError("give either a TEXT to route or --input FILE.jsonl, not both and not neither")
     cfg = resolve_config(store, config, overrides)
+    rows = _read_requests(input, text_field) if input is not None else []  # a bad file fails before the router loads
+    from imoe_ray.routing.stage import load_router
+
     router = load_router(Store(cfg.store), cfg)
     if text is not None:
         router.route(text)  # the first call pays for lazy set-up; report a warm latency
         typer.echo(json.dumps(router.route(text).to_json(), indent=2 if not as_json else None))
         return
-    rows = _read_requests(input, text_field)
     out = open(output, "w") if output else sys.stdout
     try:
         for row in rows:
