@@ -138,7 +138,7 @@ def reembedded(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], dire
     return KnowledgeBase(directory, embed, kb.text_column)
 
 
-def encode_ms_per_passage(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], n: int = 256) -> float:
+def encode_ms_per_passage(kb: KnowledgeBase, embed: Callable[[list[str]], np.ndarray], n: int = 64) -> float:
     """The encoder's cost on the store's own passages (up to `n`, batches of 64, after a warm-up batch)."""
     texts: list[str] = []
     for name in kb.names():
