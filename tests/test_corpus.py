@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imoe_ray.corpus import CorpusError, read_corpus_table
-from imoe_ray.corpus.chunking import Chunker, chunk_table
-from imoe_ray.corpus.chunking import window_starts
+from imoe_ray.corpus.chunking import Chunker, chunk_table, window_starts
 from imoe_ray.corpus.sample import build_sample_corpus
 
 ROWS = [{"id": i, "text": f"document number {i} about topic {i % 3}", "domain": f"d{i % 3}", "score": i * 0.5,
