@@ -271,7 +271,9 @@ def test_jobs_survive_restarting_the_whole_application(ray_cluster, jobs_server,
         return r.json()["id"]
 
     whole = _wait(url, submit(body))  # uninterrupted
-    ids = [submit(body) for _ in range(24)]  # slots=1: they run one after another
+    # slots=1: they run one after another; enough of them that some are still unfinished after the
+    # seconds Serve takes to stop (a faster machine once finished 24 before the JobQueue replica stopped)
+    ids = [submit(body) for _ in range(60)]
     late = submit(body | {"deadline_s": 0.5})
     _wait(url, ids[0], states=("running", "succeeded"))
     stop_imoe_serve(jobs_server["proc"])
