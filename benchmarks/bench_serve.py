@@ -220,13 +220,12 @@ def bench_overhead(store: Path, port: int, reps: int, tokens: int) -> dict:
     differences."""
     import requests
     import torch
+    from ray import serve
 
     from imoe_ray.serving.generation import GenerationRequest
     from imoe_ray.serving.model import ServingModel
 
     name = _experts(store)[0]
-    from ray import serve
-
     url = _serve(store, port, ["serve.max_replicas=1", "serve.expert_cpus=1", "serve.router_cpus=0.5"])
     serve.run(_floor_app(), name="floor", route_prefix="/floor")
     floor_url = f"http://127.0.0.1:{port}/floor/completions"
