@@ -13,8 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from imoe_ray.config import ROUTER_RUNTIME_FIELDS as RUNTIME_FIELDS
-from imoe_ray.config import Config
+from imoe_ray.config import ROUTER_RUNTIME_FIELDS, Config
 from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
 from imoe_ray.embedding.ray_embed import layer_states_matrix
 from imoe_ray.embedding.stage import read_embeddings
@@ -92,7 +91,7 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
     settings = dict(meta["settings"])
     if cfg is not None:
         runtime = cfg.router.model_dump(mode="json")
-        settings |= {k: runtime[k] for k in RUNTIME_FIELDS if k != "threshold"}
+        settings |= {k: runtime[k] for k in ROUTER_RUNTIME_FIELDS if k != "threshold"}
         if cfg.router.threshold is not None:
             settings["threshold"] = cfg.router.threshold
     encoder = None
