@@ -93,7 +93,8 @@ def main() -> None:
 
     def full_encoder(t):
         _, states = encoder.encode_with_layers([t])
-        return int(reference.predict(states)[0]), n_layers
+        text = router.text_features.transform([t]) if router.head.text_dims else None
+        return int(reference.predict(states, text)[0]), n_layers
 
     systems = {"cascade (fast path + DACT)": cascade, "DACT alone": dact,
                "full encoder + linear head": full_encoder, "keyword router": keywords}

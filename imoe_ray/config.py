@@ -83,9 +83,13 @@ class RouterConfig(_Section):
     ponder_lambdas: list[float] = Field([0.01, 0.03, 0.05, 0.07, 0.1, 0.15], min_length=1, description="DACT halting weights tried")
     max_accuracy_drop: float = Field(0.01, ge=0, description="DACT may lose this much accuracy against the full encoder")
     aux_weight: float = Field(0.5, ge=0, description="weight of the per-layer classification loss")
-    reference_c: float = Field(10.0, gt=0)
+    read_text_features: bool = Field(True, description="every DACT unit (and the reference head) also reads the text's "
+                                     "tf-idf → SVD features that discovery clustered on (when discovery used them)")
+    text_scale: float = Field(10.0, gt=0, description="scale of those features next to a layer-normalised state")
+    reference_c: float = Field(4.0, gt=0, description="inverse regularisation of the full-encoder reference head")
     epochs: int = Field(30, ge=1)
     lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1.0, ge=0, description="AdamW's decoupled weight decay of the DACT units")
     batch_size: int = Field(256, ge=1)
     threshold: float | None = Field(None, gt=0, lt=1, description="t_C for requests; None: discovery.threshold")
     fallback: Literal["auto", "all", "base"] = Field(

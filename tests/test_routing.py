@@ -42,6 +42,25 @@ def test_dact_exit_never_changes_the_decision_and_saves_layers():
     assert np.mean(out.probabilities.argmax(1) == labels) > 0.9
 
 
+def test_dact_units_read_text_features_and_halt_early_on_them():
+    """States that carry nothing, text features that carry the class: the units learn from the text
+    and stop after the first layer, and halting stays exact."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(3, size=600)
+    states = rng.normal(size=(600, 4, 16)).astype(np.float32)
+    text = (np.eye(3)[labels] * 4 + rng.normal(size=(600, 3)) * 0.5).astype(np.float32)
+    blind = train_head(states, labels, 3, 0.05, 0.5, 40, 3e-3, 128, 0)
+    head = train_head(states, labels, 3, 0.2, 0.5, 40, 3e-3, 128, 0, text=text)
+    assert head.text_dims == 3 and blind.text_dims == 0
+    out = exit_from_states(head, states, text)
+    with torch.no_grad():
+        final, _, _ = head(torch.from_numpy(states), torch.from_numpy(text))
+    assert np.array_equal(out.probabilities.argmax(1), final.numpy().argmax(1))
+    assert np.mean(out.probabilities.argmax(1) == labels) > 0.95
+    assert np.mean(exit_from_states(blind, states).probabilities.argmax(1) == labels) < 0.6
+    assert out.layers.mean() < 1.5
+
+
 def test_ponder_lambda_trades_layers_for_nothing_when_easy():
     states, labels = _clustered_states(600, layers=5, dim=16, classes=3, seed=1)
     cheap = exit_from_states(train_head(states, labels, 3, 0.2, 0.5, 40, 3e-3, 128, 0), states).layers.mean()
@@ -93,10 +112,12 @@ def test_router_is_saved_with_lambda_and_every_setting(built):
     s = meta["settings"]
     assert s["ponder_lambda"] in cfg.router.ponder_lambdas and len(s["lambda_sweep"]) == len(cfg.router.ponder_lambdas)
     for key in ("n_layers", "hidden", "n_classes", "dact_temperature", "fast_temperature", "fast_threshold",
-                "threshold", "encoder", "aux_weight", "fast_features"):
+                "threshold", "encoder", "aux_weight", "fast_features", "text_dims", "text_scale", "weight_decay"):
         assert key in s
     weights = load_file(store.path("router", "weights.safetensors"))
-    assert weights["dact.classify.0.weight"].shape == (s["n_classes"], s["hidden"])
+    # The units read the discovery's text features too, and the router carries its own copy of them.
+    assert s["text_dims"] == weights["text.svd_components"].shape[0] > 0 and meta["text_vocabulary"]
+    assert weights["dact.classify.0.weight"].shape == (s["n_classes"], s["hidden"] + s["text_dims"])
     assert weights["fast.weights"].shape == (s["fast_features"], s["n_classes"])
     m = meta["metrics"]["test_chunks"]
     assert m["rows"] > 0 and m["cascade_accuracy"] > 2.0 / s["n_classes"]

@@ -7,7 +7,7 @@ components), saved without pickle and applied to new text without refitting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.decomposition import TruncatedSVD
@@ -22,6 +22,8 @@ class TextFeatures:
     vocabulary: dict[str, int]
     idf: np.ndarray          # (V,)
     components: np.ndarray   # (dims, V)
+    _vectorizer: TfidfVectorizer | None = field(default=None, init=False, repr=False, compare=False)
+    _projection: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)  # (V, dims), C order
 
     @classmethod
     def fit(cls, texts: list[str], dims: int, seed: int) -> "TextFeatures | None":
@@ -39,9 +41,11 @@ class TextFeatures:
         return cls(vocab, vectorizer.idf_.astype(np.float32), svd.components_.astype(np.float32))
 
     def transform(self, texts: list[str]) -> np.ndarray:
-        vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
-        vectorizer.idf_ = self.idf.astype(np.float64)
-        reduced = vectorizer.transform(texts) @ self.components.T
+        if self._vectorizer is None:  # built once: checking the vocabulary costs milliseconds per call
+            self._vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
+            self._vectorizer.idf_ = self.idf.astype(np.float64)
+            self._projection = np.ascontiguousarray(self.components.T)
+        reduced = self._vectorizer.transform(texts) @ self._projection
         return normalize(np.asarray(reduced, dtype=np.float32))
 
 

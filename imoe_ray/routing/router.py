@@ -4,6 +4,7 @@
           │ unsure
           ▼
     DACT over the encoder's layers, stopping per sample once the decision is final ──> exit_layer n
+    (every unit also reads the text's tf-idf → SVD features: the discovery's own second view)
           │
           ▼
     fused with the fast path's evidence: softmax((log p_dact + w · log p_fast) / T), w and T calibrated
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+from imoe_ray.discovery.features import TextFeatures
 from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
 from imoe_ray.routing.fastpath import FastPath, tokens
 
@@ -67,7 +69,7 @@ class Decision:
 class Router:
     def __init__(self, names: list[str], fast: FastPath, fast_threshold: float | None, head: DACTHead,
                  dact_temperature: float, threshold: float, settings: dict, encoder=None,
-                 profiles: list[ExpertProfile] | None = None):
+                 profiles: list[ExpertProfile] | None = None, text_features: TextFeatures | None = None):
         self.names = names
         self.fast = fast
         self.fast_threshold = fast_threshold
@@ -77,6 +79,7 @@ class Router:
         self.settings = settings
         self._encoder = encoder
         self._layerwise = None
+        self.text_features = text_features
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
         self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
 
@@ -86,6 +89,14 @@ class Router:
         z -= z.max(axis=-1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=-1, keepdims=True)
+
+    def text_inputs(self, texts: list[str]) -> np.ndarray | None:
+        """What the DACT units read besides the encoder's states: the scaled text features (or None)."""
+        if not self.head.text_dims:
+            return None
+        if self.text_features is None:
+            raise RuntimeError("this router's DACT units read text features, but none were loaded")
+        return self.text_features.transform(texts) * self.settings["text_scale"]
 
     def _encoder_steps(self):
         if self._layerwise is None:
@@ -101,7 +112,8 @@ class Router:
         """DACT run live over the encoder, one layer at a time; rows leave as soon as they halt."""
         lw = self._encoder_steps()
         hidden, mask = lw.embed(texts)
-        acc = Accumulator(self.head, len(texts))
+        text = self.text_inputs(texts)
+        acc = Accumulator(self.head, len(texts), None if text is None else torch.from_numpy(text))
         rows = torch.arange(len(texts))
         probs = np.zeros((len(texts), len(self.names)), np.float32)
         layers = np.zeros(len(texts), np.int64)
@@ -128,7 +140,7 @@ class Router:
     def decide_states(self, texts: list[str], states: np.ndarray, use_fast_path: bool = True) -> Decision:
         """The cascade on precomputed per-layer states (n, L, h): identical decisions to live routing.
         Without `use_fast_path` it is DACT alone."""
-        out = exit_from_states(self.head, states)
+        out = exit_from_states(self.head, states, self.text_inputs(texts))
         probs, layers = self._calibrated(out.probabilities), out.layers.copy()
         if use_fast_path and len(texts):
             fast = _softmax(self.fast.logits_batch(texts) / self.fast.temperature)

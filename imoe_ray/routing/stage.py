@@ -2,8 +2,9 @@
 
 `router/config.json` holds every setting the router was trained and calibrated with (lambda, the
 temperatures, the cascade threshold, the sub-modules' sizes), the category names, the expert
-profiles and the held-out metrics; `router/weights.safetensors` holds the DACT units and the fast
-path. Experts that join after training are listed in `router/experts.json`.
+profiles and the held-out metrics; `router/weights.safetensors` holds the DACT units, the fast
+path and the text featurizer the units read (its vocabulary is in config.json). Experts that join
+after training are listed in `router/experts.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from imoe_ray.config import ROUTER_RUNTIME_FIELDS, Config
+from imoe_ray.discovery.features import TextFeatures
 from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
 from imoe_ray.embedding.ray_embed import layer_states_matrix
 from imoe_ray.embedding.stage import read_embeddings
@@ -61,7 +63,8 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     profiles = [ExpertProfile(c.name, c.id, [], c.centroid) for c in discovery.categories]
     encoder = make_encoder(cfg)
     corpus = load_corpus(store, cfg, encoder, report)
-    router, metrics, reference = train_router(corpus, names, profiles, discovery.threshold, cfg.router, encoder, report)
+    router, metrics, reference = train_router(corpus, names, profiles, discovery.threshold, cfg.router, encoder, report,
+                                              discovery.text_features)
     store.write_bytes(save_arrays({"weight": reference.weight, "bias": reference.bias}), *REFERENCE)
     save_router(store, router, metrics)
     for name, m in metrics.items():
@@ -75,9 +78,13 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
 def save_router(store: Store, router: Router, metrics: dict) -> None:
     """The weights first, the JSON last: a config.json on disk always has its weights beside it."""
     arrays = head_arrays(router.head) | router.fast.arrays()
+    text = router.text_features if router.head.text_dims else None
+    if text is not None:
+        arrays |= {"text.idf": text.idf, "text.svd_components": text.components}
     store.write_bytes(save_arrays(arrays), *WEIGHTS)
     trained = [asdict(p) for p in router.profiles if p.category is not None]
     store.write_json({"names": router.names, "settings": router.settings, "fast": router.fast.settings(),
+                      "text_vocabulary": text.vocabulary if text is not None else None,
                       "profiles": trained, "metrics": metrics}, *MODEL)
 
 
@@ -98,9 +105,12 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
     if with_encoder:
         encoder = make_encoder(cfg) if cfg is not None else _encoder_for(settings)
     profiles = [ExpertProfile(**p) for p in meta["profiles"]]
+    text = None
+    if meta.get("text_vocabulary") is not None:
+        text = TextFeatures(meta["text_vocabulary"], arrays["text.idf"], arrays["text.svd_components"])
     router = Router(meta["names"], FastPath.from_parts(meta["fast"], arrays), settings["fast_threshold"],
                     head_from_arrays(settings, arrays), settings["dact_temperature"], settings["threshold"],
-                    settings, encoder, profiles)
+                    settings, encoder, profiles, text)
     if store.exists(*EXTRA_EXPERTS):
         for p in store.read_json(*EXTRA_EXPERTS):
             if p.get("category") is not None or encoder is not None:  # joining by centroid needs the encoder

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from imoe_ray.config import RouterConfig
+from imoe_ray.discovery.features import TextFeatures, combine
 from imoe_ray.routing import calibration
 from imoe_ray.routing.dact import exit_from_states, train_head
 from imoe_ray.routing.fastpath import FastPath
@@ -70,17 +71,27 @@ def eval_sets(corpus: Corpus, rows: np.ndarray, encoder, prefix_tokens: int, rep
 
 @dataclass
 class LinearHead:
-    """The full encoder's last layer + a linear head: what DACT is measured against (evaluation only)."""
-    weight: np.ndarray  # (K, dim)
+    """The full encoder's last layer (joined with the text features when the router reads them, as
+    discovery joins them) + a linear head: what DACT is measured against (evaluation only)."""
+    weight: np.ndarray  # (K, dim [+ text dims])
     bias: np.ndarray    # (K,)
 
-    def predict(self, states: np.ndarray) -> np.ndarray:
-        return (last_layer(states) @ self.weight.T + self.bias).argmax(1)
+    def predict(self, states: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
+        return (reference_features(states, text) @ self.weight.T + self.bias).argmax(1)
+
+
+def reference_features(states: np.ndarray, text: np.ndarray | None) -> np.ndarray:
+    """`text`: the rows' unscaled text features, or None."""
+    return combine(states[:, -1], text)
 
 
 def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile], threshold: float,
-                 cfg: RouterConfig, encoder, report: Report = print) -> tuple[Router, dict, LinearHead]:
+                 cfg: RouterConfig, encoder, report: Report = print,
+                 text_features: TextFeatures | None = None) -> tuple[Router, dict, LinearHead]:
+    """`text_features`: discovery's tf-idf → SVD featurizer, read by every DACT unit (`cfg.read_text_features`)."""
     rng = np.random.default_rng(cfg.seed)
+    text = text_features if cfg.read_text_features else None
+    unit_text = (lambda texts: None) if text is None else text.transform
     n_classes = len(names)
     split = np.array([split_of(i, cfg.calib_fraction, cfg.test_fraction) for i in corpus.ids])
     train, calib, test = (np.flatnonzero(split == s) for s in ("train", "calib", "test"))
@@ -105,16 +116,20 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     c_states = np.concatenate([s.states for s in calib_sets])
     c_labels = np.concatenate([s.labels for s in calib_sets])
 
+    x_text, c_text = unit_text(x_texts), unit_text(c_texts)
+    scaled = (lambda t: None) if text is None else (lambda t: t * cfg.text_scale)
+
     # 2. The reference: the full encoder's last layer with a linear head.
-    reference = _linear_head(x_states, y, n_classes, cfg.reference_c)
-    ref_acc = _accuracy(reference.predict(c_states), c_labels)
+    reference = _linear_head(reference_features(x_states, x_text), y, n_classes, cfg.reference_c)
+    ref_acc = _accuracy(reference.predict(c_states, c_text), c_labels)
 
     # 3. DACT: sweep lambda; of the heads within the allowed accuracy drop keep the one that runs the
     #    fewest layers (none within: the most accurate).
     sweep, heads = [], []
     for lam in sorted(cfg.ponder_lambdas):
-        head = train_head(x_states, y, n_classes, lam, cfg.aux_weight, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed)
-        out = exit_from_states(head, c_states)
+        head = train_head(x_states, y, n_classes, lam, cfg.aux_weight, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed,
+                          scaled(x_text), cfg.weight_decay)
+        out = exit_from_states(head, c_states, scaled(c_text))
         row = {"lambda": lam, "accuracy": _accuracy(out.probabilities.argmax(1), c_labels),
                "mean_layers": round(float(out.layers.mean()), 3)}
         sweep.append(row)
@@ -143,10 +158,11 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     settings = cfg.model_dump(mode="json") | {
         "fusion_weight": fusion_weight, "fusion_temperature": fusion_temperature,
         "encoder": getattr(encoder, "name", None), "n_layers": head.n_layers, "hidden": head.hidden, "n_classes": n_classes,
+        "text_dims": head.text_dims,
         "ponder_lambda": chosen["lambda"], "lambda_sweep": sweep, "dact_temperature": dact_temperature,
         "fast_temperature": fast.temperature, "fast_threshold": fast_threshold, "threshold": threshold,
     }
-    router = Router(names, fast, fast_threshold, head, dact_temperature, threshold, settings, encoder, profiles)
+    router = Router(names, fast, fast_threshold, head, dact_temperature, threshold, settings, encoder, profiles, text)
 
     # 6. Held-out evaluation (the test split was never seen by training or calibration).
     metrics = {"train_rows": len(y), "views": kinds, "calib_rows": len(c_labels), "lambda": chosen["lambda"],
@@ -160,7 +176,7 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
                 "rows": len(s.labels),
                 "cascade_accuracy": _accuracy(cascade.probabilities.argmax(1), s.labels),
                 "dact_accuracy": _accuracy(dact.probabilities.argmax(1), s.labels),
-                "full_encoder_accuracy": _accuracy(reference.predict(s.states), s.labels),
+                "full_encoder_accuracy": _accuracy(reference.predict(s.states, unit_text(s.texts)), s.labels),
                 "dact_mean_layers": round(float(dact.exit_layer.mean()), 3),
                 "cascade_mean_layers": round(float(cascade.exit_layer.mean()), 3),
                 "fast_path_share": round(float(np.mean(cascade.exit_layer == 0)), 4),
@@ -182,9 +198,9 @@ def _fit_fusion(dact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> tuple
     return best_w, calibration.fit_temperature(z, labels)
 
 
-def _linear_head(states: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> LinearHead:
-    model = LogisticRegression(C=c, max_iter=2000).fit(last_layer(states), labels)
-    weight = np.full((n_classes, states.shape[2]), 0.0, np.float32)
+def _linear_head(features: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> LinearHead:
+    model = LogisticRegression(C=c, max_iter=2000).fit(features, labels)
+    weight = np.full((n_classes, features.shape[1]), 0.0, np.float32)
     bias = np.full(n_classes, -30.0, np.float32)
     if len(model.classes_) > 1:
         weight[model.classes_] = model.coef_ if len(model.coef_) == len(model.classes_) else np.vstack([-model.coef_, model.coef_])
@@ -192,11 +208,6 @@ def _linear_head(states: np.ndarray, labels: np.ndarray, n_classes: int, c: floa
     else:
         bias[model.classes_[0]] = 0.0
     return LinearHead(weight, bias)
-
-
-def last_layer(states: np.ndarray) -> np.ndarray:
-    last = states[:, -1]
-    return last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-9)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
