@@ -60,14 +60,29 @@ class JobQueue:
         self.queued_ms = metrics.Histogram("imoe_job_queued_ms", "time a job waited before it (re)started (ms)",
                                            boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 30000, 120000])
         self.wake = asyncio.Event()
+        self.stopping = False
         self.workers = [asyncio.create_task(self._worker()) for _ in range(self.settings.slots)]
         self._extra: set[asyncio.Task] = set()
         self._gauges()
         if self.core.recovered:
             log.info("job queue: %d interrupted jobs requeued", self.core.recovered)
 
+    async def __del__(self) -> None:
+        """Serve is stopping this replica: take no new job and stop the running ones now, not when the
+        replica is killed. Every job stays saved as it was after its last step; the queue requeues the
+        interrupted ones when it starts again on this store."""
+        self.stopping = True
+        tasks = [*self.workers, *self._extra]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("job queue stopped: %d unfinished jobs saved for the next start", self.core.unfinished())
+
     # ---- the API (called by the Router's /v1/jobs routes) ----
     async def submit(self, body: dict) -> dict:
+        if self.stopping:
+            e = oa.ApiError(503, "the job queue is shutting down; retry once the application is back", code="stopping")
+            return {"status": e.status, "error": e.body()}
         try:
             record = await asyncio.to_thread(self._record, JobRequest.model_validate(body))
         except oa.ApiError as e:
@@ -143,6 +158,8 @@ class JobQueue:
     # ---- the slots ----
     def _schedule(self) -> None:
         """Wake the workers; start an urgent job in an extra slot when it outranks a running one."""
+        if self.stopping:
+            return
         urgent = self.core.urgent()
         if urgent is not None:
             task = asyncio.create_task(self._run(urgent))

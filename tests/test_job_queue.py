@@ -15,7 +15,7 @@ from imoe_ray.job_queue.queue import JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.job_queue.scheduler import Scheduler
 
-from conftest import start_imoe_serve, stop_imoe_serve
+from conftest import TEMP_DIR, start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,6 +282,9 @@ def test_jobs_survive_restarting_the_whole_application(ray_cluster, jobs_server,
     stop_imoe_serve(jobs_server["proc"])
     saved = [json.loads((store / "jobs" / f"{i}.json").read_text())["state"] for i in ids]
     assert saved[-1] in ("queued", "running", "preempted"), saved  # unfinished when the application stopped
+    replica_logs = (TEMP_DIR / "session_latest" / "logs" / "serve").glob("replica_*JobQueue*.log")
+    assert any("job queue stopped" in p.read_text(errors="replace") for p in replica_logs), \
+        "the JobQueue replica stops its jobs when Serve stops it, not when it is killed"
     jobs_server["proc"], base = start_imoe_serve(store, ray_cluster["env"], SETTINGS, jobs_server["log"])
     views = [_wait(f"{base}/v1", i, timeout=180) for i in ids]
     assert [v["state"] for v in views] == ["succeeded"] * len(ids), views
