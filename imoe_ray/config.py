@@ -80,16 +80,15 @@ class RouterConfig(_Section):
     fast_c: float = Field(10.0, gt=0, description="inverse regularisation of the fast path's logistic regression")
     fast_min_precision: float = Field(0.9, ge=0, le=1, description="held-out precision the fast path must keep "
                                       "(it must also be at least as accurate there as the slow path)")
-    ponder_lambdas: list[float] = Field([0.01, 0.03, 0.05, 0.07, 0.1, 0.15], min_length=1, description="DACT halting weights tried")
+    ponder_lambdas: list[float] = Field([0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1], min_length=1, description="DACT halting weights tried")
     max_accuracy_drop: float = Field(0.01, ge=0, description="DACT may lose this much accuracy against the full encoder")
-    aux_weight: float = Field(0.5, ge=0, description="weight of the per-layer classification loss")
     read_text_features: bool = Field(True, description="every DACT unit (and the reference head) also reads the text's "
                                      "tf-idf → SVD features that discovery clustered on (when discovery used them)")
-    text_scale: float = Field(10.0, gt=0, description="scale of those features next to a layer-normalised state")
-    reference_c: float = Field(4.0, gt=0, description="inverse regularisation of the full-encoder reference head")
-    epochs: int = Field(30, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1.0, ge=0, description="AdamW's decoupled weight decay of the DACT units")
+    reference_c: float = Field(4.0, gt=0, description="inverse regularisation of every layer's logistic-regression "
+                               "classifier (the last layer's is the full-encoder reference)")
+    epochs: int = Field(30, ge=1, description="passes of the halting units' training")
+    lr: float = Field(3e-3, gt=0, description="learning rate of the halting units")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay of the halting units")
     batch_size: int = Field(256, ge=1)
     threshold: float | None = Field(None, gt=0, lt=1, description="t_C for requests; None: discovery.threshold")
     fallback: Literal["auto", "all", "base"] = Field(
@@ -412,6 +411,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(e)) from None
 
 
+# Settings that older stores recorded and that no longer exist: dropped from a store's config.yaml
+# (a user's YAML or --set naming them is still an error).
+RETIRED_FIELDS = {"router": ("aux_weight",)}  # DACT's classifiers are fit by logistic regression now
+
+
 def store_config(store: str, path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
     """The configuration a command runs with on a store: the settings the store was built with
     (`STORE/config.yaml`), then the YAML file, the overrides and the fields."""
@@ -419,4 +423,7 @@ def store_config(store: str, path: str | Path | None = None, overrides: list[str
     base = {}
     if "://" not in str(store) and stored.is_file():
         base = yaml.safe_load(stored.read_text()) or {}
+    for section, names in RETIRED_FIELDS.items():
+        if isinstance(base.get(section), dict):
+            base[section] = {k: v for k, v in base[section].items() if k not in names}
     return load_config(path, overrides, base=base, store=str(store), **fields)

@@ -51,3 +51,15 @@ def test_fields_hash_tracks_only_named_settings():
     assert a.fields_hash("corpus", "embedding.encoder") == b.fields_hash("corpus", "embedding.encoder")
     assert a.fields_hash("embedding") != b.fields_hash("embedding")
     assert Config.model_validate(a.model_dump()).fields_hash("discovery") == a.fields_hash("discovery")
+
+
+def test_a_store_built_with_a_retired_setting_still_loads(tmp_path):
+    """Older stores recorded router.aux_weight (DACT's classifiers are fit by logistic regression now):
+    their config.yaml loads; naming the setting yourself is still an error."""
+    from imoe_ray.config import store_config
+
+    (tmp_path / "config.yaml").write_text(Config().model_copy().to_yaml().replace("router:\n", "router:\n  aux_weight: 0.5\n", 1))
+    assert "aux_weight" in (tmp_path / "config.yaml").read_text()
+    assert store_config(str(tmp_path)).router.reference_c == Config().router.reference_c
+    with pytest.raises(ConfigError, match="aux_weight"):
+        store_config(str(tmp_path), overrides=["router.aux_weight=0.5"])

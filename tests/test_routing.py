@@ -31,7 +31,7 @@ def _clustered_states(n: int, layers: int, dim: int, classes: int, seed: int = 0
 
 def test_dact_exit_never_changes_the_decision_and_saves_layers():
     states, labels = _clustered_states(600, layers=5, dim=16, classes=4)
-    head = train_head(states, labels, 4, ponder_lambda=0.05, aux_weight=0.5, epochs=40, lr=3e-3, batch_size=128, seed=0)
+    head = train_head(states, labels, 4, ponder_lambda=0.05, epochs=40, lr=3e-3, batch_size=128, seed=0)
     out = exit_from_states(head, states)
     with torch.no_grad():
         final, _, _ = head(torch.from_numpy(states))
@@ -49,8 +49,8 @@ def test_dact_units_read_text_features_and_halt_early_on_them():
     labels = rng.integers(3, size=600)
     states = rng.normal(size=(600, 4, 16)).astype(np.float32)
     text = (np.eye(3)[labels] * 4 + rng.normal(size=(600, 3)) * 0.5).astype(np.float32)
-    blind = train_head(states, labels, 3, 0.05, 0.5, 40, 3e-3, 128, 0)
-    head = train_head(states, labels, 3, 0.2, 0.5, 40, 3e-3, 128, 0, text=text)
+    blind = train_head(states, labels, 3, 0.05, 40, 3e-3, 128, 0)
+    head = train_head(states, labels, 3, 0.2, 40, 3e-3, 128, 0, text=text)
     assert head.text_dims == 3 and blind.text_dims == 0
     out = exit_from_states(head, states, text)
     with torch.no_grad():
@@ -61,10 +61,30 @@ def test_dact_units_read_text_features_and_halt_early_on_them():
     assert out.layers.mean() < 1.5
 
 
+def test_each_layer_classifier_is_the_logistic_regression_of_its_input_and_halting_leaves_it_alone():
+    """Stage 1 fits every layer's classifier by logistic regression (the last one is the full encoder
+    + linear head); stage 2 trains only the halting units, so any lambda keeps the same classifiers."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+
+    from imoe_ray.routing.dact import fit_classifiers, train_halting
+
+    states, labels = _clustered_states(400, layers=3, dim=8, classes=3, seed=3)
+    base = fit_classifiers(states, labels, 3, c=4.0)
+    last = normalize(states[:, -1])
+    logits = last @ base.classify[-1].weight.detach().numpy().T + base.classify[-1].bias.detach().numpy()
+    sk = LogisticRegression(C=4.0, max_iter=2000).fit(last, labels)
+    assert np.allclose(logits, sk.decision_function(last), atol=1e-4)
+    halted = train_halting(base, states, labels, 0.1, 20, 3e-3, 128, 0)
+    for a, b in zip(base.classify.parameters(), halted.classify.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(base.halt.parameters(), halted.halt.parameters()))
+
+
 def test_ponder_lambda_trades_layers_for_nothing_when_easy():
     states, labels = _clustered_states(600, layers=5, dim=16, classes=3, seed=1)
-    cheap = exit_from_states(train_head(states, labels, 3, 0.2, 0.5, 40, 3e-3, 128, 0), states).layers.mean()
-    costly = exit_from_states(train_head(states, labels, 3, 0.0, 0.5, 40, 3e-3, 128, 0), states).layers.mean()
+    cheap = exit_from_states(train_head(states, labels, 3, 0.2, 40, 3e-3, 128, 0), states).layers.mean()
+    costly = exit_from_states(train_head(states, labels, 3, 0.0, 40, 3e-3, 128, 0), states).layers.mean()
     assert cheap <= costly
 
 
@@ -112,7 +132,7 @@ def test_router_is_saved_with_lambda_and_every_setting(built):
     s = meta["settings"]
     assert s["ponder_lambda"] in cfg.router.ponder_lambdas and len(s["lambda_sweep"]) == len(cfg.router.ponder_lambdas)
     for key in ("n_layers", "hidden", "n_classes", "dact_temperature", "fast_temperature", "fast_threshold",
-                "threshold", "encoder", "aux_weight", "fast_features", "text_dims", "text_scale", "weight_decay"):
+                "threshold", "encoder", "reference_c", "fast_features", "text_dims", "unit_input", "weight_decay"):
         assert key in s
     weights = load_file(store.path("router", "weights.safetensors"))
     # The units read the discovery's text features too, and the router carries its own copy of them.

@@ -91,12 +91,12 @@ class Router:
         return e / e.sum(axis=-1, keepdims=True)
 
     def text_inputs(self, texts: list[str]) -> np.ndarray | None:
-        """What the DACT units read besides the encoder's states: the scaled text features (or None)."""
+        """What the DACT units read besides the encoder's states: the text features (or None)."""
         if not self.head.text_dims:
             return None
         if self.text_features is None:
             raise RuntimeError("this router's DACT units read text features, but none were loaded")
-        return self.text_features.transform(texts) * self.settings["text_scale"]
+        return self.text_features.transform(texts)
 
     def _encoder_steps(self):
         if self._layerwise is None:

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from imoe_ray.config import RouterConfig
 from imoe_ray.discovery.features import TextFeatures, combine
 from imoe_ray.routing import calibration
-from imoe_ray.routing.dact import exit_from_states, train_head
+from imoe_ray.routing.dact import exit_from_states, fit_classifiers, train_halting
 from imoe_ray.routing.fastpath import FastPath
 from imoe_ray.routing.router import ExpertProfile, Router
 from imoe_ray.routing.views import chunk_views, sentences, split_of, synthetic_queries, token_prefixes
@@ -117,19 +116,22 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     c_labels = np.concatenate([s.labels for s in calib_sets])
 
     x_text, c_text = unit_text(x_texts), unit_text(c_texts)
-    scaled = (lambda t: None) if text is None else (lambda t: t * cfg.text_scale)
 
-    # 2. The reference: the full encoder's last layer with a linear head.
-    reference = _linear_head(reference_features(x_states, x_text), y, n_classes, cfg.reference_c)
+    # 2. Every layer's classifier (logistic regression on the unit's input). The last one is the
+    #    reference DACT is measured against: the full encoder with a linear head.
+    report(f"[router] fitting the {corpus.layer_states.shape[1]} layers' classifiers")
+    classifiers = fit_classifiers(x_states, y, n_classes, cfg.reference_c, x_text)
+    last = classifiers.classify[-1]
+    reference = LinearHead(last.weight.detach().numpy().copy(), last.bias.detach().numpy().copy())
     ref_acc = _accuracy(reference.predict(c_states, c_text), c_labels)
 
-    # 3. DACT: sweep lambda; of the heads within the allowed accuracy drop keep the one that runs the
-    #    fewest layers (none within: the most accurate).
+    # 3. DACT: sweep lambda over the halting units; of the heads within the allowed accuracy drop keep
+    #    the one that runs the fewest layers (none within: the most accurate).
     sweep, heads = [], []
     for lam in sorted(cfg.ponder_lambdas):
-        head = train_head(x_states, y, n_classes, lam, cfg.aux_weight, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed,
-                          scaled(x_text), cfg.weight_decay)
-        out = exit_from_states(head, c_states, scaled(c_text))
+        head = train_halting(classifiers, x_states, y, lam, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed,
+                             x_text, cfg.weight_decay)
+        out = exit_from_states(head, c_states, c_text)
         row = {"lambda": lam, "accuracy": _accuracy(out.probabilities.argmax(1), c_labels),
                "mean_layers": round(float(out.layers.mean()), 3)}
         sweep.append(row)
@@ -158,7 +160,7 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     settings = cfg.model_dump(mode="json") | {
         "fusion_weight": fusion_weight, "fusion_temperature": fusion_temperature,
         "encoder": getattr(encoder, "name", None), "n_layers": head.n_layers, "hidden": head.hidden, "n_classes": n_classes,
-        "text_dims": head.text_dims,
+        "text_dims": head.text_dims, "unit_input": head.unit_input,
         "ponder_lambda": chosen["lambda"], "lambda_sweep": sweep, "dact_temperature": dact_temperature,
         "fast_temperature": fast.temperature, "fast_threshold": fast_threshold, "threshold": threshold,
     }
@@ -196,18 +198,6 @@ def _fit_fusion(dact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> tuple
             best_w, best_acc = w, acc
     z = np.log(np.clip(dact, 1e-9, 1)) + best_w * np.log(np.clip(fast, 1e-9, 1))
     return best_w, calibration.fit_temperature(z, labels)
-
-
-def _linear_head(features: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> LinearHead:
-    model = LogisticRegression(C=c, max_iter=2000).fit(features, labels)
-    weight = np.full((n_classes, features.shape[1]), 0.0, np.float32)
-    bias = np.full(n_classes, -30.0, np.float32)
-    if len(model.classes_) > 1:
-        weight[model.classes_] = model.coef_ if len(model.coef_) == len(model.classes_) else np.vstack([-model.coef_, model.coef_])
-        bias[model.classes_] = model.intercept_ if len(model.intercept_) == len(model.classes_) else np.r_[-model.intercept_, model.intercept_]
-    else:
-        bias[model.classes_[0]] = 0.0
-    return LinearHead(weight, bias)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
