@@ -1,8 +1,8 @@
 """Train the router from a store's discovered categories: views → fast path, DACT, calibration, evaluation.
 
 Plain Python over arrays: the encoder is frozen (its per-layer states of the chunks come from the
-embed stage), so only short query views are encoded here, and the DACT units and the linear fast
-path train in seconds on a CPU.
+embed stage), so only short query views are encoded here; the DACT units (a logistic regression per
+layer, then the halting units) and the linear fast path train in a minute or two on a CPU.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class LinearHead:
 
 
 def reference_features(states: np.ndarray, text: np.ndarray | None) -> np.ndarray:
-    """`text`: the rows' unscaled text features, or None."""
+    """The last layer's pooled state joined with the rows' text features (None: the state alone), as discovery joins them."""
     return combine(states[:, -1], text)
 
 
