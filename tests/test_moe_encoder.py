@@ -122,12 +122,14 @@ def test_contrastive_losses_and_pairs():
 
 def test_save_load_round_trip_through_encoder(tokenizer, tmp_path):
     model = upcycle(tiny_bert(tokenizer.vocab_size), n_experts=3, top_k=2, every=1, noise=0.05, seed=1)
+    model.config.dtype = "float16"  # as when the dense encoder came from fp16 weights and trained in fp32
     save_moe(model, tokenizer, tmp_path / "moe", extra={"metrics": {"loss": 1.0}})
     assert not (tmp_path / "moe" / "model.safetensors").exists()  # a plain from_pretrained must not half-load it
     spec = json.loads((tmp_path / "moe" / MOE_FILE).read_text())
     assert spec["n_experts"] == 3 and spec["layers"] == [0, 1] and spec["metrics"] == {"loss": 1.0}
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     reloaded = load_moe(tmp_path / "moe")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}  # the weights' dtype, not the config's
     assert torch.equal(states(model, batch["input_ids"], batch["attention_mask"]),
                        states(reloaded, batch["input_ids"], batch["attention_mask"]))
     enc = Encoder(str(tmp_path / "moe"), max_tokens=32, device="cpu")

@@ -65,41 +65,48 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         flat = hidden.reshape(-1, shape[-1])
-        valid = (self.token_mask.reshape(-1).bool() if self.token_mask is not None
-                 and self.token_mask.numel() == flat.shape[0] else torch.ones(flat.shape[0], dtype=torch.bool,
-                                                                              device=flat.device))
-        idx = valid.nonzero().squeeze(-1)
-        tokens = flat[idx]
-        logits = self.router(tokens).float()
+        n = flat.shape[0]
+        valid = (self.token_mask.reshape(-1).bool() if self.token_mask is not None and self.token_mask.numel() == n
+                 else torch.ones(n, dtype=torch.bool, device=flat.device))
+        logits = self.router(flat).float()
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # (n, k)
         gates = torch.softmax(top_logits, dim=-1).to(hidden.dtype)
 
-        # queue position of every (token, slot) in its expert: first choices before second choices
+        # queue position of every valid (token, slot) in its expert: first choices before second choices
         slots = top_experts.t().reshape(-1)  # (k*n,) slot-major
-        one_hot = nn.functional.one_hot(slots, self.n_experts)
-        position = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
-        capacity = self.capacity(len(idx))
-        keep = position < capacity if capacity is not None else torch.ones_like(position, dtype=torch.bool)
+        slot_valid = valid.repeat(self.top_k)
+        one_hot = nn.functional.one_hot(slots, self.n_experts) * slot_valid.unsqueeze(-1)
+        keep = slot_valid
+        if self.training and self.capacity_factor is not None:
+            position = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
+            keep = keep & (position < self.capacity(int(valid.sum())))
 
-        probs = torch.softmax(logits, dim=-1)
-        share = one_hot.float().sum(0) / max(1, one_hot.shape[0])  # f_i: share of the token-slots
-        self.aux_loss = self.n_experts * (share.detach() * probs.mean(0)).sum() if len(idx) else logits.sum() * 0
-        with torch.no_grad():
-            self.routed += one_hot.sum(0).cpu()
-            self.dropped += (one_hot * (~keep).unsqueeze(-1)).sum(0).cpu()
+        n_valid = valid.sum().clamp(min=1)
+        probs = torch.softmax(logits, dim=-1) * valid.unsqueeze(-1)
+        share = one_hot.sum(0).float() / (n_valid * self.top_k)  # f_i: share of the valid token-slots
+        self.aux_loss = self.n_experts * (share.detach() * probs.sum(0) / n_valid).sum()
+        with torch.no_grad():  # counted where the model runs: reading them back is `utilisation`'s one sync
+            self.routed = self.routed.to(flat.device) + one_hot.sum(0)
+            self.dropped = self.dropped.to(flat.device) + (one_hot * (~keep).unsqueeze(-1)).sum(0)
+        return self._dispatch(flat, slots, gates, keep).reshape(shape)
 
-        n = len(idx)
-        token_of = torch.arange(n, device=flat.device).repeat(self.top_k)
-        gate_of = gates.t().reshape(-1)
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            chosen = ((slots == e) & keep).nonzero().squeeze(-1)
-            if len(chosen):
-                rows = token_of[chosen]
-                out.index_add_(0, rows, expert(tokens[rows]) * gate_of[chosen].unsqueeze(-1))
-        full = torch.zeros_like(flat)
-        full[idx] = out
-        return full.reshape(shape)
+    def _dispatch(self, flat: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Each kept (token, slot) through its expert, gated, summed per token. The slots are sorted by
+        expert so each expert runs on one contiguous slice: one host sync per layer (the slice sizes),
+        where masking per expert would sync once per expert."""
+        n = flat.shape[0]
+        bucket = torch.where(keep, slots, self.n_experts)  # dropped slots and padding: a bucket no expert reads
+        order = torch.argsort(bucket, stable=True)
+        sizes = torch.bincount(bucket, minlength=self.n_experts + 1).tolist()
+        token_of = torch.arange(n, device=flat.device).repeat(self.top_k)[order]
+        gate_of = gates.t().reshape(-1)[order].unsqueeze(-1)
+        inputs = flat[token_of[:sum(sizes[:-1])]]
+        outputs = [expert(part) for expert, part in zip(self.experts, inputs.split(sizes[:-1])) if len(part)]
+        out = torch.zeros_like(flat)
+        if outputs:
+            kept = inputs.shape[0]
+            out.index_add_(0, token_of[:kept], torch.cat(outputs) * gate_of[:kept])
+        return out
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
@@ -202,7 +209,8 @@ def load_moe(directory: str | Path) -> nn.Module:
         upcycle(model, spec["n_experts"], spec["top_k"], every, spec["capacity_factor"])
         if model.imoe_moe.layers != layers:
             raise ValueError(f"{MOE_FILE} lists MoE layers {layers}, which no 'every' reproduces")
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        # assign: the weights keep the dtype they were saved in, whatever dtype the config names
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True, assign=True)
     except (KeyError, json.JSONDecodeError, RuntimeError) as e:
         raise ValueError(f"{directory} is not a valid MoE encoder directory: {e}") from e
     return model.eval()
