@@ -105,6 +105,16 @@ def test_cascade_threshold_keeps_the_fast_path_as_good_as_the_slow_one():
     assert cascade_threshold(confidence, ~fast_ok, slow_ok, min_precision=0.9) is None
 
 
+def test_cascade_threshold_holds_on_every_held_out_set():
+    # Pooled, the fast path's two extra hits on set 0 pay for its miss on set 1 at 0.8; per set they must not.
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.6])
+    fast_ok = np.array([1, 1, 1, 0, 1], bool)
+    slow_ok = np.array([0, 0, 1, 1, 1], bool)
+    groups = np.array([0, 0, 0, 1, 1])
+    assert cascade_threshold(confidence, fast_ok, slow_ok, min_precision=0.5) == 0.6
+    assert cascade_threshold(confidence, fast_ok, slow_ok, min_precision=0.5, groups=groups) == 0.9
+
+
 def test_fast_path_learns_and_knows_its_vocabulary():
     texts = ["open a socket and connect to the server", "tcp socket listen accept", "http server request socket",
              "plot a histogram with matplotlib", "matplotlib figure axes plot", "draw a line plot with labels"] * 3
@@ -142,6 +152,13 @@ def test_router_is_saved_with_lambda_and_every_setting(built):
     m = meta["metrics"]["test_chunks"]
     assert m["rows"] > 0 and m["cascade_accuracy"] > 2.0 / s["n_classes"]
     assert manifests["router"].metrics["lambda"] == s["ponder_lambda"]
+    # lambda: the fewest layers among those within the allowed drop on every held-out set, else the most accurate
+    within = [r for r in s["lambda_sweep"] if r["worst_drop"] <= cfg.router.max_accuracy_drop]
+    chosen = next(r for r in s["lambda_sweep"] if r["lambda"] == s["ponder_lambda"])
+    if within:
+        assert chosen in within and chosen["mean_layers"] == min(r["mean_layers"] for r in within)
+    else:
+        assert chosen["accuracy"] == max(r["accuracy"] for r in s["lambda_sweep"])
 
 
 def test_live_dact_matches_dact_on_stored_states(router, built):

@@ -33,15 +33,19 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def cascade_threshold(fast_confidence: np.ndarray, fast_correct: np.ndarray, slow_correct: np.ndarray,
-                      min_precision: float) -> float | None:
+                      min_precision: float, groups: np.ndarray | None = None) -> float | None:
     """The lowest confidence at which the fast path may answer: among the held-out samples it would
-    keep, it must be right at least as often as the slow path and at least `min_precision` of the
-    time. None when no threshold qualifies (every query then takes the slow path)."""
+    keep, it must be right at least as often as the slow path (within every group, when `groups`
+    labels the samples: held-out chunks, prefixes and sentences each, so that a gain on one kind of
+    request cannot pay for a loss on another) and at least `min_precision` of the time. None when no
+    threshold qualifies (every query then takes the slow path)."""
     order = np.argsort(-fast_confidence)
-    fast_hits = np.cumsum(fast_correct[order])
-    slow_hits = np.cumsum(slow_correct[order])
+    groups = np.zeros(len(order), np.int64) if groups is None else np.asarray(groups)[order]
     kept = np.arange(1, len(order) + 1)
-    ok = (fast_hits >= slow_hits) & (fast_hits >= min_precision * kept)
+    ok = np.cumsum(fast_correct[order]) >= min_precision * kept
+    for g in np.unique(groups):
+        mine = groups == g
+        ok &= np.cumsum(fast_correct[order] & mine) >= np.cumsum(slow_correct[order] & mine)
     if not ok.any():
         return None
     # The largest prefix that qualifies; ties in confidence must not split it.
