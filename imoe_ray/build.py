@@ -84,7 +84,8 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     partial = StageManifest.load(store, stage.name, partial=True) if stage.resumable else None
     resume = bool(partial and partial.matches(config_hash, inputs) and not force)
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
-    manifest = StageManifest(stage.name, config_hash, inputs)
+    rerun = force and previous is not None and previous.matches(config_hash, inputs)
+    manifest = StageManifest(stage.name, config_hash, inputs, reruns=previous.reruns + 1 if rerun else 0)
     if not stage.starts_ray:
         from imoe_ray.cluster import init_ray
 

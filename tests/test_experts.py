@@ -200,6 +200,7 @@ def test_rebuild_retrains_only_the_missing_expert(built, index):
     import shutil
 
     from imoe_ray.build import build
+    from imoe_ray.store import StageManifest
 
     cfg, store, _ = built
     root = Path(store.uri)
@@ -207,7 +208,9 @@ def test_rebuild_retrains_only_the_missing_expert(built, index):
     before = (root / "experts" / keep / "manifest.json").read_text()
     shutil.rmtree(root / "experts" / gone)
     messages = []
+    fingerprint = StageManifest.load(store, "experts").fingerprint()
     build(cfg, until="experts", force_stages=("experts",), report=messages.append)
+    assert StageManifest.load(store, "experts").fingerprint() != fingerprint  # the stages after it will re-run
     assert (root / "experts" / gone / "adapter_config.json").is_file()
     assert (root / "experts" / keep / "manifest.json").read_text() == before
     assert any(f"{keep}: up to date, skipped" in m for m in messages)

@@ -25,6 +25,7 @@ class StageManifest:
     timings_s: dict[str, float] = field(default_factory=dict)
     complete: bool = False
     finished_at: str | None = None
+    reruns: int = 0  # forced re-runs with the same settings and inputs: their output may differ all the same
 
     @staticmethod
     def location(stage: str, partial: bool = False) -> tuple[str, str]:
@@ -49,5 +50,9 @@ class StageManifest:
         return self.config_hash == config_hash and self.inputs == inputs
 
     def fingerprint(self) -> str:
-        """Identifies the stage's output by what produced it, so downstream stages know when to re-run."""
-        return hashlib.sha256(f"{self.stage}|{self.config_hash}|{sorted(self.inputs.items())}".encode()).hexdigest()[:16]
+        """Identifies the stage's output by what produced it, so downstream stages know when to re-run:
+        after a forced re-run (new code, a retrained model) they re-run too."""
+        produced = f"{self.stage}|{self.config_hash}|{sorted(self.inputs.items())}"
+        if self.reruns:  # stores written before re-runs were counted keep their fingerprints
+            produced += f"|rerun {self.reruns}"
+        return hashlib.sha256(produced.encode()).hexdigest()[:16]
