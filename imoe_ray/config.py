@@ -82,7 +82,7 @@ class RouterConfig(_Section):
                                       "(it must also be at least as accurate there as the slow path)")
     ponder_lambdas: list[float] = Field([0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1], min_length=1, description="DACT halting weights tried")
     max_accuracy_drop: float = Field(0.01, ge=0, description="DACT may lose this much accuracy against the full encoder")
-    read_text_features: bool = Field(True, description="every DACT unit (and the reference head) also reads the text's "
+    read_text_features: bool = Field(True, description="the fast path, every DACT unit (and the reference head) also read the text's "
                                      "tf-idf → SVD features that discovery clustered on (when discovery used them)")
     reference_c: float = Field(4.0, gt=0, description="inverse regularisation of every layer's logistic-regression "
                                "classifier (the last layer's is the full-encoder reference)")
@@ -161,7 +161,7 @@ class ExpertsConfig(_Section):
     max_failures: int = Field(2, ge=0, description="restarts of a failed worker group per expert (FailureConfig)")
     min_chunks: int = Field(8, ge=1, description="smaller categories are folded into their nearest neighbour")
     dense_baseline: bool = Field(True, description="also train one adapter on all shards with the experts' total tokens")
-    top_k: int = Field(2, ge=1, description="experts mixed per request (token-level mixture)")
+    top_k: int = Field(3, ge=1, description="experts mixed per request (token-level mixture)")
     seed: int = 0
 
 

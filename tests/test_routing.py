@@ -126,6 +126,26 @@ def test_fast_path_learns_and_knows_its_vocabulary():
     assert np.allclose(fast.logits_batch(["socket server"])[0], fast.logits("socket server"), atol=1e-5)
 
 
+def test_fast_path_reads_the_text_features_and_round_trips():
+    from imoe_ray.discovery.features import TextFeatures
+
+    texts = ["open a socket and connect to the server", "tcp socket listen accept", "http server request socket",
+             "plot a histogram with matplotlib", "matplotlib figure axes plot", "draw a line plot with labels"] * 3
+    labels = np.array([0, 0, 0, 1, 1, 1] * 3)
+    text = TextFeatures.fit(texts, dims=3, seed=0)
+    # One text without the vectorizer gives what the vectorizer gives (case, stop words, unknown words, nothing).
+    queries = ["Socket SOCKET socket, the server!", "plot axes of a figure", "zebra", "", "the and of"]
+    assert np.allclose(np.stack([text.transform_one(q) for q in queries]), text.transform(queries), atol=1e-6)
+    fast = FastPath.fit(texts, labels, 2, n_features=2**12, max_chars=1000, c=10.0, seed=0, text_features=text)
+    assert fast.text_weights.shape == (3, 2) and np.abs(fast.text_weights).sum() > 0
+    assert fast.probabilities("socket server").argmax() == 0 and fast.probabilities("histogram plot").argmax() == 1
+    assert np.allclose(fast.logits_batch(queries), np.stack([fast.logits(q) for q in queries]), atol=1e-5)
+    loaded = FastPath.from_parts(fast.settings(), fast.arrays(), text)
+    assert np.allclose(loaded.logits("tcp accept"), fast.logits("tcp accept"))
+    with pytest.raises(ValueError, match="reads text features"):
+        FastPath.from_parts(fast.settings(), fast.arrays())
+
+
 # ---- the trained router of the session's built store --------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -149,6 +169,7 @@ def test_router_is_saved_with_lambda_and_every_setting(built):
     assert s["text_dims"] == weights["text.svd_components"].shape[0] > 0 and meta["text_vocabulary"]
     assert weights["dact.classify.0.weight"].shape == (s["n_classes"], s["hidden"] + s["text_dims"])
     assert weights["fast.weights"].shape == (s["fast_features"], s["n_classes"])
+    assert weights["fast.text_weights"].shape == (s["text_dims"], s["n_classes"])  # so does the fast path
     m = meta["metrics"]["test_chunks"]
     assert m["rows"] > 0 and m["cascade_accuracy"] > 2.0 / s["n_classes"]
     assert manifests["router"].metrics["lambda"] == s["ponder_lambda"]

@@ -7,6 +7,8 @@ components), saved without pickle and applied to new text without refitting.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
 _VECTORIZER = dict(sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9_]+\b")
+_WORD = re.compile(_VECTORIZER["token_pattern"])
 
 
 @dataclass
@@ -47,6 +50,22 @@ class TextFeatures:
             self._projection = np.ascontiguousarray(self.components.T)
         reduced = self._vectorizer.transform(texts) @ self._projection
         return normalize(np.asarray(reduced, dtype=np.float32))
+
+    def transform_one(self, text: str) -> np.ndarray:
+        """`transform([text])[0]` without the vectorizer's fixed cost per call (~1.8 ms, most of a
+        query's routing budget): the same lower-cased words, vocabulary (which holds no stop words),
+        sublinear tf × idf, L2 norms and projection."""
+        if self._projection is None:
+            self.transform([""])
+        counts = Counter(i for w in _WORD.findall(text.lower()) if (i := self.vocabulary.get(w)) is not None)
+        out = np.zeros(self.components.shape[0], np.float32)
+        if not counts:
+            return out
+        index = np.fromiter(counts.keys(), np.int64, len(counts))
+        weight = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * self.idf[index]
+        reduced = (weight / np.linalg.norm(weight)) @ self._projection[index]
+        norm = np.linalg.norm(reduced)
+        return (reduced / norm).astype(np.float32) if norm > 0 else out
 
 
 def combine(embeddings: np.ndarray, text: np.ndarray | None) -> np.ndarray:

@@ -78,7 +78,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
 def save_router(store: Store, router: Router, metrics: dict) -> None:
     """The weights first, the JSON last: a config.json on disk always has its weights beside it."""
     arrays = head_arrays(router.head) | router.fast.arrays()
-    text = router.text_features if router.head.text_dims else None
+    text = router.text_features if router.head.text_dims or router.fast.text_weights is not None else None
     if text is not None:
         arrays |= {"text.idf": text.idf, "text.svd_components": text.components}
     store.write_bytes(save_arrays(arrays), *WEIGHTS)
@@ -108,7 +108,7 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
     text = None
     if meta.get("text_vocabulary") is not None:
         text = TextFeatures(meta["text_vocabulary"], arrays["text.idf"], arrays["text.svd_components"])
-    router = Router(meta["names"], FastPath.from_parts(meta["fast"], arrays), settings["fast_threshold"],
+    router = Router(meta["names"], FastPath.from_parts(meta["fast"], arrays, text), settings["fast_threshold"],
                     head_from_arrays(settings, arrays), settings["dact_temperature"], settings["threshold"],
                     settings, encoder, profiles, text)
     if store.exists(*EXTRA_EXPERTS):

@@ -87,7 +87,8 @@ def reference_features(states: np.ndarray, text: np.ndarray | None) -> np.ndarra
 def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile], threshold: float,
                  cfg: RouterConfig, encoder, report: Report = print,
                  text_features: TextFeatures | None = None) -> tuple[Router, dict, LinearHead]:
-    """`text_features`: discovery's tf-idf → SVD featurizer, read by every DACT unit (`cfg.read_text_features`)."""
+    """`text_features`: discovery's tf-idf → SVD featurizer, read by every DACT unit and the fast path
+    (`cfg.read_text_features`)."""
     rng = np.random.default_rng(cfg.seed)
     text = text_features if cfg.read_text_features else None
     unit_text = (lambda texts: None) if text is None else text.transform
@@ -150,7 +151,7 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     dact_temperature = calibration.fit_temperature(np.log(np.clip(c_exit.probabilities, 1e-9, 1)), c_labels)
 
     # 4. Fast path and its place in the cascade.
-    fast = FastPath.fit(x_texts, y, n_classes, cfg.fast_features, cfg.max_query_chars, cfg.fast_c, cfg.seed)
+    fast = FastPath.fit(x_texts, y, n_classes, cfg.fast_features, cfg.max_query_chars, cfg.fast_c, cfg.seed, text)
     c_fast_logits = fast.logits_batch(c_texts)
     fast.temperature = calibration.fit_temperature(c_fast_logits, c_labels)
     c_fast = _softmax(c_fast_logits / fast.temperature)
