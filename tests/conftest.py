@@ -164,7 +164,7 @@ def small_corpus(tmp_path_factory) -> Path:
 # A base LM and experts small enough to train in seconds; small categories fold, as a user's would.
 TINY_LM = ["pretrain.vocab_size=512", "pretrain.hidden_size=32", "pretrain.layers=1", "pretrain.heads=2",
            "pretrain.intermediate_size=64", "pretrain.seq_len=64", "pretrain.epochs=0.5",
-           "experts.epochs=0.5", "experts.r=4", "experts.min_chunks=20",
+           "experts.epochs=0.5", "experts.r=4", "experts.min_chunks=16",  # >= 3 experts (serve tests)
            "fusion.summarizer=false"]  # tests/test_summarizer.py trains one on a copy of the store
 
 
