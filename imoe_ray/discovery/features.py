@@ -43,11 +43,16 @@ class TextFeatures:
         vocab = {str(k): int(v) for k, v in vectorizer.vocabulary_.items()}
         return cls(vocab, vectorizer.idf_.astype(np.float32), svd.components_.astype(np.float32))
 
-    def transform(self, texts: list[str]) -> np.ndarray:
+    def _prepare(self) -> None:
         if self._vectorizer is None:  # built once: checking the vocabulary costs milliseconds per call
             self._vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
             self._vectorizer.idf_ = self.idf.astype(np.float64)
             self._projection = np.ascontiguousarray(self.components.T)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        if len(texts) == 1:  # one request: without the vectorizer's fixed cost
+            return self.transform_one(texts[0])[None]
+        self._prepare()
         reduced = self._vectorizer.transform(texts) @ self._projection
         return normalize(np.asarray(reduced, dtype=np.float32))
 
@@ -55,8 +60,7 @@ class TextFeatures:
         """`transform([text])[0]` without the vectorizer's fixed cost per call (~1.8 ms, most of a
         query's routing budget): the same lower-cased words, vocabulary (which holds no stop words),
         sublinear tf × idf, L2 norms and projection."""
-        if self._projection is None:
-            self.transform([""])
+        self._prepare()
         counts = Counter(i for w in _WORD.findall(text.lower()) if (i := self.vocabulary.get(w)) is not None)
         out = np.zeros(self.components.shape[0], np.float32)
         if not counts:

@@ -96,8 +96,6 @@ class Router:
             return None
         if self.text_features is None:
             raise RuntimeError("this router's DACT units read text features, but none were loaded")
-        if len(texts) == 1:  # one request: without the vectorizer's fixed cost
-            return self.text_features.transform_one(texts[0])[None]
         return self.text_features.transform(texts)
 
     def _encoder_steps(self):
