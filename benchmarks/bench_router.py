@@ -6,7 +6,9 @@ linear head, and a keyword router of the kind that matches manifest keywords, si
 
 For each router and each held-out set (whole chunks, and their first 24 encoder tokens) it prints
 top-1 accuracy against the discovered categories, the mean number of encoder layers run, and the
-p50/p99 latency of one query at a time, in process, on this machine; then the latency ratios.
+p50/p99 latency of one query at a time, in process, on this machine; then the latency ratios; then,
+for the cascade and the full encoder, accuracy by query length (`--lengths`: the first N encoder tokens
+of every held-out chunk), which shows how short a query can be for a given accuracy.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def held_out(store, cfg, router):
     prefixes = token_prefixes(texts, router._encoder.tokenizer, cfg.router.eval_prefix_tokens)
     labels = corpus.labels[rows]
     return {"chunks": (texts, labels), f"prefix{cfg.router.eval_prefix_tokens}": (prefixes, labels)}
+
+
+def accuracy_by_length(systems: dict, texts: list[str], labels: np.ndarray, tokenizer, lengths: list[int]) -> dict:
+    """Top-1 accuracy of each system on the first n tokens of every text, for each n of `lengths`."""
+    from imoe_ray.routing.views import token_prefixes
+
+    out = {}
+    for n in lengths:
+        prefixes = token_prefixes(texts, tokenizer, n)
+        out[n] = {name: round(float(np.mean(timed(fn, prefixes)[0] == labels)), 4) for name, fn in systems.items()}
+    return out
 
 
 class KeywordRouter:
@@ -66,6 +79,8 @@ def main() -> None:
     parser.add_argument("--store", default="store")
     parser.add_argument("--latency-queries", type=int, default=300, help="held-out queries timed per set")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--lengths", default="8,16,24,32,48,64",
+                        help="query lengths in encoder tokens for the accuracy-by-length table ('' skips it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +116,8 @@ def main() -> None:
     for fn in systems.values():  # warm up
         fn("warm up the caches")
     results = {}
-    for set_name, (texts, labels) in held_out(store, cfg, router).items():
+    sets = held_out(store, cfg, router)
+    for set_name, (texts, labels) in sets.items():
         rng = np.random.default_rng(0)
         pick = rng.permutation(len(texts))[: args.latency_queries]
         sample, sample_labels = [texts[i] for i in pick], labels[pick]
@@ -124,7 +140,17 @@ def main() -> None:
         print(f"{set_name}: cascade p50 is {f['p50_ms'] / max(c['p50_ms'], 1e-9):.1f}x faster than the full encoder; "
               f"DACT uses {d['mean_layers'] / n_layers:.0%} of the layers at {100 * (d['accuracy'] - f['accuracy']):+.1f} "
               f"points of accuracy")
-    print(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}))
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    by_length = {}
+    if lengths:
+        texts, labels = sets["chunks"]
+        compared = {k: systems[k] for k in ("cascade (fast path + DACT)", "full encoder + linear head")}
+        by_length = accuracy_by_length(compared, texts, labels, encoder.tokenizer, lengths)
+        print(f"\naccuracy by query length (first N encoder tokens of the {len(texts)} held-out chunks; whole chunks above)")
+        print(f"{'tokens':>6} " + " ".join(f"{name:>28}" for name in compared))
+        for n, row in by_length.items():
+            print(f"{n:>6} " + " ".join(f"{row[name]:>28.3f}" for name in compared))
+    print(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()} | {"accuracy_by_length": by_length}))
 
 
 if __name__ == "__main__":

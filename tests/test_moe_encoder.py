@@ -11,13 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from imoe_ray.config import DEFAULT_ENCODER
 from imoe_ray.embedding.encoder import Encoder, EncoderError, resolve_encoder_path
-from imoe_ray.encoders.contrastive import contrastive, info_nce, neighbour_pairs, Pairs, triplet
+from imoe_ray.encoders.contrastive import batch_order, contrastive, info_nce, neighbour_pairs, Pairs, triplet
 from imoe_ray.encoders.moe import (MOE_FILE, MoEFeedForward, aux_loss, load_moe, moe_layers, save_moe, upcycle,
                                    utilisation)
 
@@ -120,6 +121,18 @@ def test_contrastive_losses_and_pairs():
     assert list(zip(pairs.anchors, pairs.positives)) == [("c0", "c1"), ("c1", "c2")] and pairs.groups == ["d", "d"]
 
 
+def test_topic_batches_draw_each_full_batch_from_one_topic():
+    topics = [0] * 9 + [1] * 5 + [2] * 2  # 16 pairs, batch 4: two full batches of 0, one of 1, one of the rest mixed
+    batches = batch_order(topics, 4, 9, True, np.random.default_rng(0))
+    first_epoch = batches[:4]
+    assert len(batches) == 9 and sorted(np.concatenate(first_epoch).tolist()) == list(range(16))
+    kinds = sorted(len({topics[i] for i in b}) for b in first_epoch)
+    assert kinds[:3] == [1, 1, 1] and max(kinds) > 1  # three single-topic batches; the remainders mix
+    random = batch_order(topics, 4, 4, False, np.random.default_rng(0))
+    assert sorted(np.concatenate(random).tolist()) == list(range(16))
+    assert batch_order([5], 32, 3, True, np.random.default_rng(0)) == [np.array([0])] * 3  # fewer pairs than a batch
+
+
 def test_save_load_round_trip_through_encoder(tokenizer, tmp_path):
     model = upcycle(tiny_bert(tokenizer.vocab_size), n_experts=3, top_k=2, every=1, noise=0.05, seed=1)
     model.config.dtype = "float16"  # as when the dense encoder came from fp16 weights and trained in fp32
@@ -151,6 +164,7 @@ def test_train_encoder_cli_on_a_store_copy(built, ray_session, tmp_path):
     target.mkdir()
     shutil.copytree(Path(store.uri) / "corpus", target / "corpus")
     shutil.copy(Path(store.uri) / "config.yaml", target / "config.yaml")
+    shutil.copy(Path(store.uri) / "assignments.parquet", target / "assignments.parquet")  # categories → topic batches
     tiny = ["moe_encoder.steps=2", "moe_encoder.batch_size=4", "moe_encoder.max_tokens=32", "moe_encoder.cpus=1",
             "moe_encoder.utilisation_chunks=8", "moe_encoder.every=3", "moe_encoder.loss=triplet"]
     done = subprocess.run([sys.executable, "-m", "imoe_ray.cli", "train-encoder", "--store", str(target),
@@ -161,6 +175,7 @@ def test_train_encoder_cli_on_a_store_copy(built, ray_session, tmp_path):
     manifest = json.loads((out / MOE_FILE).read_text())
     assert manifest["layers"] == [2, 5] and manifest["settings"]["loss"] == "triplet"
     assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["pairs"] > 0
+    assert manifest["metrics"]["batches"] == "topic"
     assert set(manifest["pair_kinds"]) >= {"prefix", "key-terms"}
     assert [len(u["share"]) for u in manifest["utilisation"]] == [4, 4]
     assert f'"path": "{out}"' in done.stdout  # the CLI's JSON (Ray may add its own lines to stdout)
@@ -171,15 +186,18 @@ def test_train_encoder_cli_on_a_store_copy(built, ray_session, tmp_path):
 
 
 def test_training_length_resolves_by_hardware():
-    """steps / batch_size / max_tokens left null: the GPU settings with a GPU, the short CPU ones without."""
+    """steps / batch_size / lr left null: the GPU settings with a GPU, the short CPU ones without;
+    max_tokens left null: the passages' length."""
     from imoe_ray.config import MoeEncoderConfig
 
     m = MoeEncoderConfig()
-    gpu, cpu = m.resolved(gpu=True), m.resolved(gpu=False)
-    assert {k: gpu[k] for k in ("steps", "batch_size", "max_tokens", "lr")} == MoeEncoderConfig.BY_HARDWARE["gpu"]
-    assert {k: cpu[k] for k in ("steps", "batch_size", "max_tokens", "lr")} == MoeEncoderConfig.BY_HARDWARE["cpu"]
-    assert cpu["steps"] * cpu["batch_size"] * cpu["max_tokens"] < gpu["steps"] * gpu["batch_size"] * gpu["max_tokens"]
-    assert MoeEncoderConfig(steps=7).resolved(gpu=True)["steps"] == 7  # a setting given wins
+    gpu, cpu = m.resolved(gpu=True, passage_tokens=256), m.resolved(gpu=False, passage_tokens=256)
+    assert {k: gpu[k] for k in ("steps", "batch_size", "lr")} == MoeEncoderConfig.BY_HARDWARE["gpu"]
+    assert {k: cpu[k] for k in ("steps", "batch_size", "lr")} == MoeEncoderConfig.BY_HARDWARE["cpu"]
+    assert gpu["max_tokens"] == cpu["max_tokens"] == 256
+    assert cpu["steps"] * cpu["batch_size"] < gpu["steps"] * gpu["batch_size"]
+    assert MoeEncoderConfig(steps=7).resolved(gpu=True, passage_tokens=256)["steps"] == 7  # a setting given wins
+    assert MoeEncoderConfig(max_tokens=64).resolved(gpu=False, passage_tokens=256)["max_tokens"] == 64
     assert m.steps is None and "BY_HARDWARE" not in m.model_dump()  # one config; resolved where training starts
 
 

@@ -2,7 +2,9 @@
 
 Pairs: a chunk and a query-like view of it (a prefix, a sentence, key terms: the router's views,
 which is what a retrieval query looks like), and a chunk and the next chunk of its document. Each
-pair carries a group (its document id): in-batch items of the same document are not used as negatives.
+pair carries a group (its document id): in-batch items of the same document are not used as negatives;
+and a topic (its chunk's discovered category, -1 unknown): batches drawn from one topic make the
+in-batch negatives hard at no extra cost (topic-aware sampling, as in TAS-B).
 """
 
 from __future__ import annotations
@@ -20,39 +22,63 @@ class Pairs:
     positives: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    topics: list[int] = field(default_factory=list)
 
-    def add(self, anchor: str, positive: str, group: str, kind: str) -> None:
+    def add(self, anchor: str, positive: str, group: str, kind: str, topic: int = -1) -> None:
         if anchor and positive:
             self.anchors.append(anchor)
             self.positives.append(positive)
             self.groups.append(group)
             self.kinds.append(kind)
+            self.topics.append(int(topic))
 
     def __len__(self) -> int:
         return len(self.anchors)
 
 
-def neighbour_pairs(ids: list[str], chunk_index: list[int], texts: list[str], pairs: Pairs) -> Pairs:
-    """(chunk i, chunk i+1) of every document, in chunk order."""
-    by_doc: dict[str, list[tuple[int, str]]] = {}
-    for i, c, t in zip(ids, chunk_index, texts):
-        by_doc.setdefault(str(i), []).append((int(c), t))
+def neighbour_pairs(ids: list[str], chunk_index: list[int], texts: list[str], pairs: Pairs,
+                    topics: list[int] | None = None) -> Pairs:
+    """(chunk i, chunk i+1) of every document, in chunk order (topic: chunk i's)."""
+    by_doc: dict[str, list[tuple[int, str, int]]] = {}
+    for n, (i, c, t) in enumerate(zip(ids, chunk_index, texts)):
+        by_doc.setdefault(str(i), []).append((int(c), t, -1 if topics is None else topics[n]))
     for doc, chunks in by_doc.items():
-        chunks.sort()
-        for (_, a), (_, b) in zip(chunks, chunks[1:]):
-            pairs.add(a, b, doc, "neighbours")
+        chunks.sort(key=lambda chunk: chunk[0])
+        for (_, a, topic), (_, b, _) in zip(chunks, chunks[1:]):
+            pairs.add(a, b, doc, "neighbours", topic)
     return pairs
 
 
 def view_pairs(ids: list[str], texts: list[str], tokenizer, rng: np.random.Generator,
-               prefix_tokens: tuple[int, int], key_terms: tuple[int, int], pairs: Pairs) -> Pairs:
+               prefix_tokens: tuple[int, int], key_terms: tuple[int, int], pairs: Pairs,
+               topics: list[int] | None = None) -> Pairs:
     """(query-like view, its chunk) for every view `routing.views.chunk_views` makes."""
     from imoe_ray.routing.views import chunk_views
 
     views = chunk_views(texts, np.arange(len(texts)), tokenizer, rng, prefix_tokens, key_terms)
     for text, label, kind in zip(views.texts, views.labels, views.kinds):
-        pairs.add(text, texts[int(label)], str(ids[int(label)]), kind)
+        row = int(label)
+        pairs.add(text, texts[row], str(ids[row]), kind, -1 if topics is None else topics[row])
     return pairs
+
+
+def batch_order(topics: list[int], batch: int, steps: int, by_topic: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches of pair indices, epoch after epoch. `by_topic`: each batch comes from one topic
+    while that topic has a full batch left; the remainders are mixed into batches of their own."""
+    keys = np.asarray(topics) if by_topic and len(topics) else np.zeros(len(topics), np.int64)
+    batch = max(1, min(batch, len(keys)))
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        epoch, rest = [], []
+        for key in np.unique(keys):
+            idx = rng.permutation(np.flatnonzero(keys == key))
+            full = len(idx) // batch * batch
+            epoch += [idx[i:i + batch] for i in range(0, full, batch)]
+            rest.append(idx[full:])
+        mixed = rng.permutation(np.concatenate(rest))
+        epoch += [mixed[i:i + batch] for i in range(0, len(mixed), batch)]
+        out += [epoch[i] for i in rng.permutation(len(epoch))]
+    return out[:steps]
 
 
 def _same_group(groups: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -19,13 +18,14 @@ def embed(model, tokenizer, texts: list[str], max_tokens: int, device) -> torch.
     return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
 
 
-def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names: list[str], m: dict, device,
-        on_report: Callable[[dict], None] = lambda metrics: None) -> dict:
+def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names: list[str], topics: list[int],
+        m: dict, device, on_report: Callable[[dict], None] = lambda metrics: None) -> dict:
     """Train `model` (upcycled, on `device`) on the pairs with the `moe_encoder` settings `m`; returns metrics.
+    `topics`: each pair's discovered category (-1: unknown), which `m["batches"] == "topic"` draws batches by.
 
     Loss: the pair loss plus aux_weight x the mean load-balancing loss of the two forwards. The routers
     (new weights) learn at router_lr, the rest at lr; both warm up linearly over the first tenth."""
-    from imoe_ray.encoders.contrastive import pair_loss
+    from imoe_ray.encoders.contrastive import batch_order, pair_loss
     from imoe_ray.encoders.moe import aux_loss
 
     routers = [p for n, p in model.named_parameters() if ".router." in n]
@@ -33,8 +33,9 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
     optimizer = torch.optim.AdamW([{"params": others, "lr": m["lr"]}, {"params": routers, "lr": m["router_lr"]}])
     groups = torch.as_tensor(np.unique(group_names, return_inverse=True)[1], device=device)
     rng = np.random.default_rng(m["seed"])
-    steps, batch = m["steps"], min(m["batch_size"], len(anchors))
-    order = np.concatenate([rng.permutation(len(anchors)) for _ in range(math.ceil(steps * batch / len(anchors)))])
+    steps = m["steps"]
+    by_topic = m["batches"] == "topic" and len(set(topics) - {-1}) > 1
+    batches = batch_order(topics, m["batch_size"], steps, by_topic, rng)
     every = max(1, steps // 10)
 
     model.train()
@@ -43,7 +44,7 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
         scale = min(1.0, (step + 1) / every)
         for group, base in zip(optimizer.param_groups, (m["lr"], m["router_lr"])):
             group["lr"] = base * scale
-        rows = order[step * batch:(step + 1) * batch]
+        rows = batches[step]
         a = embed(model, tokenizer, [anchors[i] for i in rows], m["max_tokens"], device)
         aux_a = aux_loss(model)
         b = embed(model, tokenizer, [positives[i] for i in rows], m["max_tokens"], device)
@@ -61,4 +62,5 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
     return {"step": steps, "steps": steps, "loss": float(np.mean([h[0] for h in history[-every:]])),
             "aux_loss": float(np.mean([h[1] for h in history[-every:]])),
             "first_loss": float(np.mean([h[0] for h in history[:every]])),
-            "train_s": round(time.perf_counter() - started, 1), "pairs": len(anchors)}
+            "train_s": round(time.perf_counter() - started, 1), "pairs": len(anchors),
+            "batches": "topic" if by_topic else "random"}

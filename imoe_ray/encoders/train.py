@@ -24,15 +24,15 @@ ENCODERS, MOE = "encoders", "moe"
 MODEL_DIR = "model"
 
 
-def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str]]:
-    """(document id, chunk index, text) of the store's non-empty training chunks (held-out split excluded);
+def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str, str]]:
+    """(document id, chunk index, text, chunk id) of the store's non-empty training chunks (held-out split excluded);
     a `StoreError` (a user error: one line, exit 2) when there are fewer than 2 to pair."""
     from imoe_ray.experts.stage import is_heldout
 
     column = cfg.corpus.text_column
-    table = store.read_table("corpus", "chunks", columns=["id", "chunk_index", column])
-    rows = [(str(i), c, t) for i, c, t in zip(table.column("id").to_pylist(), table.column("chunk_index").to_pylist(),
-                                                table.column(column).to_pylist()) if t and not is_heldout(i, cfg)]
+    table = store.read_table("corpus", "chunks", columns=["id", "chunk_index", column, "chunk_id"])
+    rows = [(str(i), c, t, k) for i, c, t, k in zip(*(table.column(n).to_pylist() for n in table.column_names))
+            if t and not is_heldout(i, cfg)]
     if len(rows) < 2:
         raise StoreError(f"{store.path('corpus', 'chunks')} has {len(rows)} non-empty training chunk(s) of "
                          f"{table.num_rows} (the held-out split, router.test_fraction={cfg.router.test_fraction}, "
@@ -41,17 +41,29 @@ def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str]]:
     return rows
 
 
+def chunk_topics(store: Store, chunk_ids: list[str]) -> list[int]:
+    """Each chunk's discovered top category where the discover stage has run (-1 elsewhere)."""
+    from imoe_ray.discovery.stage import ASSIGNMENTS
+
+    if not store.exists(*ASSIGNMENTS):
+        return [-1] * len(chunk_ids)
+    table = store.read_table(*ASSIGNMENTS, columns=["chunk_id", "top_category"])
+    known = dict(zip(table.column("chunk_id").to_pylist(), table.column("top_category").to_pylist()))
+    return [int(known.get(c, -1)) for c in chunk_ids]
+
+
 def mine_pairs(store: Store, cfg: Config, tokenizer):
-    """The label-free pairs of the store's training chunks."""
+    """The label-free pairs of the store's training chunks (labels are used only to form batches)."""
     from imoe_ray.encoders.contrastive import Pairs, neighbour_pairs, view_pairs
 
-    ids, index, texts = (list(x) for x in zip(*training_chunks(store, cfg)))
+    ids, index, texts, chunk_ids = (list(x) for x in zip(*training_chunks(store, cfg)))
+    topics = chunk_topics(store, chunk_ids)
     pairs = Pairs()
     if "views" in cfg.moe_encoder.pairs:
         rng = np.random.default_rng(cfg.moe_encoder.seed)
-        view_pairs(ids, texts, tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms, pairs)
+        view_pairs(ids, texts, tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms, pairs, topics)
     if "neighbours" in cfg.moe_encoder.pairs:
-        neighbour_pairs(ids, index, texts, pairs)
+        neighbour_pairs(ids, index, texts, pairs, topics)
     return pairs, texts
 
 
@@ -121,14 +133,14 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     rng = np.random.default_rng(m.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]
     use_gpu = cluster_gpus() >= 1
-    settings = m.resolved(gpu=use_gpu)
+    settings = m.resolved(gpu=use_gpu, passage_tokens=cfg.embedding.max_tokens)
     report(f"[encoder] {'GPU' if use_gpu else 'CPU'} worker: {settings['steps']} steps x {settings['batch_size']} "
            f"pairs, {settings['max_tokens']} tokens")
     run_name = f"encoder-moe-{int(time.time())}"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"moe": settings, "encoder_path": path, "encoder_name": cfg.embedding.encoder,
-                           "pairs": (pairs.anchors, pairs.positives, pairs.groups), "sample_texts": sample,
+                           "pairs": (pairs.anchors, pairs.positives, pairs.groups, pairs.topics), "sample_texts": sample,
                            "threads": cpus},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=run_name, storage_path=store.uri_of("runs")),
