@@ -118,3 +118,29 @@ def test_killed_embed_resumes_without_redoing_parts(ray_session, small_corpus, t
     assert not parts.exists()
     ids = pq.read_table(str(store / "embeddings")).column("chunk_id").to_pylist()
     assert len(ids) == len(set(ids)) == m.metrics["chunks"]
+
+
+def test_a_forced_stage_killed_midway_is_not_up_to_date_afterwards(tmp_path):
+    """Its output was being overwritten: the next build must run it again, not skip it."""
+    from imoe_ray.build import Stage, _run_stage
+
+    class Finishes(Stage):
+        def run(self, *args) -> dict:
+            return {"ran": True}
+
+    class KilledMidway(Stage):
+        def run(self, *args) -> dict:
+            raise KeyboardInterrupt  # what a kill looks like from inside the stage
+
+    cfg = load_config(None, [f"store={tmp_path / 'store'}"])
+    store = Store(cfg.store)
+    fields = ("probe", ("discovery",), "imoe_ray.build:build", "a probe stage")
+    _run_stage(Finishes(*fields, starts_ray=True), store, cfg, "upstream", False, lambda m: None)
+    messages: list[str] = []
+    _run_stage(Finishes(*fields, starts_ray=True), store, cfg, "upstream", False, messages.append)
+    assert messages == ["[probe] up to date, skipped (a probe stage)"]
+    with pytest.raises(KeyboardInterrupt):
+        _run_stage(KilledMidway(*fields, starts_ray=True), store, cfg, "upstream", True, lambda m: None)
+    messages.clear()
+    again = _run_stage(Finishes(*fields, starts_ray=True), store, cfg, "upstream", False, messages.append)
+    assert messages[0] == "[probe] running: a probe stage" and again.complete and again.metrics == {"ran": True}

@@ -37,7 +37,7 @@ class StageManifest:
         return cls(**store.read_json(*where)) if store.exists(*where) else None
 
     def start(self, store: Store) -> None:
-        """Record that the stage is running with these settings (the complete manifest is kept)."""
+        """Record that the stage is running with these settings."""
         store.write_json(asdict(self), *self.location(self.stage, partial=True))
 
     def finish(self, store: Store) -> None:
