@@ -128,7 +128,9 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     m = cfg.moe_encoder
     path = resolve_encoder_path(cfg.embedding.encoder)
     pairs, texts = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
-    report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))})")
+    topics = len(set(pairs.topics) - {-1})
+    report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))}); "
+           f"{f'{topics} discovered categories to draw batches from' if topics else 'no categories yet: random batches'}")
     cpus = m.cpus or max(1, int(cluster_cpus()))
     rng = np.random.default_rng(m.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]
