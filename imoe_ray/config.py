@@ -258,9 +258,9 @@ class MoeEncoderConfig(_Section):
     margin: float = Field(0.3, ge=0, description="margin of the triplet and contrastive losses")
     pairs: list[Literal["neighbours", "views"]] = Field(["views", "neighbours"], min_length=1,
                                                       description="mined pairs: query-like view of a chunk, next chunk of its document")
-    batches: Literal["topic", "random"] = Field(
-        "topic", description="topic: each batch from one discovered category (hard in-batch negatives; random "
-        "when the store has no categories yet)")
+    batches: Literal["topic", "mixed", "random"] = Field(
+        "topic", description="topic: each batch from one discovered category (hard in-batch negatives); mixed: "
+        "every other batch; random when the store has no categories yet")
     steps: int | None = Field(None, ge=1, description="optimizer steps; null: by hardware (see `resolved`)")
     batch_size: int | None = Field(None, ge=2, description="pairs per step; null: by hardware")
     lr: float | None = Field(None, gt=0, description="learning rate; null: by hardware")

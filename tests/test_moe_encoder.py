@@ -123,14 +123,16 @@ def test_contrastive_losses_and_pairs():
 
 def test_topic_batches_draw_each_full_batch_from_one_topic():
     topics = [0] * 9 + [1] * 5 + [2] * 2  # 16 pairs, batch 4: two full batches of 0, one of 1, one of the rest mixed
-    batches = batch_order(topics, 4, 9, True, np.random.default_rng(0))
+    batches = batch_order(topics, 4, 9, "topic", np.random.default_rng(0))
     first_epoch = batches[:4]
     assert len(batches) == 9 and sorted(np.concatenate(first_epoch).tolist()) == list(range(16))
     kinds = sorted(len({topics[i] for i in b}) for b in first_epoch)
     assert kinds[:3] == [1, 1, 1] and max(kinds) > 1  # three single-topic batches; the remainders mix
-    random = batch_order(topics, 4, 4, False, np.random.default_rng(0))
+    random = batch_order(topics, 4, 4, "random", np.random.default_rng(0))
     assert sorted(np.concatenate(random).tolist()) == list(range(16))
-    assert batch_order([5], 32, 3, True, np.random.default_rng(0)) == [np.array([0])] * 3  # fewer pairs than a batch
+    mixed = batch_order(topics, 4, 5, "mixed", np.random.default_rng(0))
+    assert len(mixed) == 5 and sum(len({topics[i] for i in b}) == 1 for b in mixed[0::2]) >= 2  # topic batches first
+    assert batch_order([5], 32, 3, "topic", np.random.default_rng(0)) == [np.array([0])] * 3  # fewer pairs than a batch
 
 
 def test_save_load_round_trip_through_encoder(tokenizer, tmp_path):

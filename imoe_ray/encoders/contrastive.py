@@ -62,10 +62,15 @@ def view_pairs(ids: list[str], texts: list[str], tokenizer, rng: np.random.Gener
     return pairs
 
 
-def batch_order(topics: list[int], batch: int, steps: int, by_topic: bool, rng: np.random.Generator) -> list[np.ndarray]:
-    """`steps` batches of pair indices, epoch after epoch. `by_topic`: each batch comes from one topic
-    while that topic has a full batch left; the remainders are mixed into batches of their own."""
-    keys = np.asarray(topics) if by_topic and len(topics) else np.zeros(len(topics), np.int64)
+def batch_order(topics: list[int], batch: int, steps: int, mode: str, rng: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches of pair indices, epoch after epoch. "topic": each batch comes from one topic while
+    that topic has a full batch left, the remainders mixed into batches of their own; "random": any
+    pairs; "mixed": topic and random batches taking turns (hard negatives without losing the easy ones)."""
+    if mode == "mixed":
+        by_topic = batch_order(topics, batch, (steps + 1) // 2, "topic", rng)
+        anywhere = batch_order(topics, batch, steps // 2, "random", rng)
+        return [b for pair in zip(by_topic, anywhere + [None]) for b in pair if b is not None]
+    keys = np.asarray(topics) if mode == "topic" and len(topics) else np.zeros(len(topics), np.int64)
     batch = max(1, min(batch, len(keys)))
     out: list[np.ndarray] = []
     while len(out) < steps:

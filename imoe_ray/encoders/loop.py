@@ -34,8 +34,8 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
     groups = torch.as_tensor(np.unique(group_names, return_inverse=True)[1], device=device)
     rng = np.random.default_rng(m["seed"])
     steps = m["steps"]
-    by_topic = m["batches"] == "topic" and len(set(topics) - {-1}) > 1
-    batches = batch_order(topics, m["batch_size"], steps, by_topic, rng)
+    mode = m["batches"] if len(set(topics) - {-1}) > 1 else "random"
+    batches = batch_order(topics, m["batch_size"], steps, mode, rng)
     every = max(1, steps // 10)
 
     model.train()
@@ -63,4 +63,4 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
             "aux_loss": float(np.mean([h[1] for h in history[-every:]])),
             "first_loss": float(np.mean([h[0] for h in history[:every]])),
             "train_s": round(time.perf_counter() - started, 1), "pairs": len(anchors),
-            "batches": "topic" if by_topic else "random"}
+            "batches": mode}
