@@ -261,8 +261,6 @@ class MoeEncoderConfig(_Section):
     batches: Literal["topic", "mixed", "random"] = Field(
         "topic", description="topic: each batch from one discovered category (hard in-batch negatives); mixed: "
         "every other batch; random when the store has no categories yet")
-    anchor_weight: float = Field(0.0, ge=0, description="weight of 1 - cos(chunk, its dense embedding from the embed "
-                                 "stage): keeps the chunks where discovery clustered them; 0: off")
     steps: int | None = Field(None, ge=1, description="optimizer steps; null: by hardware (see `resolved`)")
     batch_size: int | None = Field(None, ge=2, description="pairs per step; null: by hardware")
     lr: float | None = Field(None, gt=0, description="learning rate; null: by hardware")

@@ -273,23 +273,3 @@ def test_discovery_nmi_side_by_side(tokenizer, tmp_path):
         assert found["rows_evaluated"] == len(rows) and found["n_labels"] == 3
     assert result["encoders"]["dense"]["nmi"] > 0.8  # three vocabularies: the real encoder separates them
     assert result["nmi"]["change"] == pytest.approx(result["nmi"]["moe"] - result["nmi"]["dense"], abs=1e-4)
-
-
-def test_anchoring_keeps_the_chunks_near_their_dense_embeddings(tokenizer):
-    """With anchor_weight the positives (chunks) stay near the dense embeddings discovery clustered."""
-    from imoe_ray.config import MoeEncoderConfig
-    from imoe_ray.encoders.loop import embed, fit
-
-    queries = ["send bytes", "invert a matrix", "walk the xml tree", "plot samples"]
-    drift = {}
-    for weight in (0.0, 20.0):
-        model = upcycle(tiny_bert(tokenizer.vocab_size), n_experts=2, top_k=1, every=1, noise=0.01, seed=0)
-        with torch.no_grad():
-            dense = embed(model.eval(), tokenizer, TEXTS, 32, "cpu").numpy()
-        m = MoeEncoderConfig(steps=30, batch_size=4, lr=3e-3, anchor_weight=weight).resolved(gpu=False, passage_tokens=32)
-        metrics = fit(model, tokenizer, queries, TEXTS, ["a", "b", "c", "d"], [-1] * 4, dense, m, "cpu")
-        with torch.no_grad():
-            after = embed(model.eval(), tokenizer, TEXTS, 32, "cpu").numpy()
-        drift[weight] = float(np.mean(1 - (after * dense).sum(1)))
-        assert metrics["batches"] == "random"  # no topics known
-    assert drift[20.0] < drift[0.0] / 2, drift

@@ -23,16 +23,14 @@ class Pairs:
     groups: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     topics: list[int] = field(default_factory=list)
-    sources: list[int] = field(default_factory=list)  # the positive's row among the mined chunks
 
-    def add(self, anchor: str, positive: str, group: str, kind: str, topic: int = -1, source: int = -1) -> None:
+    def add(self, anchor: str, positive: str, group: str, kind: str, topic: int = -1) -> None:
         if anchor and positive:
             self.anchors.append(anchor)
             self.positives.append(positive)
             self.groups.append(group)
             self.kinds.append(kind)
             self.topics.append(int(topic))
-            self.sources.append(int(source))
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -41,13 +39,13 @@ class Pairs:
 def neighbour_pairs(ids: list[str], chunk_index: list[int], texts: list[str], pairs: Pairs,
                     topics: list[int] | None = None) -> Pairs:
     """(chunk i, chunk i+1) of every document, in chunk order (topic: chunk i's)."""
-    by_doc: dict[str, list[tuple[int, str, int, int]]] = {}
+    by_doc: dict[str, list[tuple[int, str, int]]] = {}
     for n, (i, c, t) in enumerate(zip(ids, chunk_index, texts)):
-        by_doc.setdefault(str(i), []).append((int(c), t, -1 if topics is None else topics[n], n))
+        by_doc.setdefault(str(i), []).append((int(c), t, -1 if topics is None else topics[n]))
     for doc, chunks in by_doc.items():
         chunks.sort(key=lambda chunk: chunk[0])
-        for (_, a, topic, _), (_, b, _, row) in zip(chunks, chunks[1:]):
-            pairs.add(a, b, doc, "neighbours", topic, row)
+        for (_, a, topic), (_, b, _) in zip(chunks, chunks[1:]):
+            pairs.add(a, b, doc, "neighbours", topic)
     return pairs
 
 
@@ -60,7 +58,7 @@ def view_pairs(ids: list[str], texts: list[str], tokenizer, rng: np.random.Gener
     views = chunk_views(texts, np.arange(len(texts)), tokenizer, rng, prefix_tokens, key_terms)
     for text, label, kind in zip(views.texts, views.labels, views.kinds):
         row = int(label)
-        pairs.add(text, texts[row], str(ids[row]), kind, -1 if topics is None else topics[row], row)
+        pairs.add(text, texts[row], str(ids[row]), kind, -1 if topics is None else topics[row])
     return pairs
 
 

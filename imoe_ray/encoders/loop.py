@@ -19,11 +19,9 @@ def embed(model, tokenizer, texts: list[str], max_tokens: int, device) -> torch.
 
 
 def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names: list[str], topics: list[int],
-        targets: np.ndarray | None, m: dict, device, on_report: Callable[[dict], None] = lambda metrics: None) -> dict:
+        m: dict, device, on_report: Callable[[dict], None] = lambda metrics: None) -> dict:
     """Train `model` (upcycled, on `device`) on the pairs with the `moe_encoder` settings `m`; returns metrics.
     `topics`: each pair's discovered category (-1: unknown), which `m["batches"] == "topic"` draws batches by.
-    `targets`: the dense encoder's embedding of each positive; with `m["anchor_weight"]` the positives are
-    held near them (1 - cosine), so the chunks keep the geometry discovery clustered while queries move.
 
     Loss: the pair loss plus aux_weight x the mean load-balancing loss of the two forwards. The routers
     (new weights) learn at router_lr, the rest at lr; both warm up linearly over the first tenth."""
@@ -52,12 +50,8 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
         b = embed(model, tokenizer, [positives[i] for i in rows], m["max_tokens"], device)
         aux = (aux_a + aux_loss(model)) / 2
         loss = pair_loss(m["loss"], a, b, groups[torch.as_tensor(rows, device=device)], m["temperature"], m["margin"])
-        total = loss + m["aux_weight"] * aux
-        if targets is not None and m["anchor_weight"] > 0:
-            target = torch.as_tensor(targets[rows], device=device)
-            total = total + m["anchor_weight"] * (1 - (b * torch.nn.functional.normalize(target, dim=-1)).sum(-1)).mean()
         optimizer.zero_grad()
-        total.backward()
+        (loss + m["aux_weight"] * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         history.append((loss.item(), aux.item()))

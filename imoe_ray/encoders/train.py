@@ -30,9 +30,8 @@ def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str, str]
     from imoe_ray.experts.stage import is_heldout
 
     column = cfg.corpus.text_column
-    names = ["id", "chunk_index", column, "chunk_id"]
-    table = store.read_table("corpus", "chunks", columns=names)
-    rows = [(str(i), c, t, k) for i, c, t, k in zip(*(table.column(n).to_pylist() for n in names))
+    table = store.read_table("corpus", "chunks", columns=["id", "chunk_index", column, "chunk_id"])
+    rows = [(str(i), c, t, k) for i, c, t, k in zip(*(table.column(n).to_pylist() for n in table.column_names))
             if t and not is_heldout(i, cfg)]
     if len(rows) < 2:
         raise StoreError(f"{store.path('corpus', 'chunks')} has {len(rows)} non-empty training chunk(s) of "
@@ -65,22 +64,7 @@ def mine_pairs(store: Store, cfg: Config, tokenizer):
         view_pairs(ids, texts, tokenizer, rng, cfg.router.prefix_tokens, cfg.router.key_terms, pairs, topics)
     if "neighbours" in cfg.moe_encoder.pairs:
         neighbour_pairs(ids, index, texts, pairs, topics)
-    return pairs, texts, chunk_ids
-
-
-def dense_targets(store: Store, chunk_ids: list[str], sources: list[int]) -> np.ndarray | None:
-    """The embed stage's (dense) embedding of each pair's positive chunk; None when the store has none."""
-    from imoe_ray.embedding.stage import read_embeddings
-
-    try:
-        table = read_embeddings(store)
-    except StoreError:
-        return None
-    row_of = {c: i for i, c in enumerate(table.column("chunk_id").to_pylist())}
-    if any(c not in row_of for c in chunk_ids):
-        return None
-    matrix = np.asarray(table.column("embedding").to_pylist(), np.float32)
-    return matrix[[row_of[chunk_ids[s]] for s in sources]]
+    return pairs, texts
 
 
 def train_loop(config: dict) -> None:
@@ -143,10 +127,7 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     require_chunks(store)
     m = cfg.moe_encoder
     path = resolve_encoder_path(cfg.embedding.encoder)
-    pairs, texts, chunk_ids = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
-    targets = dense_targets(store, chunk_ids, pairs.sources) if m.anchor_weight > 0 else None
-    if m.anchor_weight > 0 and targets is None:
-        report("[encoder] anchor_weight is set but the store has no embeddings of these chunks: no anchoring")
+    pairs, texts = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
     topics = len(set(pairs.topics) - {-1})
     report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))}); "
            f"{f'{topics} discovered categories to draw batches from' if topics else 'no categories yet: random batches'}")
@@ -161,7 +142,7 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"moe": settings, "encoder_path": path, "encoder_name": cfg.embedding.encoder,
-                           "pairs": (pairs.anchors, pairs.positives, pairs.groups, pairs.topics, targets), "sample_texts": sample,
+                           "pairs": (pairs.anchors, pairs.positives, pairs.groups, pairs.topics), "sample_texts": sample,
                            "threads": cpus},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=run_name, storage_path=store.uri_of("runs")),
