@@ -30,8 +30,9 @@ def training_chunks(store: Store, cfg: Config) -> list[tuple[str, int, str, str]
     from imoe_ray.experts.stage import is_heldout
 
     column = cfg.corpus.text_column
-    table = store.read_table("corpus", "chunks", columns=["id", "chunk_index", column, "chunk_id"])
-    rows = [(str(i), c, t, k) for i, c, t, k in zip(*(table.column(n).to_pylist() for n in table.column_names))
+    names = ["id", "chunk_index", column, "chunk_id"]
+    table = store.read_table("corpus", "chunks", columns=names)
+    rows = [(str(i), c, t, k) for i, c, t, k in zip(*(table.column(n).to_pylist() for n in names))
             if t and not is_heldout(i, cfg)]
     if len(rows) < 2:
         raise StoreError(f"{store.path('corpus', 'chunks')} has {len(rows)} non-empty training chunk(s) of "
