@@ -37,7 +37,7 @@ def main() -> None:
     from imoe_ray.discovery.features import combine
     from imoe_ray.discovery.stage import load_model
     from imoe_ray.routing.stage import load_corpus, make_encoder
-    from imoe_ray.routing.views import chunk_views, split_of, synthetic_queries, token_prefixes
+    from imoe_ray.routing.views import split_of, token_prefixes, training_views
     from imoe_ray.store import Store
 
     cfg = resolve_config(args.store, None, None)
@@ -51,9 +51,7 @@ def main() -> None:
 
     rng = np.random.default_rng(r.seed)
     texts, labels = [corpus.texts[i] for i in train], corpus.labels[train]
-    views = chunk_views(texts, labels, encoder.tokenizer, rng, tuple(r.prefix_tokens), tuple(r.key_terms))
-    views.extend(synthetic_queries(texts, corpus.embeddings[train], labels, discovery.n_categories, rng,
-                                   r.synthetic_chunks_per_cluster, r.synthetic_per_cluster, r.seed))
+    views = training_views(texts, corpus.embeddings[train], labels, discovery.n_categories, encoder.tokenizer, rng, r)
     print(f"encoding {len(views.texts)} query views of {len(train)} training chunks")
     view_states = encoder.encode_with_layers(views.texts, batch_size=64)[1]
 

@@ -62,6 +62,11 @@ def view_pairs(ids: list[str], texts: list[str], tokenizer, rng: np.random.Gener
     return pairs
 
 
+def batch_mode(configured: str, topics: list[int]) -> str:
+    """The batches training draws: the configured kind, or random when fewer than two topics are known."""
+    return configured if len(set(topics) - {-1}) > 1 else "random"
+
+
 def batch_order(topics: list[int], batch: int, steps: int, mode: str, rng: np.random.Generator) -> list[np.ndarray]:
     """`steps` batches of pair indices, epoch after epoch. "topic": each batch comes from one topic while
     that topic has a full batch left, the remainders mixed into batches of their own; "random": any

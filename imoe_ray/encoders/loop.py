@@ -25,7 +25,7 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
 
     Loss: the pair loss plus aux_weight x the mean load-balancing loss of the two forwards. The routers
     (new weights) learn at router_lr, the rest at lr; both warm up linearly over the first tenth."""
-    from imoe_ray.encoders.contrastive import batch_order, pair_loss
+    from imoe_ray.encoders.contrastive import batch_mode, batch_order, pair_loss
     from imoe_ray.encoders.moe import aux_loss
 
     routers = [p for n, p in model.named_parameters() if ".router." in n]
@@ -34,7 +34,7 @@ def fit(model, tokenizer, anchors: list[str], positives: list[str], group_names:
     groups = torch.as_tensor(np.unique(group_names, return_inverse=True)[1], device=device)
     rng = np.random.default_rng(m["seed"])
     steps = m["steps"]
-    mode = m["batches"] if len(set(topics) - {-1}) > 1 else "random"
+    mode = batch_mode(m["batches"], topics)
     batches = batch_order(topics, m["batch_size"], steps, mode, rng)
     every = max(1, steps // 10)
 

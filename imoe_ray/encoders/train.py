@@ -122,6 +122,7 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     from transformers import AutoTokenizer
 
     from imoe_ray.embedding.encoder import resolve_encoder_path
+    from imoe_ray.encoders.contrastive import batch_mode
     from imoe_ray.encoders.moe import MOE_FILE
     from imoe_ray.experts.parallel import cluster_cpus, cluster_gpus
 
@@ -129,9 +130,8 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     m = cfg.moe_encoder
     path = resolve_encoder_path(cfg.embedding.encoder)
     pairs, texts = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
-    topics = len(set(pairs.topics) - {-1})
-    report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))}); "
-           f"{f'{topics} discovered categories to draw batches from' if topics else 'no categories yet: random batches'}")
+    report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))}) "
+           f"in {len(set(pairs.topics) - {-1})} discovered categories: {batch_mode(m.batches, pairs.topics)} batches")
     cpus = m.cpus or max(1, int(cluster_cpus()))
     rng = np.random.default_rng(m.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]

@@ -18,7 +18,7 @@ from imoe_ray.routing import calibration
 from imoe_ray.routing.dact import exit_from_states, fit_classifiers, train_halting
 from imoe_ray.routing.fastpath import FastPath
 from imoe_ray.routing.router import ExpertProfile, Router
-from imoe_ray.routing.views import chunk_views, sentences, split_of, synthetic_queries, token_prefixes
+from imoe_ray.routing.views import sentences, split_of, token_prefixes, training_views
 
 Report = Callable[[str], None]
 
@@ -101,10 +101,8 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
 
     # 1. Training data: the chunks and their query-like views.
     train_texts = [corpus.texts[i] for i in train]
-    views = chunk_views(train_texts, corpus.labels[train], encoder.tokenizer, rng,
-                        tuple(cfg.prefix_tokens), tuple(cfg.key_terms))
-    views.extend(synthetic_queries(train_texts, corpus.embeddings[train], corpus.labels[train], n_classes, rng,
-                                   cfg.synthetic_chunks_per_cluster, cfg.synthetic_per_cluster, cfg.seed))
+    views = training_views(train_texts, corpus.embeddings[train], corpus.labels[train], n_classes,
+                           encoder.tokenizer, rng, cfg)
     view_states = _encode(encoder, views.texts, "query views of the training chunks", report)
     x_texts = train_texts + views.texts
     x_states = np.concatenate([corpus.layer_states[train], view_states])

@@ -107,3 +107,12 @@ def synthetic_queries(texts: list[str], embeddings: np.ndarray, labels: np.ndarr
                 a, b, cc = rng.choice(words, size=3, replace=False)
                 views.add(str(template).format(a=a, b=b, c=cc), c, "synthetic")
     return views
+
+
+def training_views(texts: list[str], embeddings: np.ndarray, labels: np.ndarray, n_classes: int, tokenizer,
+                   rng: np.random.Generator, cfg) -> Views:
+    """Everything the router learns from besides the chunks themselves: each chunk's views and the
+    synthetic queries per category, with the `router` settings `cfg`."""
+    views = chunk_views(texts, labels, tokenizer, rng, tuple(cfg.prefix_tokens), tuple(cfg.key_terms))
+    return views.extend(synthetic_queries(texts, embeddings, labels, n_classes, rng, cfg.synthetic_chunks_per_cluster,
+                                          cfg.synthetic_per_cluster, cfg.seed))
