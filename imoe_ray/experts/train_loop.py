@@ -35,8 +35,16 @@ def build_model(config: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(config["seed"])
-    base = AutoModelForCausalLM.from_pretrained(config["base_dir"], torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir(config["base"]), torch_dtype=torch.float32)
     return get_peft_model(base, peft_config(ExpertsConfig(**config["experts"]), base))
+
+
+def base_dir(source: dict) -> str:
+    """The stored base model as a local directory on this worker's node (a cached copy for a URI store)."""
+    from imoe_ray.store import Store
+    from imoe_ray.store.layout import BASE
+
+    return str(Store(source["store"], create=False, cache_dir=source.get("cache_dir")).local_dir(BASE))
 
 
 def lr_at(step: int, total: int, peak: float, warmup_share: float = 0.05) -> float:

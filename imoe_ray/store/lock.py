@@ -17,7 +17,6 @@ TTL_S; on the holder's own host a dead pid frees it at once.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
