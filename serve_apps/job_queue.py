@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import AsyncIterator
 
 import ray
