@@ -101,7 +101,9 @@ def run_parallel(jobs: list[TrainJob], storage: Storage, max_concurrent: int | N
         param_space={"job": tune.grid_search(list(by_label))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or len(jobs)),
         run_config=tune.RunConfig(name=f"tune-{int(time.time())}", verbose=verbose, **storage.run_config_args(),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  # a trial whose driver died with its node starts again and its trainer
+                                  # continues from the run's last checkpoint in the store
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
     grid = tuner.fit()
     results, failures = {}, {}

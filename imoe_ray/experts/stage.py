@@ -305,7 +305,7 @@ class _Saver:
 
     def _manifest(self, name: str, key: str, metrics: dict) -> dict:
         e = self.cfg.experts
-        training = {k: metrics[k] for k in ("loss", "tokens", "steps", "tokens_per_s") if k in metrics}
+        training = {k: metrics[k] for k in ("loss", "tokens", "steps", "tokens_per_s", "resumed_from_step") if k in metrics}
         training |= {"wall_s": metrics.get("wall_s"), "epochs": metrics.get("epochs")}
         out = {"name": name, "kind": "dense-baseline" if name == "dense" else "expert",
                "base_model": {"name": e.base_model or "store:base", "fingerprint": self.base_fp},

@@ -175,7 +175,7 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - started
             metrics = {"step": step + 1, "steps": steps, "loss": round(float(np.mean(losses)), 4),
                        "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-                       "epochs": round(config["epochs"], 3), "workers": world}
+                       "epochs": round(config["epochs"], 3), "workers": world, "resumed_from_step": start}
             if device.type == "cuda":
                 metrics["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             losses = []

@@ -15,9 +15,9 @@ from typing import Callable
 from imoe_ray.config import Config, ExpertsConfig
 from imoe_ray.store import Store
 
+from imoe_ray.store.layout import EXPERT_MANIFEST as MANIFEST, RUNS
+
 Report = Callable[[str], None]
-MANIFEST = "manifest.json"
-RUNS = "runs"
 
 
 def expert_texts(store: Store, cfg: Config, heldout: bool) -> dict[str, list[str]]:

@@ -19,9 +19,7 @@ from imoe_ray.config import Config
 from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
 from imoe_ray.store import Store
 
-SHARDS = "shards"
-KB = "kb"
-INDEX = (SHARDS, "index.json")
+from imoe_ray.store.layout import KB, SHARDS, SHARDS_INDEX as INDEX
 
 
 def in_category(categories: pa.ChunkedArray | pa.Array, category: int) -> pa.Array:
