@@ -15,9 +15,17 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                  "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
+# Set by `ray job submit` in its driver: the submission's runtime env, which Ray merges with ours and
+# refuses when both name the same variable.
+SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def worker_env() -> dict[str, str]:
     """The driver's object-store settings, handed to the job's workers (a cluster's nodes may have
-    none of their own, e.g. a local S3 server or a laptop's credentials)."""
+    none of their own, e.g. a local S3 server or a laptop's credentials). A submitted job's workers
+    get the submission's runtime env instead (`ray job submit --runtime-env-json`)."""
+    if SUBMITTED_JOB_CONFIG in os.environ:
+        return {}
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
