@@ -159,6 +159,8 @@ class ExpertsConfig(_Section):
     gpus_per_worker: float | None = Field(None, ge=0, description="default: 1/max_concurrent of a GPU when the cluster has GPUs")
     max_concurrent: int | None = Field(None, ge=1, description="expert jobs at once; default: as many as resources allow")
     max_failures: int = Field(2, ge=0, description="restarts of a failed worker group per expert (FailureConfig)")
+    checkpoint_s: float = Field(10.0, ge=0, description="least seconds between two checkpoints of a one-worker "
+                                "job (each costs a second or two; a killed job resumes from the last one)")
     min_chunks: int = Field(8, ge=1, description="smaller categories are folded into their nearest neighbour")
     dense_baseline: bool = Field(True, description="also train one adapter on all shards with the experts' total tokens")
     top_k: int = Field(3, ge=1, description="experts mixed per request (token-level mixture)")
