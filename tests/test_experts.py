@@ -225,13 +225,14 @@ def test_deepspeed_zero2_trains_an_adapter_on_two_cpu_workers(built, tmp_path):
     from imoe_ray.config import load_config
     from imoe_ray.experts import parallel, stage
     from imoe_ray.experts.train_loop import MODEL_DIR
+    from imoe_ray.store import Store
 
     cfg, store, _ = built
     ds = load_config(None, ["experts.strategy=deepspeed", "experts.zero_stage=2", "experts.workers_per_expert=2"],
                      base=cfg.model_dump(mode="json"))
     base = store.local_dir(stage.BASE)
     inputs, labels = token_blocks(TEXTS, AutoTokenizer.from_pretrained(base), 32)
-    job = stage._job("ds", "zero2", inputs, labels, 2.0, ds, base, 1)
+    job = stage._job("ds", "zero2", inputs, labels, 2.0, ds, store, 1)
     job.loop_config["reports"] = 2  # every report of several workers writes a checkpoint
     seen = {}
 
@@ -241,7 +242,7 @@ def test_deepspeed_zero2_trains_an_adapter_on_two_cpu_workers(built, tmp_path):
         seen["adapter"] = type(model).__name__
         return metrics
 
-    parallel.run_one(job, str(tmp_path), 0, check)
+    parallel.run_one(job, parallel.Storage(Store(tmp_path), ()), 0, check)
     assert seen["adapter"] == "PeftModelForCausalLM"
     assert seen["metrics"]["step"] == seen["metrics"]["steps"] > 0 and math.isfinite(seen["metrics"]["loss"])
     assert seen["metrics"]["workers"] == 2 and seen["metrics"]["tokens"] >= 1.5 * count_tokens(labels)
