@@ -98,10 +98,8 @@ class RemoteNode:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
                 self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
-            except ProcessLookupError:
-                return
         try:  # anything left in the group (workers that outlived `ray start`)
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -144,7 +142,7 @@ def _nodes() -> list[dict]:
     return ray.nodes()
 
 
-def wait_alive(node: RemoteNode, known: set[str], timeout: float = 120.0) -> str:
+def wait_alive(node: RemoteNode, known: set[str], timeout: float = 300.0) -> str:
     """Wait (through this driver's `ray.nodes()`) until a node not in `known` with the node's IP and
     resources is alive; record and return its node id."""
     deadline = time.monotonic() + timeout
@@ -161,7 +159,7 @@ def wait_alive(node: RemoteNode, known: set[str], timeout: float = 120.0) -> str
     raise TimeoutError(f"the remote node did not join within {timeout:.0f}s: {node.log()}")
 
 
-def wait_dead(node_id: str, timeout: float = 120.0) -> None:
+def wait_dead(node_id: str, timeout: float = 300.0) -> None:
     """Wait until Ray marks the node dead (its resources then leave the cluster's totals)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -189,7 +187,7 @@ class RemoteNodes:
     def resource(self) -> str:
         return REMOTE_RESOURCE
 
-    def start(self, timeout: float = 120.0) -> str:
+    def start(self, timeout: float = 300.0) -> str:
         """Start a fresh remote node, wait until Ray reports it alive; returns its node id."""
         known = {n["NodeID"] for n in _nodes()}
         log = self.log_dir / f"remote-node-{len(self.started)}.log"
@@ -197,7 +195,7 @@ class RemoteNodes:
         self.started.append(self.node)
         return wait_alive(self.node, known, timeout)
 
-    def kill_raylet(self, wait: bool = True, timeout: float = 120.0) -> str:
+    def kill_raylet(self, wait: bool = True, timeout: float = 300.0) -> str:
         """SIGKILL the current node's raylet (a node lost mid-run); with `wait`, return once Ray
         marks it dead. Returns the dead node's id."""
         node_id = self.node_id
@@ -206,7 +204,7 @@ class RemoteNodes:
             wait_dead(node_id, timeout)
         return node_id
 
-    def stop(self, timeout: float = 120.0) -> None:
+    def stop(self, timeout: float = 300.0) -> None:
         """Stop every node started here and wait until Ray marks each dead."""
         for node in self.started:
             node.stop()

@@ -3,6 +3,8 @@ Ray worker node in its own mount namespace that does not see the driver's /tmp."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from remote_node import kept_paths, namespace_script
 
 REMOTE = {"imoe_remote": 1}
 
@@ -35,6 +39,25 @@ def _read_parquet(uri: str) -> dict:
 
     return {"node_id": ray.get_runtime_context().get_node_id(), "rows": pq.read_table(uri).to_pylist(),
             "endpoint": os.environ.get("AWS_ENDPOINT_URL")}
+
+
+def test_the_private_tmp_shows_only_the_paths_bound_into_it(tmp_path):
+    """The namespace's /tmp, as the remote node gets it: a directory and a file kept under /tmp
+    (as the repository, its virtualenv and the Ray token are when they live there) stay visible
+    at the same path; everything else under /tmp is gone."""
+    kept, hidden, token = tmp_path / "repo", tmp_path / "driver-only", tmp_path / "auth_token"
+    kept.mkdir()
+    (kept / "module.py").write_text("kept")
+    hidden.mkdir()
+    (hidden / "store.parquet").write_text("hidden")
+    token.write_text("token")
+    probe = "import os, sys; print(*[os.path.exists(p) for p in sys.argv[1:]])"
+    script = namespace_script(kept_paths([kept, token]),
+                              [sys.executable, "-c", probe, str(kept / "module.py"), str(token), str(hidden / "store.parquet")])
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "False"]
 
 
 def test_a_task_on_the_remote_node_runs_there_and_shares_no_tmp_with_the_driver(remote_node, tmp_path):
