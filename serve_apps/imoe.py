@@ -2,7 +2,12 @@
 expert replicas that hold the base model and load LoRA experts on demand.
 
     serve run serve_apps.imoe:app store=DIR [config=FILE] [set=serve.port=8001,serve.mode=fast]
-    serve build serve_apps.imoe:app store=DIR -o serve_apps/imoe.yaml && serve deploy serve_apps/imoe.yaml
+    serve deploy serve_apps/serve_config.yaml      # edit its args (store=...) first; on a running cluster
+    imoe serve --store DIR --write-config my.yaml && serve deploy my.yaml   # the same, written for a store
+
+`serve build` cannot make this config: it passes no arguments to an application builder (Ray 2.60
+rejects a builder function: "Expected 'serve_apps.imoe:app' to be an Application"); a deploy
+config instead names the builder and its `args`, which the cluster passes to it.
 
     HTTP ─> Router (FastAPI ingress: validate, route, retrieve, compress, plan)
               └─> Experts replicas (autoscaled; @serve.multiplexed LRU of adapters; @serve.batch

@@ -152,6 +152,36 @@ def ray_session(ray_cluster):
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed server`, tests/s3_server.py) for the session,
+    started by the first test that asks for it; `s3.env()` holds the AWS_* variables clients read.
+    Buckets are created by the first write into them."""
+    from s3_server import start_s3_server, stop_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    stop_s3_server(server)
+
+
+@pytest.fixture(scope="module")
+def remote_node(ray_session, s3, tmp_path_factory):
+    """A worker node joined to the session's cluster for one test module (tests/remote_node.py): its
+    own mount namespace with a private /tmp (the driver's temp files and local stores are invisible
+    to it), 2 CPUs, the custom resource `{"imoe_remote": 100}` and the s3 server's AWS_* variables.
+    Work lands on it with `resources={"imoe_remote": 1}`, or anywhere Ray puts CPU work while the
+    module runs. Yields a `RemoteNodes`: `.node_id`, `.kill_raylet()`, `.start()` (a fresh node).
+    At module end every node started is stopped and Ray marks it dead, so the rest of the suite
+    (whose stores live under /tmp) never runs on it."""
+    from remote_node import RemoteNodes
+
+    nodes = RemoteNodes(ray_session["address"], dict(ray_session["env"], **s3.env()),
+                        tmp_path_factory.mktemp("remote-node"))
+    nodes.start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A small multi-domain corpus of real documentation text (the sample corpus, 12 per domain)."""
     from imoe_ray.corpus.sample import build_sample_corpus
