@@ -55,16 +55,18 @@ def kept_paths(extra: list[Path] = ()) -> list[Path]:
     return [p for p in under if not any(q in p.parents for q in under)]  # an ancestor's bind covers it
 
 
-def namespace_script(keep: list[Path], command: list[str]) -> str:
-    """The shell run by `unshare --mount --propagation private`: private /tmp, kept paths, then exec."""
+def namespace_script(keep: list[Path], command: list[str], binds: dict[str, Path] | None = None) -> str:
+    """The shell run by `unshare --mount --propagation private`: private /tmp, kept paths (at their
+    own path), `binds` (a path under /tmp inside ← a directory outside), then exec `command`."""
     lines = ["set -eu", f"mount -t tmpfs -o mode=1777,size=4g imoe-remote-tmp {_STAGE}"]
-    for p in keep:
-        target = shlex.quote(f"{_STAGE}/{p.relative_to('/tmp')}")
-        if p.is_dir():
+    pairs = [(p, p) for p in keep] + [(Path(inside), Path(source)) for inside, source in (binds or {}).items()]
+    for inside, source in pairs:
+        target = shlex.quote(f"{_STAGE}/{inside.relative_to('/tmp')}")
+        if source.is_dir():
             lines.append(f"mkdir -p {target}")
         else:
             lines.append(f"mkdir -p $(dirname {target}) && touch {target}")
-        lines.append(f"mount --bind {shlex.quote(str(p))} {target}")
+        lines.append(f"mount --bind {shlex.quote(str(source))} {target}")
     lines += [f"mount --move {_STAGE} /tmp", "cd /", "exec " + shlex.join(command)]
     return "\n".join(lines)
 
@@ -107,7 +109,15 @@ class RemoteNode:
         self.process.wait(timeout=30)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+        """The tail of `ray start`'s output and of the raylet's own logs (its session directory is
+        kept outside the namespace, beside `log_path`, so a crash can be read afterwards)."""
+        parts = [self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""]
+        for name in ("raylet.out", "raylet.err"):
+            for f in sorted(self.log_path.parent.glob(f"{self.log_path.stem}-ray/session_*/logs/{name}")):
+                lines = [l for l in f.read_text(errors="replace").splitlines() if " F " in l or " C " in l or "Check failed" in l
+                         or " E " in l][-10:]
+                parts += [f"--- {f}", *lines]
+        return "\n".join(parts)
 
 
 def start_remote_node(head_address: str, env: dict[str, str], log_path: Path, *, num_cpus: int = 2,
@@ -122,14 +132,14 @@ def start_remote_node(head_address: str, env: dict[str, str], log_path: Path, *,
     ray_cmd = [str(bin_dir / "ray"), "start", f"--address={head_address}", "--block",
                f"--node-ip-address={ip}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--resources={json.dumps(resources)}", f"--object-store-memory={object_store_bytes}",
-               f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-               f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+               f"--dashboard-agent-listen-port={_free_port()}",  # the one port Ray does not pick itself
                "--temp-dir=/tmp/ray-remote", "--disable-usage-stats"]
+    ray_dir = log_path.parent / f"{log_path.stem}-ray"  # the node's own session files, readable afterwards
+    ray_dir.mkdir(parents=True, exist_ok=True)
     node_env = dict(env, PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}",
                     RAY_USAGE_STATS_ENABLED="0")
     node_env.pop("RAY_ADDRESS", None)
-    cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", namespace_script(keep, ray_cmd)]
+    cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", namespace_script(keep, ray_cmd, {"/tmp/ray-remote": ray_dir})]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -190,10 +200,16 @@ class RemoteNodes:
     def start(self, timeout: float = 300.0) -> str:
         """Start a fresh remote node, wait until Ray reports it alive; returns its node id."""
         known = {n["NodeID"] for n in _nodes()}
-        log = self.log_dir / f"remote-node-{len(self.started)}.log"
-        self.node = start_remote_node(self.head_address, self.env, log, **self.options)
-        self.started.append(self.node)
-        return wait_alive(self.node, known, timeout)
+        for attempt in range(3):  # a port Ray picked may be taken by another cluster on a shared machine
+            log = self.log_dir / f"remote-node-{len(self.started)}.log"
+            self.node = start_remote_node(self.head_address, self.env, log, **self.options)
+            self.started.append(self.node)
+            try:
+                return wait_alive(self.node, known, timeout)
+            except RuntimeError as e:  # `ray start` exited before the node joined
+                if attempt == 2:
+                    raise
+                print(f"remote node start {attempt + 1} failed, starting another: {e}", file=sys.stderr)
 
     def kill_raylet(self, wait: bool = True, timeout: float = 300.0) -> str:
         """SIGKILL the current node's raylet (a node lost mid-run); with `wait`, return once Ray
