@@ -61,11 +61,11 @@ def test_the_mirror_follows_the_store(s3_env, tmp_path):
     s.write_bytes(b"A", "experts", "a", "adapter_model.safetensors")
     mirror = StoreMirror(s)
     assert (mirror.root / "experts" / "a" / "adapter_model.safetensors").read_bytes() == b"A"
-    assert not mirror.refresh()
+    assert not mirror.refresh(interval_s=0)
     s.write_json({"experts": [{"name": "b"}]}, "experts", "index.json")
     s.remove("experts", "a")
     s.write_bytes(b"B", "experts", "b", "adapter_model.safetensors")
-    assert mirror.refresh()
+    assert mirror.refresh(interval_s=0)
     assert not (mirror.root / "experts" / "a").joinpath("adapter_model.safetensors").exists()
     assert (mirror.root / "experts" / "b" / "adapter_model.safetensors").read_bytes() == b"B"
     assert str(mirror.root).startswith(str(tmp_path / "cache"))

@@ -1,62 +1,97 @@
-"""The ingest stage: the corpus → `corpus/chunks` (Parquet, one row per chunk, input columns kept)."""
+"""The ingest stage: the corpus → `corpus/chunks` (Parquet, one row per chunk, input columns kept).
+
+The driver lists the corpus and peeks at its first rows (bad input fails in seconds, before Ray
+starts); Ray Data reads it where it lies, chunks it on an actor pool as wide as the cluster's CPUs,
+and writes the chunks straight to the store: no document passes through the driver.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-import hashlib
-import os
-from pathlib import Path
-
-import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray
 
 from imoe_ray.cluster import init_ray
 from imoe_ray.config import Config
-from imoe_ray.corpus.readers import CorpusError, read_corpus_table
+from imoe_ray.corpus.readers import CorpusError, corpus_dataset, corpus_error_in, inspect_corpus, locate_corpus
+from imoe_ray.corpus.readers import listing_fingerprint, load_hf_dataset
 from imoe_ray.store import Store
 
 CHUNKS = ("corpus", "chunks")
 
 
 def corpus_fingerprint(cfg: Config) -> str:
-    """Changes whenever the corpus files (names, sizes, modification times) or the reading settings change."""
-    path = cfg.corpus.path
-    if not path:
-        raise CorpusError("no corpus given: pass --corpus PATH (or run `imoe sample-corpus OUT` to make one)")
-    h = hashlib.sha256(f"{path}|{cfg.corpus.split}".encode())
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    """Changes whenever the corpus files (names, sizes, modification times) or the reading settings change.
+    Computed from the listing alone (a Hugging Face hub dataset: from its cached files); reads no contents."""
+    source = locate_corpus(cfg.corpus.path)
+    hf_dataset = None
+    if source.hf and not source.is_dir:
+        hf_dataset = load_hf_dataset(source, cfg.corpus.split)
+    return listing_fingerprint(source, cfg.corpus.split, hf_dataset)
 
 
-def _blocks(table: pa.Table, n: int) -> list[pa.Table]:
-    rows = max(1, -(-table.num_rows // n))
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+def chunk_actors(cluster: dict[str, float]) -> int:
+    """As many chunking actors as the cluster has CPUs (each takes one)."""
+    return max(1, int(cluster.get("CPU", 1)))
+
+
+@contextmanager
+def ordered_execution() -> Iterator[None]:
+    """Ray Data keeps the corpus's order while this is on: deterministic row order and generated ids."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+def _discard(store: Store, temp: str) -> None:
+    if store.fs.get_file_info(temp).type == pafs.FileType.Directory:
+        store.fs.delete_dir(temp)
 
 
 def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] = print) -> dict:
-    """Read and validate the corpus in the driver (so errors are immediate), chunk it on Ray Data."""
+    """Check the corpus in the driver (so errors are immediate), then read, chunk and write it on Ray Data."""
     c = cfg.corpus
-    table = read_corpus_table(c.path, text_column=c.text_column, id_column=c.id_column, split=c.split)
+    plan = inspect_corpus(c.path, text_column=c.text_column, id_column=c.id_column, split=c.split)
     from imoe_ray.corpus.chunking import Chunker  # transformers: only once the corpus is known to be good
 
     init_ray(cfg.ray)
-    ds = ray.data.from_arrow(_blocks(table, 8))
-    chunked = ds.map_batches(
-        Chunker,
-        fn_constructor_kwargs=dict(encoder=cfg.embedding.encoder, text_column=c.text_column,
-                                   chunk_tokens=min(c.chunk_tokens, cfg.embedding.max_tokens),
-                                   overlap=c.chunk_overlap, min_chunk_tokens=c.min_chunk_tokens),
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    )
     store.clean_temps(*CHUNKS[:1])
     temp = store.temp_path(*CHUNKS)
-    chunked.write_parquet(temp, filesystem=store.fs)
+    actors = chunk_actors(ray.cluster_resources())
+    with ordered_execution():
+        chunked = corpus_dataset(plan).map_batches(
+            Chunker,
+            fn_constructor_kwargs=dict(encoder=cfg.embedding.encoder, text_column=c.text_column,
+                                       chunk_tokens=min(c.chunk_tokens, cfg.embedding.max_tokens),
+                                       overlap=c.chunk_overlap, min_chunk_tokens=c.min_chunk_tokens),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+            num_cpus=1,
+        )
+        try:
+            chunked.write_parquet(temp, filesystem=store.fs)
+        except Exception as e:  # noqa: BLE001 - a bad row found by a worker comes back wrapped by Ray
+            _discard(store, temp)
+            error = corpus_error_in(e, c.path)
+            if error is None:
+                raise
+            raise error from None
+    written = None
+    if store.fs.get_file_info(temp).type == pafs.FileType.Directory:
+        written = pads.dataset(temp, filesystem=store.fs, format="parquet")
+    documents = written.count_rows(filter=pc.field("chunk_index") == 0) if written is not None else 0
+    if documents == 0:
+        _discard(store, temp)
+        raise CorpusError(f"corpus is empty: every row of {c.path} has an empty {c.text_column!r}")
+    chunks = written.count_rows()
     store.commit(temp, *CHUNKS)
-    chunks = store.read_table(*CHUNKS, columns=["chunk_id"]).num_rows
-    return {"documents": table.num_rows, "chunks": chunks, "columns": table.column_names}
+    report(f"[ingest] {documents} documents → {chunks} chunks ({actors} chunking actors at most)")
+    return {"documents": documents, "chunks": chunks, "columns": plan.columns}

@@ -1,9 +1,10 @@
 """The embed stage: every chunk of `corpus/chunks` → `embeddings/part-*.parquet` (chunk_id, embedding).
 
-Parts are written one at a time, each atomically, into `embeddings.partial/` as batches stream out
-of the actor pool; a run killed midway keeps its finished parts and the next run embeds only the
-chunks they lack. The finished folder replaces `embeddings/` in one rename, so the previous complete
-embeddings stay usable until then.
+Ray Data reads the chunks from the store, embeds them on an actor pool sized from the cluster and
+writes the parts into `embeddings.partial/` itself, as batches stream out of the pool: no chunk
+passes through the driver. A run killed midway keeps its finished parts (a part cut short by the
+kill is unreadable and is dropped) and the next run embeds only the chunks they lack. The finished
+folder replaces `embeddings/` in one commit, so the previous complete embeddings stay usable until then.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
+from ray.data.datasource import FilenameProvider
 
 from imoe_ray.config import Config
 from imoe_ray.embedding.ray_embed import embed_dataset
@@ -21,6 +26,38 @@ from imoe_ray.store.store import StoreError
 
 FINAL_DIR = "embeddings"
 STAGING_DIR = "embeddings.partial"
+CHUNKS = ("corpus", "chunks")
+
+
+class PartNames(FilenameProvider):
+    """`part-<write>_<task>-<i>.parquet`: unique per run, so a resumed run never overwrites a kept part."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}_{task_index:06}"
+
+
+class SkipDone:
+    """Drops the chunks that the kept parts already hold; each actor reads their chunk ids itself."""
+
+    def __init__(self, filesystem: pafs.FileSystem, parts: list[str]):
+        self.done = pq.read_table(parts, filesystem=filesystem, columns=["chunk_id"]).column("chunk_id").combine_chunks()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch.column("chunk_id"), value_set=self.done)))
+
+
+def _kept_parts(store: Store, report: Callable[[str], None]) -> dict[str, int]:
+    """The readable parts of an interrupted run and their row counts (from their footers); unreadable ones go."""
+    parts = {}
+    for name in store.listdir(STAGING_DIR):
+        if not name.endswith(".parquet"):
+            continue
+        try:
+            parts[store.path(STAGING_DIR, name)] = pq.read_metadata(store.path(STAGING_DIR, name), filesystem=store.fs).num_rows
+        except (pa.ArrowInvalid, OSError):
+            report(f"[embed] dropping {name}: cut short by the interrupted run")
+            store.remove(STAGING_DIR, name)
+    return parts
 
 
 def _read_parts(store: Store, folder: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -30,41 +67,32 @@ def _read_parts(store: Store, folder: str, columns: list[str] | None = None) -> 
     return pa.concat_tables([store.read_table(folder, p, columns=columns) for p in parts])
 
 
-def _done_chunk_ids(store: Store) -> pa.Array:
-    done = _read_parts(store, STAGING_DIR, columns=["chunk_id"])
-    return done.column("chunk_id").combine_chunks() if done is not None else pa.array([], pa.string())
-
-
-def _blocks(table: pa.Table, max_rows: int, min_blocks: int = 8) -> list[pa.Table]:
-    """Blocks of at most `max_rows`, and at least `min_blocks` of them, so every actor gets work."""
-    rows = max(1, min(max_rows, -(-table.num_rows // min_blocks)))
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
-
-
 def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] = print) -> dict:
     """Embed what is not embedded yet; returns metrics for the stage manifest."""
     store.clean_temps(STAGING_DIR)
     if not resume:
         store.remove(STAGING_DIR)
     text_column = cfg.corpus.text_column
-    chunks = store.read_table("corpus", "chunks", columns=["chunk_id", text_column])
-    done = _done_chunk_ids(store)
-    todo = chunks.filter(pc.invert(pc.is_in(chunks.column("chunk_id"), value_set=done))) if len(done) else chunks
-    next_part = len(store.listdir(STAGING_DIR))
-    if len(done):
-        report(f"[embed] {len(done)} chunks already embedded by an interrupted run; {todo.num_rows} to go")
-    if todo.num_rows:
-        # Several blocks so that every actor of the pool gets work.
-        ds = ray.data.from_arrow(_blocks(todo, max(cfg.embedding.batch_size * 4, 1)))
-        out = embed_dataset(ds, cfg.embedding, text_column)
-        written = 0
-        for batch in out.iter_batches(batch_size=cfg.embedding.part_rows, batch_format="pyarrow"):
-            store.write_table(batch, STAGING_DIR, f"part-{next_part:05d}.parquet")
-            next_part += 1
-            written += batch.num_rows
-            report(f"[embed] {len(done) + written}/{chunks.num_rows} chunks embedded")
+    chunks = pads.dataset(store.path(*CHUNKS), filesystem=store.fs, format="parquet").count_rows()
+    kept = _kept_parts(store, report)
+    reused = sum(kept.values())
+    if reused:
+        report(f"[embed] {reused} chunks already embedded by an interrupted run; {chunks - reused} to go")
+    if reused < chunks:
+        rows = max(cfg.embedding.batch_size * 4, 1)
+        ds = ray.data.read_parquet(store.path(*CHUNKS), filesystem=store.fs, columns=["chunk_id", text_column])
+        if kept:
+            ds = ds.map_batches(SkipDone, fn_constructor_kwargs=dict(filesystem=store.fs, parts=sorted(kept)),
+                                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+        # Blocks of a few batches, so that every actor of the pool gets work.
+        out = embed_dataset(ds.repartition(target_num_rows_per_block=rows), cfg.embedding, text_column)
+        store.fs.create_dir(store.path(STAGING_DIR), recursive=True)
+        out.write_parquet(store.path(STAGING_DIR), filesystem=store.fs, filename_provider=PartNames(),
+                          min_rows_per_file=cfg.embedding.part_rows)
+    parts = [p for p in store.listdir(STAGING_DIR) if p.endswith(".parquet")]
+    report(f"[embed] {chunks} chunks embedded ({chunks - reused} now) in {len(parts)} parts")
     store.commit(store.path(STAGING_DIR), FINAL_DIR)
-    return {"chunks": chunks.num_rows, "embedded_now": todo.num_rows, "reused": len(done), "parts": next_part}
+    return {"chunks": chunks, "embedded_now": chunks - reused, "reused": reused, "parts": len(parts)}
 
 
 def read_embeddings(store: Store) -> pa.Table:

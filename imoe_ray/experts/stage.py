@@ -30,7 +30,7 @@ from imoe_ray.experts.data import count_tokens, token_blocks
 from imoe_ray.experts.train_loop import MODEL_DIR
 from imoe_ray.store import Store
 from imoe_ray.store.layout import BASE, DENSE, EXPERT_MANIFEST as MANIFEST, EXPERTS, EXPERTS_INDEX as INDEX, RUNS
-from imoe_ray.store.layout import split_of
+from imoe_ray.store.layout import ExpertManifest, split_of
 
 Report = Callable[[str], None]
 BASE_SERVED = "base"  # what a category too small for an expert is served by when nothing is near
@@ -316,4 +316,4 @@ class _Saver:
             out |= {"category": {"id": c["id"], "name": name}, "categories": self.info[name]["categories"],
                     "routing": {"keywords": c["keywords"], "priority": 0},
                     "centroid": c["centroid"], "rows": self.info[name]["rows"]}
-        return out
+        return ExpertManifest.model_validate(out).to_json()

@@ -86,6 +86,8 @@ def _drop_empty_folders(store: Store, root: Path, parts: Sequence[Parts]) -> Non
         if not root.joinpath(*p).exists():
             store.remove(*p)
             continue
+        if store.fs.get_file_info(store.path(*p)).type != pafs.FileType.Directory:
+            continue
         infos = store.fs.get_file_info(pafs.FileSelector(store.path(*p), recursive=True))
         for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: i.path):
             rel = info.path[len(store.root) + 1:]

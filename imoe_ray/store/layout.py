@@ -79,6 +79,24 @@ class ExpertsIndex(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+class ExpertManifest(BaseModel):
+    """`experts/NAME/manifest.json` (also the dense baseline's and the summarizer's): what the adapter
+    is, what it was trained on and how, and how the router reaches it."""
+    model_config = ConfigDict(extra="allow")
+    name: str
+    kind: str                                   # expert | dense-baseline | summarizer | package
+    base_model: dict[str, Any] = Field(default_factory=dict)    # {name, fingerprint}
+    adapter: dict[str, Any] = Field(default_factory=dict)       # {type, r, alpha, target_modules, ...}
+    training: dict[str, Any] = Field(default_factory=dict)      # loss, tokens, steps, wall_s, resumed_from_step
+    training_key: str | None = None             # what the build compares to skip an expert that is up to date
+    routing: dict[str, Any] = Field(default_factory=dict)       # {keywords, priority}
+    centroid: list[float] | None = None
+    created_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 def read_experts_index(store) -> ExpertsIndex:
     """The store's experts index; empty when the experts stage has not run."""
     return ExpertsIndex.model_validate(store.read_json(*EXPERTS_INDEX)) if store.exists(*EXPERTS_INDEX) else ExpertsIndex()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class StoreMirror:
             self.root = self.store.cache_dir / key / "mirror"
             self.sync()
         self._seen = self._stamp()
+        self._checked = time.monotonic()
 
     @property
     def uri(self) -> str:
@@ -47,8 +49,13 @@ class StoreMirror:
     def _stamp(self) -> tuple:
         return tuple(self.store.identity(*parts) for parts in WATCHED)
 
-    def refresh(self) -> bool:
-        """Bring the copy up to date when the experts changed (an install, a removal); True if they did."""
+    def refresh(self, interval_s: float = 1.0) -> bool:
+        """Bring the copy up to date when the experts changed (an install, a removal); True if they did.
+        Looks at the store at most every `interval_s` seconds."""
+        now = time.monotonic()
+        if now - self._checked < interval_s:
+            return False
+        self._checked = now
         stamp = self._stamp()
         if stamp == self._seen:
             return False

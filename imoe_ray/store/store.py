@@ -187,11 +187,16 @@ class Store:
         return sorted(i.base_name for i in infos if not i.base_name.startswith(TEMP_PREFIX))
 
     def identity(self, *parts: str) -> tuple | None:
-        """What changes when a file is replaced (size, modification time), or None when it is absent."""
+        """What changes when a file is replaced, or None when it is absent: size and modification time,
+        and on an object store (whose times have one-second resolution) the content's digest too."""
         info = self.fs.get_file_info(self.path(*parts))
         if info.type == pafs.FileType.NotFound:
             return None
-        return info.size, info.mtime_ns
+        if self.is_local or info.type != pafs.FileType.File:
+            return info.size, info.mtime_ns
+        import hashlib
+
+        return info.size, info.mtime_ns, hashlib.sha256(self.read_bytes(*parts)).hexdigest()
 
     def read_bytes(self, *parts: str) -> bytes:
         if not self.is_file(*parts):
