@@ -45,7 +45,9 @@ class PromptCompressor:
     """Compress [prompt, *passages] to the configured ratio (key terms of the query kept), then fit the
     retrieved context into its token budget. Returns the prompt and the context as two texts."""
 
-    def __init__(self, store: str | Path, cfg: Config, threads: int | None = 1):
+    def __init__(self, store: str | Path, cfg: Config, threads: int | None = 1, scorer=None):
+        """`scorer` (texts → per text, token offsets and surprisals): where the selective compressor's
+        base LM runs, e.g. the expert replica that already holds it; without one it loads its own."""
         from transformers import AutoTokenizer
 
         from imoe_ray.compression.filler import FillerCompressor
@@ -53,7 +55,7 @@ class PromptCompressor:
 
         self.rc = cfg.retrieval
         if self.rc.compressor == "selective":
-            self.method = SelectiveCompressor(Path(store) / "base", threads=threads)
+            self.method = SelectiveCompressor(Path(store) / "base", threads=threads, scorer=scorer)
             self.tokenizer = self.method.tokenizer
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(Path(store) / "base")
@@ -99,9 +101,10 @@ class Learner:
         return learn(self.kb, question, answer, tables, request_id, self.rc.learn_max_chars, create=True)
 
 
-def build_components(store: str | Path, cfg: Config, threads: int | None = 1):
-    """(retriever, compressor, learner) for a store; None where the store or the settings have none."""
-    compressor = PromptCompressor(store, cfg, threads) if (Path(store) / "base" / "config.json").is_file() else None
+def build_components(store: str | Path, cfg: Config, threads: int | None = 1, scorer=None):
+    """(retriever, compressor, learner) for a store; None where the store or the settings have none.
+    `scorer`: see `PromptCompressor` (the Serve Router passes the expert replicas' base model)."""
+    compressor = PromptCompressor(store, cfg, threads, scorer) if (Path(store) / "base" / "config.json").is_file() else None
     if not (Path(store) / "kb").is_dir():
         return None, compressor, None
     experts = expert_categories(store)
