@@ -210,17 +210,21 @@ class DecodeBatch:
                 return self.model(**inputs, use_cache=True, **self._last_only).logits[:, -1]
         from transformers import DynamicCache
 
-        cache, logits, parts = inputs.pop("past_key_values"), [], []
-        for start, stop in passes:
+        cache, logits, parts = inputs.pop("past_key_values"), {}, {}
+        # passes whose adapters are resident first: the last pass of a step is the first of the next,
+        # so a mixture of k experts loads k - 1 of them per step, not k
+        resident = lambda span: all(n == BASE or n in self.bank.resident for n in names[span[0]:span[1]])  # noqa: E731
+        for start, stop in sorted(passes, key=lambda span: not resident(span)):
             part = DynamicCache(ddp_cache_data=[(layer.keys[start:stop], layer.values[start:stop])
                                                 for layer in cache.layers] if cache.layers and cache.get_seq_length() else None)
             if self.ensure is not None:
                 for name in dict.fromkeys(names[start:stop]):
                     self.ensure(name)
             with self.bank.use(names[start:stop]):
-                logits.append(self.model(**{k: v[start:stop] for k, v in inputs.items()}, past_key_values=part,
-                                         use_cache=True, **self._last_only).logits[:, -1])
-            parts.append(part)
+                logits[start] = self.model(**{k: v[start:stop] for k, v in inputs.items()}, past_key_values=part,
+                                           use_cache=True, **self._last_only).logits[:, -1]
+            parts[start] = part
+        parts = [parts[start] for start, _ in passes]  # back in row order
         while len(cache.layers) < len(parts[0].layers):  # a fresh cache (prefill) gets its layers
             cache.layers.append(type(parts[0].layers[0])())
         for i, layer in enumerate(cache.layers):
@@ -229,7 +233,7 @@ class DecodeBatch:
             if not layer.is_initialized:
                 layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
-        return torch.cat(logits)
+        return torch.cat([logits[start] for start, _ in passes])
 
     def _decode_pass(self) -> torch.Tensor:
         logits = self._forward([name for _, name in self.rows], input_ids=self._next, attention_mask=self._mask,

@@ -221,7 +221,10 @@ class AdapterBank:
 
     def _host(self, weights: LoRAWeights) -> None:
         """Wrap (once) every linear layer the adapter touches."""
-        modules = dict(self.model.named_modules())
+        if all(m in self._hosts for m in weights.targets()):  # reloaded: only its shapes to check
+            modules = {}
+        else:
+            modules = dict(self.model.named_modules())
         shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in weights.modules.items()}
         for m, (vector, feedforward) in weights.ia3.items():
             target = self._hosts[m].base_layer if m in self._hosts else modules.get(m)
