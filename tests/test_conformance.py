@@ -251,9 +251,24 @@ STRICT = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_e
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, store):
-    log = store.parent / "serve-strict.log"
-    proc, base = start_imoe_serve(store, ray_cluster["env"], STRICT, log)
+def served(store, tmp_path_factory) -> Path:
+    """A copy of the session's store with a sparse-MoE encoder (an upcycled MiniLM, as
+    `imoe train-encoder` starts from), so `/v1/embeddings` can select it by model name."""
+    from imoe_ray.embedding.encoder import Encoder
+    from imoe_ray.encoders.moe import save_moe, upcycle
+
+    root = tmp_path_factory.mktemp("served") / "store"
+    shutil.copytree(store, root, ignore=shutil.ignore_patterns("runs"))
+    encoder = Encoder()
+    upcycle(encoder.model, n_experts=2, top_k=2, every=6, noise=0.5)  # the perturbed copy takes part
+    save_moe(encoder.model, encoder.tokenizer, root / "encoders" / "moe")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, served):
+    log = served.parent / "serve-strict.log"
+    proc, base = start_imoe_serve(served, ray_cluster["env"], STRICT, log)
     yield {"url": f"{base}/v1", "base": base, "log": log}
     stop_imoe_serve(proc)
 
@@ -322,6 +337,17 @@ def test_embeddings_in_the_openai_shape(client, server, store):
     assert np.allclose(vector, out.data[0].embedding, atol=1e-6)
     bad = requests.post(f"{server['url']}/embeddings", json={"model": "nope", "input": "a"}, timeout=60)
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+
+
+def test_embeddings_by_the_sparse_moe_encoder(client, served):
+    from imoe_ray.embedding.encoder import Encoder
+
+    assert any(m.id == "imoe-moe" and m.model_extra["task"] == "embed" for m in client.models.list())
+    out = client.embeddings.create(model="imoe-moe", input=["numpy arrays", "xml parsing"])
+    expected = Encoder(str(served / "encoders" / "moe")).encode(["numpy arrays", "xml parsing"])
+    assert np.allclose(np.array([d.embedding for d in out.data]), expected, atol=1e-5)
+    dense = client.embeddings.create(model="imoe", input=["numpy arrays", "xml parsing"])
+    assert not np.allclose(np.array([d.embedding for d in dense.data]), expected, atol=1e-2)
 
 
 def test_models_by_id_and_their_fields(server, client, store):
