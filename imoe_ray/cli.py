@@ -6,6 +6,7 @@ then `--config FILE`, then `--set section.field=value`, then the command's own o
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -72,24 +73,27 @@ def _categories_table(store_uri: str) -> Table:
     return table
 
 
+from imoe_ray.build import STAGE_NAMES  # noqa: E402 - light: the stage list, no stage imported
+
+_Stage = enum.Enum("Stage", {name: name for name in STAGE_NAMES}, type=str)
+
+
 @app.command()
 def build(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="HF dataset id/path, .txt/.jsonl/.parquet file or directory."),
     store: str = StoreOpt,
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text (default: text)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding stable ids (default: id); generated if absent."),
-    until: str = typer.Option("summarizer", "--until",
-                              help="Last stage to run: ingest, embed, discover, router, shard, base, experts or summarizer."),
+    until: _Stage = typer.Option("summarizer", "--until", case_sensitive=False, help="Last stage to run."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even when up to date."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the pipeline: read → chunk → embed → discover categories → train the router → shard per category
     → base LM → one expert adapter per category (and the dense baseline) → the summarizer (fusion.summarizer)."""
-    from imoe_ray.build import STAGE_NAMES, build as run_build
+    from imoe_ray.build import build as run_build
 
-    if until not in STAGE_NAMES:
-        raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
+    until = getattr(until, "value", until)  # other commands call this function with a stage name
     cfg = resolve_config(store, config, overrides, corpus__path=corpus, corpus__text_column=text_column,
                          corpus__id_column=id_column)
     manifests = run_build(cfg, until=until, force=force, report=lambda m: console.print(m, highlight=False, markup=False))
@@ -527,8 +531,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, FileNotFoundError, *loaded)
 
 
+def _click_error(e: BaseException):
+    """A click usage or parameter error, from click itself or from the copy typer vendors (typer >= 0.24
+    raises its own `ClickException`, not click's): recognised by its interface, not its class."""
+    return e if callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int) \
+        and any(c.__name__ == "ClickException" for c in type(e).__mro__) else None
+
+
 def main() -> None:
-    """Entry point: user errors become one clear message and exit status 2, never a traceback."""
+    """Entry point: user errors become one clear message and exit status 2 (a usage error, as click
+    says it: `imoe build --bogus`), never a traceback."""
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        from importlib.metadata import version
+
+        print(f"imoe {version('imoe-ray')}")
+        sys.exit(0)
     try:
         app(standalone_mode=False)
     except typer.Exit as e:
@@ -537,11 +554,14 @@ def main() -> None:
         console.print("[red]aborted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        import click
+        usage = _click_error(e)
+        if usage is not None:
+            ctx = getattr(usage, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            from rich.markup import escape
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+            console.print(f"[red]error:[/] {escape(usage.format_message() + hint)}", highlight=False, soft_wrap=True)
+            sys.exit(usage.exit_code)
         if isinstance(e, _user_errors()):
             console.print(f"[red]error:[/] {e}", highlight=False)
             sys.exit(2)

@@ -146,7 +146,8 @@ class ExpertsConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="modules the adapter wraps")
     output_layer: bool = Field(True, description="with all-linear, also adapt lm_head: an expert can then shift "
-                                                 "next-token frequencies toward its domain")
+                                                 "next-token frequencies toward its domain (false: experts vLLM "
+                                                 "loads as trained; what that costs: docs/benchmarks.md)")
     # One pass in small batches: on the sample corpus, 3 passes made each expert fit its shard's own
     # passages and lose on new ones (top-1 expert 1.06x the dense baseline's perplexity, 0.94x at one pass).
     epochs: float = Field(1.0, gt=0, description="passes over each expert's shard")

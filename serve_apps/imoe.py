@@ -10,8 +10,8 @@ rejects a builder function: "Expected 'serve_apps.imoe:app' to be an Application
 config instead names the builder and its `args`, which the cluster passes to it.
 
     HTTP ─> Router (FastAPI ingress: validate, route, retrieve, compress, plan)
-              └─> Experts replicas (autoscaled; @serve.multiplexed LRU of adapters; @serve.batch
-                  decoding of mixed-adapter batches) ─> tokens ─> fusion ─> OpenAI-shaped response
+              └─> Experts replicas (autoscaled; an LRU of at most serve.max_loaded_experts adapters;
+                  @serve.batch + continuous decoding of mixed-adapter batches) ─> tokens ─> fusion ─> OpenAI-shaped response
 
 The deployments are thin: the work is in `imoe_ray.serving` (plain Python).
 """
@@ -36,10 +36,10 @@ from ray.util import metrics
 from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
-from imoe_ray.serving.generation import DecodeBatch, GenerationRequest
+from imoe_ray.serving.generation import GenerationRequest
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
-from imoe_ray.serving.model import ServingModel, installed_experts
+from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
 from imoe_ray.store import Store
 from imoe_ray.store.layout import EXPERTS_INDEX
@@ -53,19 +53,6 @@ _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableEr
 
 
 # ---- expert replicas -------------------------------------------------------------------------
-class _Resident:
-    """What the multiplexed LRU holds per adapter; its eviction drops the adapter from the bank
-    (`evict`: at once, or when the batches decoding with it are done)."""
-
-    def __init__(self, name: str, evict):
-        self.name, self._evict = name, evict
-
-    def __del__(self):
-        if self._evict is not None:
-            self._evict(self.name)
-        self._evict = None
-
-
 def _rows(requests: list[GenerationRequest]) -> int:
     return sum(len(r.experts) for r in requests)
 
@@ -82,17 +69,15 @@ class Experts:
         cfg = full.serve
         self.capacity = cfg.max_loaded_experts
         self.mirror = StoreMirror(store, full.cache_dir)  # the store itself, or this node's copy of a URI store
-        self.model = ServingModel(self.mirror.root, capacity=None, threads=cfg.threads or _replica_cpus())
+        # the bank's own LRU holds at most `max_loaded_experts` adapters; a request mixing more decodes
+        # pass by pass within it (strict mode, `serve.max_loaded_experts: 1`)
+        self.model = ServingModel(self.mirror.root, capacity=cfg.max_loaded_experts,
+                                  threads=cfg.threads or _replica_cpus())
+        self.model.bank.on_evict = lambda name: self.evictions.inc(tags={"expert": name})
         self._enqueue.set_max_batch_size(cfg.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-        async def load(name: str) -> _Resident:  # a plain function: Serve keeps its LRU on it
-            return await self._load(name)
-
-        self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loaded_experts)(load)
-        self.batcher = ContinuousBatcher(DecodeBatch(self.model.model, self.model.bank, self.model.pad_id),
-                                         max_rows=cfg.max_batch_size, capacity=cfg.max_loaded_experts,
-                                         load=self.adapter, released=self._released)
+        self.batcher = ContinuousBatcher(self.model.decode_batch(), max_rows=cfg.max_batch_size,
+                                         capacity=cfg.max_loaded_experts, load=self._load)
         self.loads = metrics.Counter("imoe_adapter_loads", "adapters loaded into a replica", tag_keys=("expert",))
         self.evictions = metrics.Counter("imoe_adapter_evictions", "adapters evicted from a replica",
                                          tag_keys=("expert",))
@@ -101,26 +86,27 @@ class Experts:
         self.batch_rows = metrics.Histogram("imoe_batch_rows", "rows decoded together", boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
         self.pending = 0
-        self._evict_later: set[str] = set()  # dropped by the LRU while the batch still decodes with them
 
-    async def _load(self, name: str) -> _Resident:
-        self._evict_later.discard(name)
+    async def _load(self, name: str) -> None:
         await asyncio.to_thread(self.mirror.refresh)  # an expert installed or replaced in the store since
         ms = await asyncio.to_thread(self.model.ensure, name)
-        self.loads.inc(tags={"expert": name})
-        self.load_ms.observe(ms)
-        return _Resident(name, self._evict)
+        if ms:
+            self.loads.inc(tags={"expert": name})
+            self.load_ms.observe(ms)
 
-    def _evict(self, name: str) -> None:
-        if name in self.batcher.in_use():
-            self._evict_later.add(name)
-        elif self.model.bank.evict(name):
-            self.evictions.inc(tags={"expert": name})
+    async def surprisal(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], list[float]]]:
+        """Per text: token offsets and each token's surprisal under this replica's base model (the
+        Router's selective compressor scores with it instead of holding a second copy)."""
+        out = await asyncio.to_thread(lambda: self.scorer().surprisal(texts))
+        return [(offsets, values.tolist()) for offsets, values in out]
 
-    def _released(self, names: set[str]) -> None:
-        for name in names & self._evict_later:
-            self._evict_later.discard(name)
-            self._evict(name)
+    def scorer(self):
+        from imoe_ray.compression.selective import SelectiveCompressor
+
+        if getattr(self, "_scorer", None) is None:
+            self._scorer = SelectiveCompressor(self.model.root / "base", model=self.model.model,
+                                               tokenizer=self.model.tokenizer, guard=self.model.bank.use)
+        return self._scorer
 
     async def generate(self, job: dict) -> dict:
         """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
@@ -139,7 +125,8 @@ class Experts:
                 if part.finish_reason is not None:
                     self.batch_rows.observe(part.batch_rows)
                 yield {"tokens": part.tokens, "finish_reason": part.finish_reason, "load_ms": part.load_ms,
-                       "generate_ms": part.generate_ms, "queued_ms": part.queued_ms, "batch_rows": part.batch_rows}
+                       "generate_ms": part.generate_ms, "queued_ms": part.queued_ms, "batch_rows": part.batch_rows,
+                       "logprobs": part.logprobs}
         finally:
             self._pending(-1)
 
@@ -222,7 +209,15 @@ class Router:
         self.installed = installed_experts(self.store)
         from imoe_ray.retrieval.serving import build_components
 
-        retriever, compressor, self.learner = build_components(store, cfg, threads=None, local_root=self.store)
+        self.stop_ids = stop_token_ids(self.store / "base", self.tokenizer)
+        self.embedding = cfg.embedding
+        self._encoders: dict[str, object] = {}
+
+        def scorer(texts: list[str]):  # the selective compressor's LM: the expert replicas' base, not a copy here
+            return experts.surprisal.remote(texts).result()
+
+        retriever, compressor, self.learner = build_components(store, cfg, threads=None, scorer=scorer,
+                                                               local_root=self.store)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
                                cfg.retrieval.k, max(16, min(256, self.context // 4)))
@@ -255,8 +250,66 @@ class Router:
     @api.get("/v1/models")
     async def list_models(self) -> dict:
         self._refresh()
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "imoe-ray"}
-                                           for m in self.planner.models()]}
+        return {"object": "list", "data": self._models()}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict:
+        self._refresh()
+        for m in self._models():
+            if m["id"] == model_id:
+                return m
+        raise oa.ApiError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+
+    def _models(self) -> list[dict]:
+        """vLLM's model cards: `root` the base model, `parent` what an adapter is trained on, the context
+        length; embedding models carry "task": "embed"."""
+        created = int(self.store.joinpath("experts", "index.json").stat().st_mtime) \
+            if self.store.joinpath("experts", "index.json").exists() else 0
+        root = str(self.store / "base")
+        cards = [{"id": m, "object": "model", "created": created, "owned_by": "imoe-ray", "root": root,
+                  "parent": None if m in (oa.ROUTED_MODEL, BASE) else BASE, "max_model_len": self.context,
+                  "task": "generate"} for m in self.planner.models()]
+        cards += [{"id": m, "object": "model", "created": created, "owned_by": "imoe-ray", "root": path,
+                   "parent": None, "max_model_len": None, "task": "embed"} for m, path in self._embedding_models().items()
+                  if m != oa.ROUTED_MODEL]
+        return cards
+
+    def _embedding_models(self) -> dict[str, str]:
+        """Names `/v1/embeddings` takes → encoder: "imoe" and the encoder's own name (the store's
+        encoder), "imoe-moe" (the sparse-MoE encoder, when the store has one)."""
+        out = {oa.ROUTED_MODEL: self.embedding.encoder, self.embedding.encoder: self.embedding.encoder}
+        moe = self.store / "encoders" / "moe"
+        if moe.is_dir():
+            out[oa.ROUTED_MODEL + "-moe"] = str(moe)
+        return out
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, body: oa.EmbeddingRequest) -> dict:
+        import base64
+
+        models = self._embedding_models()
+        if body.model not in models:
+            raise oa.ApiError(404, f"The model `{body.model}` does not exist; embedding models: {', '.join(models)}",
+                              param="model", code="model_not_found")
+        encoder = await asyncio.to_thread(self._encoder, models[body.model])
+        if body.dimensions is not None and body.dimensions != encoder.dim:
+            raise oa.ApiError(400, f"dimensions: this encoder gives {encoder.dim}-dimensional vectors",
+                              param="dimensions", code="invalid_value")
+        vectors = await asyncio.to_thread(encoder.encode, body.input)
+        tokens = sum(len(ids) for ids in encoder.tokenizer(body.input, truncation=True,
+                                                           max_length=encoder.max_tokens)["input_ids"])
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                 else v.astype(float).tolist()} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def _encoder(self, name: str):
+        from imoe_ray.embedding.encoder import Encoder
+
+        if name not in self._encoders:
+            self._encoders[name] = Encoder(name, max_tokens=self.embedding.max_tokens, device="cpu")
+        return self._encoders[name]
 
     @api.post("/v1/route")
     async def route(self, body: oa.RouteRequest) -> dict:
@@ -298,12 +351,19 @@ class Router:
         if body.stream:
             return StreamingResponse(self._stream(body, plan, chat, query), media_type="text/event-stream")
         try:
-            text, finish, prompt_tokens, completion_tokens = await self._answer(body, plan)
+            text, finish, prompt_tokens, completion_tokens, logprobs = await self._answer(body, plan)
         finally:
             self._queue(-1)
-        build = oa.chat_response if chat else oa.completion_response
         plan.server_ms = (time.perf_counter() - arrived) * 1000
-        response = build(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe())
+        asked = body.logprob_count()
+        if chat:
+            response = oa.chat_response(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe(),
+                                        oa.chat_logprobs(logprobs, self._token_text) if asked is not None else None)
+        else:
+            echo = query if body.echo else ""
+            response = oa.completion_response(
+                body.model, echo + text, finish, prompt_tokens, completion_tokens, plan.imoe(),
+                oa.completion_logprobs(logprobs, self._token_text) if asked is not None else None)
         self._learn(query, text, plan, response["id"])
         return response
 
@@ -328,12 +388,26 @@ class Router:
         if plan.fusion == SUMMARIZER:
             return await self._summarize(body, plan)
         ids, limit = self._tokens(plan.prompt, body)
-        tokens, finish = [], "length"
+        tokens, finish, logprobs = [], "length", []
         async for part in self._generate(plan, ids, limit, body, stream=False):
             tokens += part["tokens"]
+            logprobs += part.get("logprobs", [])
             finish = part["finish_reason"] or finish
-        text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
-        return text, "stop" if stopped else finish, len(ids), len(tokens)
+        text, kept, finish = self._returned(tokens, finish, body.stop)
+        return text, finish, len(ids), kept, logprobs[:kept]
+
+    def _returned(self, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, int, str]:
+        """The text up to the first stop string, how many tokens it took (the token a stop string
+        begins in counts when part of it is returned), and the OpenAI finish reason."""
+        full = self.tokenizer.decode(tokens)
+        text, stopped = cut_at_stop(full, stops)
+        if not stopped:
+            return text, len(tokens), "stop" if finish == "stop_string" else finish
+        kept = next(n for n in range(len(tokens) + 1) if len(self.tokenizer.decode(tokens[:n])) >= len(text))
+        return text, kept, "stop"
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
         """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
@@ -350,47 +424,64 @@ class Router:
             tokens += part["tokens"]
             finish = part["finish_reason"] or finish
         plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
-        text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
-        return text, "stop" if stopped else finish, len(ids), len(tokens)
+        text, kept, finish = self._returned(tokens, finish, body.stop)
+        return text, finish, len(ids), kept, []
 
     async def _draft(self, name: str, ids: list[int], limit: int, body, plan: Plan) -> str:
         one = Plan(plan.model, plan.mode, plan.prompt, {name: 1.0}, timings_ms=plan.timings_ms)
-        tokens = []
+        tokens, finish = [], "length"
         async for part in self._generate(one, ids, limit, body, stream=False):
             tokens += part["tokens"]
-        return self.tokenizer.decode(tokens)
+            finish = part["finish_reason"] or finish
+        return self._returned(tokens, finish, body.stop)[0]
 
     async def _stream(self, body, plan: Plan, chat: bool, query: str) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
             if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
-                text, finish, *_ = await self._summarize(body, plan)
+                text, finish, prompt_tokens, kept, _ = await self._summarize(body, plan)
                 first = {"role": "assistant", "content": text} if chat else text
                 yield _sse(make(chunk_id, body.model, first, None, imoe=plan.imoe()))
                 yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
+                if body.include_usage():
+                    yield _sse(oa.usage_chunk(chunk_id, body.model, chat, prompt_tokens, kept))
                 yield "data: [DONE]\n\n"
                 self._learn(query, text, plan, chunk_id)
                 return
             ids, limit = self._tokens(plan.prompt, body)
             if chat:
                 yield _sse(make(chunk_id, body.model, {"role": "assistant", "content": ""}, imoe=plan.imoe()))
-            tokens, sent, finish = [], "", "length"
+            elif body.echo:
+                yield _sse(make(chunk_id, body.model, query))
+            tokens, sent, finish, logprobs, sent_logprobs = [], "", "length", [], 0
+            asked = body.logprob_count()
             async for part in self._generate(plan, ids, limit, body, stream=True):
                 tokens += part["tokens"]
+                logprobs += part.get("logprobs", [])
                 finish = part["finish_reason"] or finish
                 text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
                 if text.endswith("\ufffd") and not part["finish_reason"] and not stopped:
                     continue  # half of a multi-byte character: wait for the rest
                 if len(text) > len(sent):
                     delta = text[len(sent):]
+                    extra = {}
+                    if asked is not None:
+                        _, kept, _ = self._returned(tokens, finish, body.stop)
+                        new = logprobs[sent_logprobs:kept]
+                        sent_logprobs = kept
+                        extra = {"logprobs": oa.chat_logprobs(new, self._token_text) if chat
+                                 else oa.completion_logprobs(new, self._token_text, len(sent))}
                     sent = text
-                    yield _sse(make(chunk_id, body.model, {"content": delta} if chat else delta))
+                    chunk = make(chunk_id, body.model, {"content": delta} if chat else delta)
+                    chunk["choices"][0].update(extra)
+                    yield _sse(chunk)
                 if stopped:
-                    finish = "stop"
                     break
-            tail = {"imoe": plan.imoe(), "usage": oa.usage(len(ids), len(tokens))}
-            yield _sse(make(chunk_id, body.model, {} if chat else "", finish, **tail))
+            _, kept, finish = self._returned(tokens, finish, body.stop)
+            yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
+            if body.include_usage():
+                yield _sse(oa.usage_chunk(chunk_id, body.model, chat, len(ids), kept))
             yield "data: [DONE]\n\n"
             self._learn(query, sent, plan, chunk_id)  # what the client received, once it has all of it
         except oa.ApiError as e:
@@ -403,8 +494,9 @@ class Router:
         """The expert replicas' token stream for one request; retried on another replica while a dead
         one is replaced, as long as nothing was handed to the client yet."""
         job = {"request": {"prompt_ids": ids, "experts": plan.experts, "max_new_tokens": limit,
-                           "temperature": body.temperature, "top_p": body.top_p,
-                           "stop_ids": (self.tokenizer.eos_token_id,), "seed": body.seed},
+                           "temperature": body.temperature, "top_p": body.top_p, "stop_ids": self.stop_ids,
+                           "seed": body.seed, "stop": tuple(body.stop), "logit_bias": body.logit_bias,
+                           "logprobs": body.logprob_count()},
                "stream": stream}
         deadline = time.monotonic() + self.settings.retry_s
         while True:

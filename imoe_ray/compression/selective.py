@@ -11,6 +11,7 @@ budget); words carrying the question's key terms are never dropped (Selective Co
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +21,36 @@ from imoe_ray.compression.units import WORD, Compressed, count_tokens, key_terms
 
 
 class SelectiveCompressor:
-    def __init__(self, base_dir: str | Path, threads: int | None = None, window: int = 512, batch_size: int = 16):
+    def __init__(self, base_dir: str | Path, threads: int | None = None, window: int = 512, batch_size: int = 16,
+                 model=None, tokenizer=None, guard=None, scorer=None):
+        """The base LM is `model` when given (a serving replica's own, forward passes under `guard`,
+        e.g. the adapter bank's base-only selection), else `scorer` (a function with `surprisal`'s
+        contract, e.g. a call to the replica that holds the base), else loaded from `base_dir`."""
+        import json
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-        self.window = min(window, int(getattr(self.model.config, "max_position_embeddings", window)))
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_dir)
+        self.scorer, self.guard = scorer, guard
+        self.model = model if model is not None or scorer is not None else \
+            AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        context = getattr(self.model.config, "max_position_embeddings", window) if self.model is not None else \
+            json.loads((Path(base_dir) / "config.json").read_text()).get("max_position_embeddings", window)
+        self.window = min(window, int(context))
         self.batch_size = batch_size
         self.count = count_tokens(self.tokenizer)
 
-    @torch.inference_mode()
     def surprisal(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
         """Per text: its token offsets and each token's surprisal (nats), in windows of the LM's context."""
+        if self.scorer is not None:
+            return [([tuple(o) for o in offsets], np.asarray(values, np.float32))
+                    for offsets, values in self.scorer(texts)]
+        return self._surprisal(texts)
+
+    @torch.inference_mode()
+    def _surprisal(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         pieces = []  # (text index, start token, ids with the EOS in front)
@@ -50,7 +67,10 @@ class SelectiveCompressor:
             for r, (_, _, row) in enumerate(batch):
                 ids[r, :len(row)] = torch.tensor(row)
                 mask[r, :len(row)] = 1
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            device = next(self.model.parameters()).device
+            with self.guard(["base"] * len(batch)) if self.guard is not None else nullcontext():
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logp = torch.log_softmax(logits[:, :-1].float().cpu(), -1)
             nll = -logp.gather(-1, ids[:, 1:, None])[..., 0].numpy()
             for r, (i, start, row) in enumerate(batch):
                 values[i][start:start + len(row) - 1] = nll[r, :len(row) - 1]

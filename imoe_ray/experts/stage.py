@@ -27,6 +27,7 @@ from imoe_ray.experts import parallel
 from imoe_ray.experts.adapters import describe
 from imoe_ray.experts.base_model import fingerprint, llama_config, train_tokenizer
 from imoe_ray.experts.data import count_tokens, token_blocks
+from imoe_ray.experts.export import model_card
 from imoe_ray.experts.train_loop import MODEL_DIR
 from imoe_ray.store import Store
 from imoe_ray.store.layout import BASE, DENSE, EXPERT_MANIFEST as MANIFEST, EXPERTS, EXPERTS_INDEX as INDEX, RUNS
@@ -240,12 +241,27 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
     index = {"experts": [{"name": n, **info[n]} for n in plan] + installed, "aliases": aliases, "base_fingerprint": base_fp,
              "dense_baseline": "/".join(DENSE) if "dense" in targets else None}
     store.write_json(index, *INDEX)
+    _save_routing_keywords(store, categories, info)
     trained = {n: store.read_json(*targets[n], MANIFEST)["training"] for n in targets}
     for name, t in trained.items():
         report(f"[experts] {name:<32} rows {info.get(name, {}).get('rows', '-')!s:>6}  tokens {t['tokens']:>9,}  "
                f"loss {t['loss']:.3f}")
     return {"experts": len(plan), "aliases": aliases, "wall_s": wall,
             "expert_tokens": sum(expert_tokens.values()), "training": trained}
+
+
+def _save_routing_keywords(store: Store, categories: dict, info: dict) -> None:
+    """The trained experts' routing keywords (their categories' discovery keywords) where the router
+    reads keyword priors: `router/experts.json` profiles of known categories (the router stage saved
+    its profiles without keywords). Profiles of installed packages (no category) are kept."""
+    from imoe_ray.routing.stage import EXTRA_EXPERTS
+
+    previous = store.read_json(*EXTRA_EXPERTS) if store.exists(*EXTRA_EXPERTS) else []
+    kept = [p for p in previous if p.get("category") is None]
+    served = {c for n in info for c in info[n]["categories"]}
+    trained = [{"name": c.name, "category": c.id, "keywords": list(c.keywords), "centroid": list(c.centroid)}
+               for c in sorted(categories.values(), key=lambda c: c.id) if c.name in served]
+    store.write_json(trained + kept, *EXTRA_EXPERTS)
 
 
 def _seq_len(cfg: Config, base_dir: Path) -> int:
@@ -300,6 +316,7 @@ class _Saver:
             target = Path(d) / name
             shutil.copytree(Path(checkpoint) / MODEL_DIR, target)
             (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (target / "README.md").write_text(model_card(manifest))  # PEFT's empty template otherwise
             store.put_dir(target, *self.targets[name])
         return {"loss": metrics["loss"], "tokens": metrics["tokens"]}
 

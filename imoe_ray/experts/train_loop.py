@@ -1,7 +1,7 @@
 """The Ray Train worker loop: ordinary PyTorch over token blocks, for pre-training and adapters.
 
 Runs on every worker of a `TorchTrainer`. Each report carries a checkpoint (the trainable weights,
-the optimizer and the step), so a restarted worker group (FailureConfig) or a re-run of a killed
+the optimizer — with DeepSpeed, each rank's ZeRO partition in safetensors — and the step), so a restarted worker group (FailureConfig) or a re-run of a killed
 build continues from the last report instead of starting over. The final report's checkpoint also
 holds `model/`: the Hugging Face model (pre-training) or the PEFT adapter directory (experts).
 """
@@ -19,6 +19,7 @@ import torch
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
+DS_OPTIMIZER = "deepspeed-optimizer-rank{rank}.safetensors"
 STATE = "state.json"
 MODEL_DIR = "model"
 
@@ -95,6 +96,52 @@ def _restore(model, optimizer) -> int:
             return int(json.load(f)["step"])
 
 
+def _deepspeed_optimizer_parts(optimizer):
+    """(torch optimizer, the tensors its state is keyed by, whether those are ZeRO's fp32 master
+    partitions) of a DeepSpeed engine's optimizer: ZeRO 1-2 step a flat fp32 partition per group."""
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    if masters is not None:
+        return optimizer.optimizer, list(masters), True
+    base = getattr(optimizer, "optimizer", optimizer)
+    return base, [p for group in base.param_groups for p in group["params"]], False
+
+
+def save_deepspeed_optimizer(path: str, optimizer, rank: int) -> None:
+    """This rank's part of a DeepSpeed optimizer (ZeRO partitions each rank's) as safetensors: the
+    fp32 master partition and every state tensor (Adam's moments, step), nothing pickled. Every rank
+    writes its own file into its checkpoint directory; Ray Train merges the workers' directories."""
+    from safetensors.torch import save_file
+
+    base, holders, zero = _deepspeed_optimizer_parts(optimizer)
+    tensors = {}
+    for i, holder in enumerate(holders):
+        if zero:
+            tensors[f"master.{i}"] = holder.detach().cpu().contiguous()
+        for key, value in base.state.get(holder, {}).items():
+            if isinstance(value, torch.Tensor) or isinstance(value, (int, float)):
+                tensors[f"state.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(tensors, os.path.join(path, DS_OPTIMIZER.format(rank=rank)))
+
+
+def restore_deepspeed_optimizer(path: str, optimizer, rank: int) -> bool:
+    """Load what `save_deepspeed_optimizer` wrote for this rank into a freshly initialised engine's
+    optimizer; False when the checkpoint has none (a run started before this was saved)."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, DS_OPTIMIZER.format(rank=rank))
+    if not os.path.exists(file):
+        return False
+    tensors = load_file(file)
+    base, holders, zero = _deepspeed_optimizer_parts(optimizer)
+    for i, holder in enumerate(holders):
+        if zero and f"master.{i}" in tensors:
+            holder.data.copy_(tensors[f"master.{i}"])
+        state = {k.split(".", 2)[2]: v.to(holder.device) for k, v in tensors.items() if k.startswith(f"state.{i}.")}
+        if state:
+            base.state[holder] = state
+    return True
+
+
 def _deepspeed_engine(model, optimizer, micro_batch: int, zero_stage: int, device: torch.device):
     # DeepSpeed picks its accelerator at import; on a CPU worker it must be told (it then uses gloo).
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
@@ -140,6 +187,10 @@ def train_loop(config: dict) -> None:
     if deepspeed:
         engine, optimizer = _deepspeed_engine(model, optimizer, micro, config["zero_stage"], device)
         forward = engine
+        checkpoint = ray.train.get_checkpoint() if start else None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                restore_deepspeed_optimizer(d, optimizer, rank)
     else:
         forward = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     report_every = max(1, steps // config.get("reports", 10))
@@ -180,8 +231,10 @@ def train_loop(config: dict) -> None:
                 metrics["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             losses = []
             with tempfile.TemporaryDirectory() as d:
+                if deepspeed:  # every rank's optimizer partition, merged into one checkpoint by Ray Train
+                    save_deepspeed_optimizer(d, optimizer, rank)
                 if rank == 0:
                     _save_checkpoint(d, model, None if deepspeed else optimizer, step + 1, metrics, final)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
-                    ray.train.report(metrics)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if deepspeed else None)

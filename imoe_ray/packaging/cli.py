@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import sys
@@ -210,3 +211,32 @@ def info(target: str = typer.Argument(..., help="An installed package's name (wi
     data["routing"]["centroid"] = f"[{len(centroid)} floats]"
     json.dump(data, sys.stdout, indent=2)
     print()
+
+
+class _ExportFormat(str, enum.Enum):
+    peft = "peft"
+    vllm = "vllm"
+
+
+@experts_app.command("export")
+def export(name: str = typer.Argument(..., help="The expert in STORE/experts/NAME."), store: str = StoreOpt,
+           fmt: _ExportFormat = typer.Option("vllm", "--format", "-f",
+                                             help="peft: as trained; vllm: what vLLM's LoRA loader accepts."),
+           out: Path = typer.Option(..., "--out", "-o", help="The adapter directory to write (new or empty).")) -> None:
+    """Write an expert as a portable PEFT adapter directory (vLLM, LoRAX, plain PEFT) with its model card."""
+    from imoe_ray.experts.export import ExportError, export_expert
+    from imoe_ray.store import Store
+
+    fmt = _ExportFormat(fmt).value
+    s = Store(store)
+    if not name or "/" in name or name.startswith(".") or not s.exists("experts", name, "adapter_config.json"):
+        raise Refused(f"no expert named {name!r} in {store} (see `imoe experts list --store {store}`)")
+    base = s.local_dir("base") if s.is_local else None
+    try:
+        summary = export_expert(s.local_dir("experts", name), out, fmt, store_base=base)
+    except ExportError as e:
+        raise Refused(str(e)) from None
+    if summary["dropped"]:
+        console.print(f"left out LoRA on {', '.join(summary['dropped'])} (not loadable by vLLM): the exported expert "
+                      f"differs from the served one there", highlight=False)
+    console.print(f"[green]exported[/] {name} ({fmt}, r={summary['r']}) to {summary['out']}", highlight=False)

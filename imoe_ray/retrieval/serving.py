@@ -45,7 +45,9 @@ class PromptCompressor:
     """Compress [prompt, *passages] to the configured ratio (key terms of the query kept), then fit the
     retrieved context into its token budget. Returns the prompt and the context as two texts."""
 
-    def __init__(self, store: str | Path, cfg: Config, threads: int | None = 1):
+    def __init__(self, store: str | Path, cfg: Config, threads: int | None = 1, scorer=None):
+        """`scorer` (texts → per text, token offsets and surprisals): where the selective compressor's
+        base LM runs, e.g. the expert replica that already holds it; without one it loads its own."""
         from transformers import AutoTokenizer
 
         from imoe_ray.compression.filler import FillerCompressor
@@ -53,7 +55,7 @@ class PromptCompressor:
 
         self.rc = cfg.retrieval
         if self.rc.compressor == "selective":
-            self.method = SelectiveCompressor(Path(store) / "base", threads=threads)
+            self.method = SelectiveCompressor(Path(store) / "base", threads=threads, scorer=scorer)
             self.tokenizer = self.method.tokenizer
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(Path(store) / "base")
@@ -99,14 +101,16 @@ class Learner:
         return learn(self.kb, question, answer, tables, request_id, self.rc.learn_max_chars, create=True)
 
 
-def build_components(store: str | Path, cfg: Config, threads: int | None = 1, local_root: str | Path | None = None):
+def build_components(store: str | Path, cfg: Config, threads: int | None = 1, scorer=None,
+                     local_root: str | Path | None = None):
     """(retriever, compressor, learner) for a store; None where the store or the settings have none.
+    `scorer`: see `PromptCompressor` (the Serve Router passes the expert replicas' base model).
     `local_root`: where the store's files can be read by path (a URI store's mirror, see
     `imoe_ray.store.mirror`); the knowledge base is opened at the store itself."""
     from imoe_ray.store.store import Store, is_uri
 
     local = Path(local_root or store)
-    compressor = PromptCompressor(local, cfg, threads) if (local / "base" / "config.json").is_file() else None
+    compressor = PromptCompressor(local, cfg, threads, scorer) if (local / "base" / "config.json").is_file() else None
     has_kb = Store(store, create=False).exists("kb") if is_uri(store) else (Path(store) / "kb").is_dir()
     if not has_kb:
         return None, compressor, None

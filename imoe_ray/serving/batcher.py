@@ -3,7 +3,8 @@ next step boundary instead of waiting for the batch ahead of them to finish.
 
 A request waits in a FIFO until it fits: at most `max_rows` rows decode together and at most
 `capacity` distinct adapters (the replica's resident LRU), so `max_loaded_experts: 1` still decodes
-one expert at a time. Its adapters are loaded (`load`) when it is admitted; adapters the batch stops
+one expert at a time; a request that needs more experts than that decodes without others joining
+it, its experts run pass by pass within the capacity (`DecodeBatch`). Its adapters are loaded (`load`) when it is admitted; adapters the batch stops
 using are reported (`released`) so that an eviction deferred while they decoded can happen. One
 decoding step runs at a time, on the loop, which is yielded between steps: arrivals are taken in
 while the batch decodes. Plain asyncio, no Ray: the Serve replica (`serve_apps/imoe.py`) wraps it.
@@ -25,11 +26,12 @@ from imoe_ray.serving.lora_bank import BASE
 class Part:
     """New tokens of one request since the last part, and how it went so far."""
     tokens: list[int]
-    finish_reason: str | None          # "stop", "length" or None (more to come)
+    finish_reason: str | None          # "stop", "stop_string", "length" or None (more to come)
     load_ms: float                     # adapters loaded when the request was admitted
     queued_ms: float                   # waiting before its first step
     generate_ms: float                 # from its first step to this part
     batch_rows: int                    # the most rows decoded in one step with it
+    logprobs: list[dict] = field(default_factory=list)  # per new token, when the request asked
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Ticket:
     started: float | None = None
     key: int | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
     load_ms: float = 0.0
@@ -48,10 +51,11 @@ class Ticket:
 
     def take(self) -> Part:
         tokens, self.tokens = self.tokens, []
+        logprobs, self.logprobs = self.logprobs, []
         now = time.perf_counter()
         started = self.started or now
         return Part(tokens, self.finish_reason, self.load_ms, (started - self.arrived) * 1000,
-                    (now - started) * 1000, self.batch_rows)
+                    (now - started) * 1000, self.batch_rows, logprobs)
 
 
 class ContinuousBatcher:
@@ -140,6 +144,8 @@ class ContinuousBatcher:
                 ticket = self._decoding[key]
                 if finish not in ("stop", "cancelled"):
                     ticket.tokens.append(token)
+                    if key in self.batch.token_logprobs:
+                        ticket.logprobs.append(self.batch.token_logprobs[key])
                 if finish is not None:
                     ticket.finish_reason = finish
                     del self._decoding[key]
@@ -180,4 +186,6 @@ class ContinuousBatcher:
             ticket.error = error
             ticket.ready.set()
         self._decoding.clear()
-        self.batch = DecodeBatch(self.batch.model, self.batch.bank, self.batch.pad_id)
+        old = self.batch
+        self.batch = DecodeBatch(old.model, old.bank, old.pad_id, decode=old.decode, capacity=old.capacity,
+                                 ensure=old.ensure)

@@ -5,6 +5,16 @@ ensemble) is k rows that share the prompt and every sampled token, and whose nex
 distributions are mixed with the router's weights before sampling. Rows of different experts go
 through the same forward pass (the bank applies each row's adapter), prompts are left-padded, and a
 request leaves the batch (and the KV cache) as soon as it is finished.
+
+A replica with fewer resident adapters allowed than a batch uses (`serve.max_loaded_experts: 1`, the
+strict one-expert-at-a-time mode) runs each step in several forward passes, each over the rows of at
+most `capacity` adapters with only those resident (`ensure` loads them, evicting the others): a
+mixture of three experts then decodes with one adapter resident at a time, as the
+one-expert-at-a-time designs do, and gets the same tokens.
+
+Decoding ends at a stop token (`stop_ids`: every EOS id of the model's generation config), at a stop
+string (`stop`, checked on the decoded text after every token, so nothing past it is computed) or
+at `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -12,12 +22,12 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from imoe_ray.experts.mixture import mix_logprobs
-from imoe_ray.serving.lora_bank import AdapterBank
+from imoe_ray.serving.lora_bank import BASE, AdapterBank
 
 
 @dataclass
@@ -29,6 +39,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
+    stop: tuple[str, ...] = ()                # stop strings: decoding ends once the text contains one
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit (OpenAI's -100..100)
+    logprobs: int | None = None               # report each token's log-probability and this many alternatives
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -42,7 +55,19 @@ class GenerationRequest:
 @dataclass
 class Generated:
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None          # "stop" (a stop token) or "length"
+    finish_reason: str | None = None          # "stop" (a stop token), "stop_string" (its last token is kept) or "length"
+    logprobs: list[dict] = field(default_factory=list)  # per token, when asked: {"token", "logprob", "top": [[id, lp]]}
+
+
+def _biased(logprobs: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
+    """OpenAI's logit_bias on a log-softmax (adding to a logit and renormalising is the same thing)."""
+    if not bias:
+        return logprobs
+    out = logprobs.clone()
+    ids = torch.tensor([i for i in bias if 0 <= i < out.shape[-1]], dtype=torch.long)
+    if len(ids):
+        out[ids] += torch.tensor([float(bias[int(i)]) for i in ids], dtype=out.dtype)
+    return torch.log_softmax(out, dim=-1)
 
 
 def _pick(logprobs: torch.Tensor, request: GenerationRequest, rng: torch.Generator | None) -> int:
@@ -56,7 +81,8 @@ def _pick(logprobs: torch.Tensor, request: GenerationRequest, rng: torch.Generat
     return int(torch.multinomial(probs, 1, generator=rng))
 
 
-# (token, finish reason): "stop" (the token is the stop token, not text), "length", or "cancelled" (`leave`)
+# (token, finish reason): "stop" (the token is the stop token, not text), "stop_string" (the token completed
+# a stop string; it is text), "length", or "cancelled" (`leave`)
 Step = tuple[int, "str | None"]
 
 
@@ -71,8 +97,13 @@ class DecodeBatch:
     attends to any more are dropped. Each row carries its own positions, so padding changes nothing
     in what a request computes."""
 
-    def __init__(self, model, bank: AdapterBank, pad_id: int = 0):
+    def __init__(self, model, bank: AdapterBank, pad_id: int = 0, decode: Callable[[list[int]], str] | None = None,
+                 capacity: int | None = None, ensure: Callable[[str], object] | None = None):
         self.model, self.bank, self.pad_id = model, bank, pad_id
+        self.decode = decode                  # token ids → text, for stop strings
+        self.capacity, self.ensure = capacity, ensure
+        self._text: dict[int, list[int]] = {}  # tokens so far of the requests with stop strings
+        self.token_logprobs: dict[int, dict] = {}  # the last step's, for requests that asked
         self.requests: dict[int, GenerationRequest] = {}   # request key → request, decoding or joining
         self._joining: list[int] = []
         self._leaving: set[int] = set()
@@ -92,6 +123,10 @@ class DecodeBatch:
         self._joining.append(key)
         self._rngs[key] = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         self._produced[key] = 0
+        if request.stop:
+            if self.decode is None:
+                raise ValueError("stop strings need a batch that can decode text (DecodeBatch(decode=...))")
+            self._text[key] = []
         return key
 
     def leave(self, key: int) -> None:
@@ -99,6 +134,7 @@ class DecodeBatch:
         if key in self._joining:
             self._joining.remove(key)
             del self.requests[key], self._rngs[key], self._produced[key]
+            self._text.pop(key, None)
         elif key in self.requests:
             self._leaving.add(key)
 
@@ -115,27 +151,94 @@ class DecodeBatch:
         """One decoding step: every request's (token, finish reason), by key. Finished requests leave."""
         logprobs = []
         if self.rows:
-            with self.bank.use([name for _, name in self.rows]):
-                logits = self.model(input_ids=self._next, attention_mask=self._mask, position_ids=self._positions,
-                                    past_key_values=self._cache, use_cache=True, **self._last_only).logits[:, -1]
-            logprobs.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+            logprobs.append(self._decode_pass())
         if self._joining:
             logprobs.append(self._prefill())
         if not logprobs:
             return {}
         logprobs = torch.cat(logprobs) if len(logprobs) > 1 else logprobs[0]
         out: dict[int, Step] = {}
+        self.token_logprobs = {}
         for key, rows in self._rows_by_request().items():
             r = self.requests[key]
             mixed = logprobs[rows[0]] if len(rows) == 1 else mix_logprobs([logprobs[i] for i in rows], list(r.experts.values()))
+            mixed = _biased(mixed, r.logit_bias)
             token = _pick(mixed, r, self._rngs[key])
+            if r.logprobs is not None:
+                top = mixed.topk(r.logprobs) if r.logprobs else None
+                self.token_logprobs[key] = {"token": token, "logprob": float(mixed[token]),
+                                            "top": [] if top is None else [[int(i), float(v)] for v, i in zip(*top)]}
             self._produced[key] += 1
-            out[key] = (token, "stop" if token in r.stop_ids else "length" if self._produced[key] >= r.max_new_tokens else None)
+            finish = "stop" if token in r.stop_ids else None
+            if finish is None and key in self._text:
+                self._text[key].append(token)
+                if any(s in self.decode(self._text[key]) for s in r.stop):
+                    finish = "stop_string"
+            if finish is None and self._produced[key] >= r.max_new_tokens:
+                finish = "length"
+            out[key] = (token, finish)
         for key in self._leaving:
             out[key] = (out[key][0], "cancelled")
         self._leaving.clear()
         self._advance(out)
         return out
+
+    def _passes(self, names: list[str]) -> list[tuple[int, int]]:
+        """The forward passes over rows grouped by adapter: (first row, row after the last), each with
+        at most `capacity` adapters (one pass when the capacity allows them all)."""
+        passes, adapters = [], set()
+        for i, name in enumerate(names):
+            fresh = name != BASE and name not in adapters
+            if passes and not (fresh and self.capacity is not None and len(adapters) >= self.capacity):
+                passes[-1] = (passes[-1][0], i + 1)
+            else:
+                passes.append((i, i + 1))
+                adapters = set()
+            if name != BASE:
+                adapters.add(name)
+        return passes
+
+    def _forward(self, names: list[str], **inputs) -> torch.Tensor:
+        """The last position's logits of rows run with adapters `names`, in as few passes as the
+        capacity allows; the rows' KV cache (`past_key_values`) is updated in place."""
+        passes = self._passes(names)
+        if len(passes) == 1:
+            if self.ensure is not None and any(n != BASE and n not in self.bank.resident for n in names):
+                for name in dict.fromkeys(names):
+                    self.ensure(name)
+            with self.bank.use(names):
+                return self.model(**inputs, use_cache=True, **self._last_only).logits[:, -1]
+        from transformers import DynamicCache
+
+        cache, logits, parts = inputs.pop("past_key_values"), {}, {}
+        # passes whose adapters are resident first: the last pass of a step is the first of the next,
+        # so a mixture of k experts loads k - 1 of them per step, not k
+        resident = lambda span: all(n == BASE or n in self.bank.resident for n in names[span[0]:span[1]])  # noqa: E731
+        for start, stop in sorted(passes, key=lambda span: not resident(span)):
+            part = DynamicCache(ddp_cache_data=[(layer.keys[start:stop], layer.values[start:stop])
+                                                for layer in cache.layers] if cache.layers and cache.get_seq_length() else None)
+            if self.ensure is not None:
+                for name in dict.fromkeys(names[start:stop]):
+                    self.ensure(name)
+            with self.bank.use(names[start:stop]):
+                logits[start] = self.model(**{k: v[start:stop] for k, v in inputs.items()}, past_key_values=part,
+                                           use_cache=True, **self._last_only).logits[:, -1]
+            parts[start] = part
+        parts = [parts[start] for start, _ in passes]  # back in row order
+        while len(cache.layers) < len(parts[0].layers):  # a fresh cache (prefill) gets its layers
+            cache.layers.append(type(parts[0].layers[0])())
+        for i, layer in enumerate(cache.layers):
+            keys = torch.cat([p.layers[i].keys for p in parts])
+            values = torch.cat([p.layers[i].values for p in parts])
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return torch.cat([logits[start] for start, _ in passes])
+
+    def _decode_pass(self) -> torch.Tensor:
+        logits = self._forward([name for _, name in self.rows], input_ids=self._next, attention_mask=self._mask,
+                               position_ids=self._positions, past_key_values=self._cache)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     def _rows_by_request(self) -> dict[int, list[int]]:
         """Each request's rows, in the order of its `experts` (the order of the mixture weights)."""
@@ -161,9 +264,8 @@ class DecodeBatch:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with self.bank.use([name for _, name in rows]):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, **self._last_only).logits[:, -1]
+        logits = self._forward([name for _, name in rows], input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache)
         self._append(rows, cache, mask, positions[:, -1:])
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
@@ -188,6 +290,7 @@ class DecodeBatch:
         for key, (_, finish) in out.items():
             if finish is not None:
                 del self.requests[key], self._rngs[key], self._produced[key]
+                self._text.pop(key, None)
         order = sorted((i for i, (key, _) in enumerate(self.rows) if out[key][1] is None), key=lambda i: self.rows[i][1])
         if not order:
             self.rows, self._cache, self._mask, self._positions, self._next = [], None, None, None, None
@@ -214,14 +317,15 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def decode_steps(model, bank: AdapterBank, requests: list[GenerationRequest], pad_id: int = 0,
-                 ) -> Iterator[list[Step | None]]:
-    """Decode every request together; yields, after each step, each request's (token, finish reason),
-    or None for a request that finished earlier. The caller may stop iterating at any time."""
-    batch = DecodeBatch(model, bank, pad_id)
+                 batch: DecodeBatch | None = None) -> Iterator[list[Step | None]]:
+    """Decode every request together; yields, after each step, each request's (token, finish reason,
+    log-probabilities or None), or None for a request that finished earlier. The caller may stop
+    iterating at any time."""
+    batch = batch if batch is not None else DecodeBatch(model, bank, pad_id)
     keys = [batch.join(r) for r in requests]
     while batch.requests:
         out = batch.step()
-        yield [out.get(k) for k in keys]
+        yield [(*out[k], batch.token_logprobs.get(k)) if k in out else None for k in keys]
 
 
 def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None = None) -> tuple[list[Generated], bool]:
@@ -233,9 +337,11 @@ def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None =
         for i, item in enumerate(step):
             if item is None:
                 continue
-            token, finish = item
+            token, finish, logprobs = item
             if finish != "stop":
                 out[i].token_ids.append(token)
+                if logprobs is not None:
+                    out[i].logprobs.append(logprobs)
             out[i].finish_reason = finish
         if deadline is not None and time.perf_counter() >= deadline:
             return out, False

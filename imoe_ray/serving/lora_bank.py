@@ -11,8 +11,11 @@ so one forward pass serves rows of different experts (the S-LoRA/Punica idea wit
 kernels: the batch is grouped by adapter and each group's update is two small matmuls on its
 slice). Switching an adapter is choosing an index; loading one is
 reading a file of a few MB. The base weights are never modified, so "base" is simply index 0.
-The files are the PEFT adapter directories training writes; anything they hold that this does not
-implement (DoRA, IA3, per-module rank or alpha patterns) is refused with a clear error.
+The files are the PEFT adapter directories training writes. DoRA adds, per output row, the ratio of
+its learnt magnitude to the norm of the adapted weight (computed once, at load, from the base
+weight), y = Wx + b + (g − 1)·Wx + g·s·B(Ax); IA3 rescales a layer's output (or, for feed-forward
+layers, its input) by a learnt vector. Anything else (per-module rank or alpha patterns, other PEFT
+types) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -40,15 +43,24 @@ class AdapterError(ValueError):
 
 @dataclass
 class LoRAWeights:
-    """One adapter: per wrapped module, A (r, in) and B (out, r), and its scale alpha/r."""
+    """One adapter: per wrapped module, A (r, in) and B (out, r), and its scale alpha/r; for DoRA the
+    per-module magnitude (out,) (turned into the ratio magnitude / ‖W + s·BA‖ when loaded); for IA3
+    the per-module scaling vector and whether it scales the input (feed-forward) or the output."""
     name: str
     rank: int
     scale: float
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    ia3: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        tensors = [t for pair in self.modules.values() for t in pair] + list(self.magnitude.values()) + \
+            [v for v, _ in self.ia3.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def targets(self) -> set[str]:
+        return set(self.modules) | set(self.ia3)
 
 
 def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "cpu",
@@ -63,15 +75,28 @@ def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "
                            f"adapter_model.safetensors expected)")
     config = json.loads(config_path.read_text())
     kind = config.get("peft_type")
-    if kind != "LORA" or config.get("use_dora"):
-        raise AdapterError(f"adapter {name!r} is {'DoRA' if config.get('use_dora') else kind}; the bank serves LoRA")
+    if kind not in ("LORA", "IA3"):
+        raise AdapterError(f"adapter {name!r} is {kind}; the bank serves LoRA, DoRA and IA3")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise AdapterError(f"adapter {name!r} has per-module rank or alpha patterns, which the bank does not serve")
+    tensors = load_file(str(weights_path), device=str(device))
+    if kind == "IA3":
+        ia3 = {}
+        for key, v in tensors.items():
+            if key.endswith(".ia3_l"):
+                module = key[len(_PREFIX):-len(".ia3_l")] if key.startswith(_PREFIX) else key[:-len(".ia3_l")]
+                ia3[module] = (v.to(dtype).flatten().contiguous(), v.shape[0] == 1 and v.dim() == 2 and v.shape[1] > 1)
+        if not ia3:
+            raise AdapterError(f"adapter {name!r} holds no IA3 weights")
+        return LoRAWeights(name, 0, 1.0, {}, ia3=ia3)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    tensors = load_file(str(weights_path), device=str(device))
-    modules = {}
+    modules, magnitude = {}, {}
     for key, a in tensors.items():
+        for suffix in (".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
+            if key.endswith(suffix):
+                module = key[:-len(suffix)]
+                magnitude[module[len(_PREFIX):] if module.startswith(_PREFIX) else module] = a.to(dtype).flatten()
         if not key.endswith(_A):
             continue
         module = key[len(_PREFIX):-len(_A)] if key.startswith(_PREFIX) else key[:-len(_A)]
@@ -81,7 +106,15 @@ def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "
         modules[module] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
     if not modules:
         raise AdapterError(f"adapter {name!r} holds no LoRA weights")
-    return LoRAWeights(name, rank, scale, modules)
+    if config.get("use_dora") and set(magnitude) != set(modules):
+        raise AdapterError(f"adapter {name!r} is DoRA but its magnitude vectors do not match its LoRA modules")
+    return LoRAWeights(name, rank, scale, modules, magnitude)
+
+
+def dora_ratio(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """magnitude / ‖W + s·B·A‖ per output row, as PEFT's DoRA computes it (the norm is not trained through)."""
+    adapted = weight.float() + scale * (b.float() @ a.float())
+    return (magnitude.float() / torch.linalg.norm(adapted, dim=1)).to(a.dtype)
 
 
 class _Plan:
@@ -98,16 +131,31 @@ class _Plan:
             else:
                 self.runs.append((j, i, i + 1))
 
-    def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> None:
         whole = len(self.runs) == 1
         for j, start, stop in self.runs:
             adapter = self.adapters[j]
-            if adapter is None or module not in adapter.modules:
+            if adapter is None:
+                continue
+            part = x if whole else x[start:stop]
+            out = y if whole else y[start:stop]
+            if module in adapter.ia3:
+                vector, feedforward = adapter.ia3[module]
+                if feedforward:  # W(x·l) + b = Wx + b + W(x·(l − 1))
+                    out.add_(torch.nn.functional.linear(part * (vector - 1), base.weight).to(y.dtype))
+                else:
+                    out.mul_(vector.to(y.dtype))
+                continue
+            if module not in adapter.modules:
                 continue
             a, b = adapter.modules[module]
-            part = x if whole else x[start:stop]
             delta = (part @ a.t()) @ b.t()
-            (y if whole else y[start:stop]).add_(delta.to(y.dtype), alpha=adapter.scale)
+            if module in adapter.magnitude:  # DoRA: (g − 1)·Wx + g·s·B(Ax), g = magnitude / ‖W + s·BA‖
+                g = adapter.magnitude[module].to(y.dtype)
+                plain = out if base.bias is None else out - base.bias
+                out.add_(plain * (g - 1) + (delta.to(y.dtype) * adapter.scale) * g)
+            else:
+                out.add_(delta.to(y.dtype), alpha=adapter.scale)
 
 
 class LoRAHost(nn.Module):
@@ -123,7 +171,7 @@ class LoRAHost(nn.Module):
         y = self.base_layer(x)
         plan = self._bank[0].plan
         if plan is not None:
-            plan.add_delta(self.module, x, y)
+            plan.add_delta(self.module, x, y, self.base_layer)
         return y
 
 
@@ -134,9 +182,10 @@ class AdapterBank:
     forward passes run inside it (warm). Forward passes through the model are serialised by a lock:
     the plan is state of the model."""
 
-    def __init__(self, model: nn.Module, capacity: int | None = None):
+    def __init__(self, model: nn.Module, capacity: int | None = None, on_evict=None):
         self.model = model
         self.capacity = capacity
+        self.on_evict = on_evict  # called with the name of each adapter the LRU drops
         self.resident: OrderedDict[str, LoRAWeights] = OrderedDict()
         self.plan: _Plan | None = None
         self.lock = threading.RLock()
@@ -152,9 +201,14 @@ class AdapterBank:
             return self.resident[name]
         weights = read_lora(name, adapter_dir, self.device, self.dtype)
         self._host(weights)
+        for module, magnitude in list(weights.magnitude.items()):
+            a, b = weights.modules[module]
+            weights.magnitude[module] = dora_ratio(self._hosts[module].base_layer.weight, a, b, weights.scale, magnitude)
         self.resident[name] = weights
         while self.capacity is not None and len(self.resident) > self.capacity:
-            self.resident.popitem(last=False)
+            dropped, _ = self.resident.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(dropped)
         return weights
 
     def evict(self, name: str) -> bool:
@@ -167,16 +221,27 @@ class AdapterBank:
 
     def _host(self, weights: LoRAWeights) -> None:
         """Wrap (once) every linear layer the adapter touches."""
-        modules = dict(self.model.named_modules())
-        for module, (a, b) in weights.modules.items():
-            if module in self._hosts:
-                continue
-            target = modules.get(module)
-            if not isinstance(target, nn.Linear):
-                raise AdapterError(f"adapter {weights.name!r} targets {module!r}, which is not a linear layer of the base model")
-            if target.in_features != a.shape[1] or target.out_features != b.shape[0]:
+        if all(m in self._hosts for m in weights.targets()):  # reloaded: only its shapes to check
+            modules = {}
+        else:
+            modules = dict(self.model.named_modules())
+        shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in weights.modules.items()}
+        for m, (vector, feedforward) in weights.ia3.items():
+            target = self._hosts[m].base_layer if m in self._hosts else modules.get(m)
+            if isinstance(target, nn.Linear) and vector.numel() != (target.in_features if feedforward else target.out_features):
+                raise AdapterError(f"adapter {weights.name!r}'s IA3 vector for {m!r} does not fit the layer — "
+                                   f"trained on another base model?")
+        for module in weights.targets():
+            target = self._hosts[module].base_layer if module in self._hosts else modules.get(module)
+            if module in shapes and isinstance(target, nn.Linear) and \
+                    (target.in_features, target.out_features) != (shapes[module][1], shapes[module][0]):
+                a, b = weights.modules[module]
                 raise AdapterError(f"adapter {weights.name!r} does not fit {module!r}: LoRA {tuple(b.shape[:1]) + tuple(a.shape[1:])} "
                                    f"vs layer ({target.out_features}, {target.in_features}) — trained on another base model?")
+            if module in self._hosts:
+                continue
+            if not isinstance(target, nn.Linear):
+                raise AdapterError(f"adapter {weights.name!r} targets {module!r}, which is not a linear layer of the base model")
             parent_name, _, child = module.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             host = LoRAHost(target, module, self)

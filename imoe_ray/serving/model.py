@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from imoe_ray.serving.generation import Generated, GenerationRequest, collect, decode_steps
+from imoe_ray.serving.generation import DecodeBatch, Generated, GenerationRequest, collect, decode_steps
 from imoe_ray.serving.lora_bank import BASE, AdapterBank
 
 
@@ -34,6 +34,21 @@ def installed_experts(store_dir: str | Path) -> dict[str, Path]:
         if (extra / "adapter_config.json").is_file():
             found[extra.name] = extra
     return found
+
+
+def stop_token_ids(base_dir: str | Path, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a completion: the tokenizer's EOS and each `eos_token_id` of the model's
+    generation config (Llama-3-style models list several, e.g. `<|end_of_text|>` and `<|eot_id|>`)."""
+    ids = [tokenizer.eos_token_id]
+    for name in ("generation_config.json", "config.json"):
+        path = Path(base_dir) / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except ValueError:
+                continue
+            ids += eos if isinstance(eos, list) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _identity(adapter_dir: Path) -> tuple[int, int] | None:
@@ -67,6 +82,16 @@ class ServingModel:
         self.experts = installed_experts(root)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.stop_ids = stop_token_ids(root / "base", self.tokenizer)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def decode_batch(self) -> DecodeBatch:
+        """A batch over this model and bank that checks stop strings, and that runs a step in several
+        passes when its rows use more adapters than the bank's capacity (loading each pass's own)."""
+        return DecodeBatch(self.model, self.bank, self.pad_id, decode=self.decode, capacity=self.bank.capacity,
+                           ensure=self.ensure)
 
     def ensure(self, name: str) -> float:
         """Make an expert resident; returns the milliseconds spent loading it (0 when it was). A
@@ -94,8 +119,16 @@ class ServingModel:
         return collect(self.steps(requests), len(requests))[0]
 
     def steps(self, requests: list[GenerationRequest]):
-        """The decoding steps of a batch (see `generation.decode_steps`); experts load when needed."""
+        """The decoding steps of a batch (see `generation.decode_steps`); experts load when needed
+        (with a capacity smaller than the batch's experts, pass by pass)."""
         for r in requests:
             for name in r.experts:
-                self.ensure(name)
-        return decode_steps(self.model, self.bank, requests, self.pad_id)
+                if name != BASE and name not in self.experts:
+                    self.experts = installed_experts(self.root)
+                if name != BASE and name not in self.experts:
+                    raise UnknownExpert(f"no expert named {name!r}; installed: {', '.join(sorted(self.experts))}")
+        if self.bank.capacity is None:
+            for r in requests:
+                for name in r.experts:
+                    self.ensure(name)
+        return decode_steps(self.model, self.bank, requests, self.pad_id, batch=self.decode_batch())

@@ -115,10 +115,10 @@ class Planner:
             chosen = sorted(prior, key=prior.get, reverse=True)[:k]
         elif route.experts == [BASE]:
             chosen = [BASE]
-        elif mode == "fast":
-            chosen = route.experts[:1]
         else:
-            chosen = route.experts[:k]
+            # a fallback to every expert lists them in category order: the most probable come first
+            ranked = sorted(route.experts, key=lambda e: -prior.get(e, 0.0)) if route.fallback else route.experts
+            chosen = ranked[:1] if mode == "fast" else ranked[:k]
         chosen = [e for e in chosen if e == BASE or e in self.experts] or [BASE]
         weights = {e: max(prior.get(e, 0.0), 1e-6) for e in chosen}
         total = sum(weights.values())

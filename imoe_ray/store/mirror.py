@@ -24,7 +24,7 @@ from imoe_ray.store.store import Store, fsync_dir
 
 # What serving reads, besides the knowledge bases.
 SERVED = (layout.CONFIG, (layout.BASE,), (layout.EXPERTS,), ("router",), layout.DENSE, (layout.FUSION,),
-          (layout.MANIFESTS,), layout.DISCOVERY_MODEL, layout.SHARDS_INDEX)
+          (layout.MANIFESTS,), layout.DISCOVERY_MODEL, layout.SHARDS_INDEX, ("encoders",))
 WATCHED = (layout.EXPERTS_INDEX, layout.ROUTER_EXTRA_EXPERTS)
 
 
