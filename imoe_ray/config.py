@@ -318,6 +318,8 @@ class PackagesConfig(_Section):
     max_member_bytes: int = Field(2 << 30, ge=1, description="largest file an archive may hold")
     max_members: int = Field(64, ge=2, description="most entries an archive may hold")
     max_total_bytes: int = Field(4 << 30, ge=1, description="largest total unpacked size")
+    max_header_bytes: int = Field(4096, ge=512, description="largest extended tar header (GNU long name, pax records)")
+    max_ratio: float = Field(100.0, ge=1, description="most an archive may expand when decompressed (times its size)")
 
 
 class Config(_Section):
