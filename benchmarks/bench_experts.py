@@ -38,17 +38,18 @@ def jobs_for(store, cfg, k: int, steps: int, tag: str):
         texts = stage._training_texts(store.read_table(SHARDS, name, columns=["id", cfg.corpus.text_column]), cfg)
         inputs, labels = token_blocks(texts, tokenizer, seq_len)
         epochs = steps * cfg.experts.batch_size / len(inputs)  # the same number of steps for every job
-        job = stage._job(name, tag, inputs, labels, epochs, cfg, base_dir, k)
+        job = stage._job(name, tag, inputs, labels, epochs, cfg, store, k)
         job.loop_config["reports"] = 2
         jobs.append(job)
     return jobs
 
 
 def timed(jobs, storage: str, concurrent: int) -> float:
-    from imoe_ray.experts.parallel import run_parallel
+    from imoe_ray.experts.parallel import Storage, run_parallel
+    from imoe_ray.store import Store
 
     started = time.perf_counter()
-    run_parallel(jobs, storage, concurrent, 0, lambda name, metrics, checkpoint: {"loss": metrics["loss"]}, verbose=0)
+    run_parallel(jobs, Storage(Store(storage), ()), concurrent, 0, lambda name, metrics, checkpoint: {"loss": metrics["loss"]}, verbose=0)
     return time.perf_counter() - started
 
 

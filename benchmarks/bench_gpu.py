@@ -72,6 +72,7 @@ def bench_deepspeed(store: Path, texts: list[str], seq_len: int, epochs: float, 
     from imoe_ray.experts import parallel
     from imoe_ray.experts.data import token_blocks
     from imoe_ray.experts.train_loop import MODEL_DIR
+    from imoe_ray.store import Store
 
     base = store / "base"
     blocks = ray.put(token_blocks(texts, AutoTokenizer.from_pretrained(base), seq_len))
@@ -80,7 +81,7 @@ def bench_deepspeed(store: Path, texts: list[str], seq_len: int, epochs: float, 
         label = strategy if strategy == "ddp" else f"deepspeed-zero{stage}"
         e = ExpertsConfig(strategy=strategy, zero_stage=stage, r=16)
         job = parallel.TrainJob(f"gpu-{label}", label=label, loop_config={
-            "kind": "adapter", "base_dir": str(base), "experts": e.model_dump(mode="json"), "blocks": blocks,
+            "kind": "adapter", "base": {"store": str(store), "cache_dir": None}, "experts": e.model_dump(mode="json"), "blocks": blocks,
             "epochs": epochs, "lr": 1e-3, "batch_size": 16, "weight_decay": 0.0, "seed": 0, "threads": cpus,
             "strategy": strategy, "zero_stage": stage, "reports": 2}, workers=1, cpus_per_worker=cpus,
             gpus_per_worker=1.0)
@@ -91,7 +92,7 @@ def bench_deepspeed(store: Path, texts: list[str], seq_len: int, epochs: float, 
 
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as runs:
-            metrics = parallel.run_one(job, runs, 0, check)
+            metrics = parallel.run_one(job, parallel.Storage(Store(runs), ()), 0, check)
         out[label] = {k: metrics.get(k) for k in ("steps", "loss", "tokens", "tokens_per_s", "gpu_peak_mb",
                                                    "adapter_reloads")} | {"wall_s": round(time.perf_counter() - started, 1)}
         print(label, json.dumps(out[label]), flush=True)

@@ -91,7 +91,7 @@ def main() -> None:
     from imoe_ray.store import Store
 
     cfg = resolve_config(args.store, None, None)
-    store = Store(cfg.store)
+    store = Store(cfg.store, cache_dir=cfg.cache_dir)
     router = load_router(store, cfg)
     reference = load_reference(store)
     keywords = KeywordRouter([c.keywords for c in load_model(store).categories])

@@ -41,7 +41,7 @@ def main() -> None:
     from imoe_ray.store import Store
 
     cfg = resolve_config(args.store, None, None)
-    store, r = Store(cfg.store), cfg.router
+    store, r = Store(cfg.store, cache_dir=cfg.cache_dir), cfg.router
     discovery, encoder = load_model(store), make_encoder(cfg)
     corpus = load_corpus(store, cfg, encoder, print)
     split = np.array([split_of(i, r.calib_fraction, r.test_fraction) for i in corpus.ids])

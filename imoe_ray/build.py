@@ -60,8 +60,14 @@ def build(cfg: Config, until: str = STAGE_NAMES[-1], force: bool = False, report
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGE_NAMES)}")
     from imoe_ray.corpus.stage import corpus_fingerprint
 
-    store = Store(cfg.store)
     upstream = corpus_fingerprint(cfg)
+    store = Store(cfg.store, cache_dir=cfg.cache_dir)
+    with store.lock(f"imoe build --until {until}"):
+        return _build(store, cfg, upstream, until, force, report, force_stages)
+
+
+def _build(store: Store, cfg: Config, upstream: str, until: str, force: bool, report: Report,
+           force_stages: tuple[str, ...]) -> dict[str, StageManifest]:
     done: dict[str, StageManifest] = {}
     for stage in STAGES:
         manifest = _run_stage(stage, store, cfg, upstream, force or stage.name in force_stages, report)

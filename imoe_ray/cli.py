@@ -126,7 +126,7 @@ def train_router(
     cfg = resolve_config(store, config, overrides)
     run_build(cfg, until="router", force=False, force_stages=("router",) if force else (),
               report=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(_router_table(Store(cfg.store)))
+    console.print(_router_table(Store(cfg.store, cache_dir=cfg.cache_dir)))
 
 
 def _router_table(store) -> Table:
@@ -167,7 +167,7 @@ def route(
     rows = _read_requests(input, text_field) if input is not None else []  # a bad file fails before the router loads
     from imoe_ray.routing.stage import load_router
 
-    router = load_router(Store(cfg.store), cfg)
+    router = load_router(Store(cfg.store, cache_dir=cfg.cache_dir), cfg)
     if text is not None:
         router.route(text)  # the first call pays for lazy set-up; report a warm latency
         typer.echo(json.dumps(router.route(text).to_json(), indent=2 if not as_json else None))
@@ -372,7 +372,11 @@ def status(store: str = StoreOpt) -> None:
     from imoe_ray.build import STAGE_NAMES
     from imoe_ray.store import StageManifest, Store
 
-    s = Store(store)
+    from imoe_ray.store import StoreError
+
+    s = Store(store, create=False)
+    if not s.exists():
+        raise StoreError(f"no store at {s.uri}: build one with `imoe build --corpus ... --store {store}`")
     table = Table(title=f"store {s.uri}")
     for col in ("stage", "state", "seconds", "finished", "metrics"):
         table.add_column(col)
@@ -436,7 +440,7 @@ def eval_lm(
     from imoe_ray.store import Store
 
     cfg = resolve_config(store, config, overrides)
-    result = evaluate_lm(Store(store), cfg, heldout, text_column, category_column, route_tokens, top_k, max_texts,
+    result = evaluate_lm(Store(store, cache_dir=cfg.cache_dir), cfg, heldout, text_column, category_column, route_tokens, top_k, max_texts,
                          report=lambda m: console.print(m, highlight=False, markup=False))
     _publish_eval(result, output, plot_lm, _lm_table, quiet)
 
@@ -491,7 +495,7 @@ def eval_summarizer(
     from imoe_ray.store import Store
 
     cfg = resolve_config(store, config, overrides)
-    s = Store(cfg.store)
+    s = Store(cfg.store, cache_dir=cfg.cache_dir)
     result = evaluate_summarizer(s, cfg, cases, max_new_tokens, report=lambda m: console.print(m, highlight=False, markup=False))
     if output is None:
         output = s.local_path("fusion", "eval-summarizer.json") if s.is_local else Path("eval-summarizer.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
 
@@ -159,6 +159,8 @@ class ExpertsConfig(_Section):
     gpus_per_worker: float | None = Field(None, ge=0, description="default: 1/max_concurrent of a GPU when the cluster has GPUs")
     max_concurrent: int | None = Field(None, ge=1, description="expert jobs at once; default: as many as resources allow")
     max_failures: int = Field(2, ge=0, description="restarts of a failed worker group per expert (FailureConfig)")
+    checkpoint_s: float = Field(10.0, ge=0, description="least seconds between two checkpoints of a one-worker "
+                                "job (each costs a second or two; a killed job resumes from the last one)")
     min_chunks: int = Field(8, ge=1, description="smaller categories are folded into their nearest neighbour")
     dense_baseline: bool = Field(True, description="also train one adapter on all shards with the experts' total tokens")
     top_k: int = Field(3, ge=1, description="experts mixed per request (token-level mixture)")
@@ -304,6 +306,18 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray")
     include_dashboard: bool = False
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources every embedding "
+                                        "actor, Train worker and expert replica also asks for, to place them on the "
+                                        "nodes that offer them (e.g. {\"gpu_pool\": 1})")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if not v > 0 or k in ("CPU", "GPU", "memory")]
+        if bad:
+            raise ValueError(f"ray.resources: {', '.join(bad)}: custom resources need a positive amount "
+                             "(CPU, GPU and memory are set per stage)")
+        return value
 
 
 class JobsConfig(_Section):
@@ -331,7 +345,10 @@ class PackagesConfig(_Section):
 
 
 class Config(_Section):
-    store: str = Field("store", description="local directory or any URI pyarrow.fs opens")
+    store: str = Field("store", description="local directory or any URI pyarrow.fs opens (s3://, gs://, file://); "
+                       "S3 reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION")
+    cache_dir: str | None = Field(None, description="local cache of a URI store's models on each node (only a "
+                                  "cache); default: ~/.cache/imoe-ray")
     corpus: CorpusConfig = CorpusConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
@@ -435,13 +452,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 RETIRED_FIELDS = {"router": ("aux_weight",)}  # DACT's classifiers are fit by logistic regression now
 
 
+def stored_settings(store: str) -> dict[str, Any]:
+    """The settings a store was built with (`STORE/config.yaml`, local or on an object store), or {}."""
+    from imoe_ray.store.store import Store, is_uri
+
+    if not is_uri(store) and not (Path(store) / "config.yaml").is_file():
+        return {}  # a store not built yet: nothing to read, and no directory to create
+    s = Store(store, create=False)
+    if not s.is_file("config.yaml"):
+        return {}
+    try:
+        loaded = yaml.safe_load(s.read_bytes("config.yaml")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{s.uri_of('config.yaml')} is not valid YAML: {e}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def store_config(store: str, path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
     """The configuration a command runs with on a store: the settings the store was built with
     (`STORE/config.yaml`), then the YAML file, the overrides and the fields."""
-    stored = Path(store) / "config.yaml"
-    base = {}
-    if "://" not in str(store) and stored.is_file():
-        base = yaml.safe_load(stored.read_text()) or {}
+    base = stored_settings(store)
     for section, names in RETIRED_FIELDS.items():
         if isinstance(base.get(section), dict):
             base[section] = {k: v for k, v in base[section].items() if k not in names}

@@ -36,6 +36,10 @@ from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
+from imoe_ray.store import Store
+from imoe_ray.store.layout import EXPERTS_INDEX
+from imoe_ray.store.mirror import StoreMirror
+from imoe_ray.store.store import is_uri
 from serve_apps.job_queue import JobQueue, add_job_routes
 
 log = logging.getLogger("ray.serve")
@@ -69,9 +73,11 @@ class Experts:
     moment are taken in together by `@serve.batch` and prefilled in one forward pass."""
 
     def __init__(self, store: str, config: dict):
-        cfg = Config.model_validate(config).serve
+        full = Config.model_validate(config)
+        cfg = full.serve
         self.capacity = cfg.max_loaded_experts
-        self.model = ServingModel(store, capacity=None, threads=cfg.threads or _replica_cpus())
+        self.mirror = StoreMirror(store, full.cache_dir)  # the store itself, or this node's copy of a URI store
+        self.model = ServingModel(self.mirror.root, capacity=None, threads=cfg.threads or _replica_cpus())
         self._enqueue.set_max_batch_size(cfg.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -94,6 +100,7 @@ class Experts:
 
     async def _load(self, name: str) -> _Resident:
         self._evict_later.discard(name)
+        await asyncio.to_thread(self.mirror.refresh)  # an expert installed or replaced in the store since
         ms = await asyncio.to_thread(self.model.ensure, name)
         self.loads.inc(tags={"expert": name})
         self.load_ms.observe(ms)
@@ -206,7 +213,8 @@ class Router:
 
         cfg = Config.model_validate(config)
         self.settings = cfg.serve
-        self.store = Path(store)
+        self.mirror = StoreMirror(store, cfg.cache_dir)
+        self.store = self.mirror.root  # files read by path: the store, or this node's copy of a URI store
         self.experts = experts
         self._stream_handle = experts.stream.options(stream=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
@@ -214,7 +222,7 @@ class Router:
         self.installed = installed_experts(self.store)
         from imoe_ray.retrieval.serving import build_components
 
-        retriever, compressor, self.learner = build_components(store, cfg, threads=None)
+        retriever, compressor, self.learner = build_components(store, cfg, threads=None, local_root=self.store)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
                                cfg.retrieval.k, max(16, min(256, self.context // 4)))
@@ -300,6 +308,7 @@ class Router:
         return response
 
     def _refresh(self) -> None:
+        self.mirror.refresh()
         installed = self._watch.refresh(self.planner)
         if installed is not None:
             self.installed = installed
@@ -449,28 +458,40 @@ class Router:
 # Serve path's overhead on a small machine (errors and warnings are still logged).
 _LOGGING = {"enable_access_log": False}
 
+def _check_servable(store: str) -> None:
+    if not is_uri(store):
+        installed_experts(store)
+    elif not Store(store, create=False).is_file(*EXPERTS_INDEX):
+        raise FileNotFoundError(f"{store} has no trained experts (experts/index.json): run "
+                                f"`imoe build --store {store} --until experts` first")
+
+
+def _resources(cfg: Config) -> dict:
+    return {"resources": dict(cfg.ray.resources)} if cfg.ray.resources else {}
+
+
 def build_app(store: str, config: str | None = None, overrides: list[str] | None = None):
     """The bound application for a store (what `serve run`, `serve build` and `imoe serve` deploy)."""
     cfg = store_config(store, config, overrides)
-    store_dir = str(Path(store).resolve())
-    installed_experts(store_dir)  # a store without experts fails here, with the command that builds them
+    store_dir = store.rstrip("/") if is_uri(store) else str(Path(store).resolve())
+    _check_servable(store_dir)  # a store without experts fails here, with the command that builds them
     s = cfg.serve
     gpus = s.expert_gpus
     if gpus is None:
         gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     experts = Experts.options(
-        ray_actor_options={"num_cpus": s.expert_cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": s.expert_cpus, "num_gpus": gpus} | _resources(cfg),
         autoscaling_config={"min_replicas": s.min_replicas, "initial_replicas": max(1, s.min_replicas),
                             "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests,
                             "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0, logging_config=_LOGGING,
     ).bind(store_dir, cfg.model_dump(mode="json"))
-    return Router.options(ray_actor_options={"num_cpus": s.router_cpus}, max_ongoing_requests=256,
+    return Router.options(ray_actor_options={"num_cpus": s.router_cpus} | _resources(cfg), max_ongoing_requests=256,
                           graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
                           logging_config=_LOGGING).bind(
         experts, store_dir, cfg.model_dump(mode="json"),
-        jobs=JobQueue.options(ray_actor_options={"num_cpus": 0}, logging_config=_LOGGING).bind(experts, store_dir, cfg.model_dump(mode="json")))
+        jobs=JobQueue.options(ray_actor_options={"num_cpus": 0} | _resources(cfg), logging_config=_LOGGING).bind(experts, store_dir, cfg.model_dump(mode="json")))
 
 
 def app(args: dict[str, str]):
@@ -514,7 +535,8 @@ def deploy_config(store: str, config: str | None = None, overrides: list[str] | 
 
     cfg = store_config(store, config, overrides)
     built = ray_build_app(build_app(store, config, overrides), name="imoe")
-    args = {"store": str(Path(store).resolve())} | ({"config": str(Path(config).resolve())} if config else {})
+    args = {"store": store if is_uri(store) else str(Path(store).resolve())} | (
+        {"config": str(Path(config).resolve())} if config else {})
     if overrides:
         args["set"] = ",".join(overrides)
     application = ServeApplicationSchema(

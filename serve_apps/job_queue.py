@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import AsyncIterator
 
 import ray
@@ -45,7 +44,9 @@ class JobQueue:
 
         cfg = Config.model_validate(config)
         self.cfg, self.store_dir, self.settings, self.experts = cfg, store, cfg.jobs, experts
-        root = Path(store)
+        from imoe_ray.store.mirror import StoreMirror
+
+        root = StoreMirror(store, cfg.cache_dir).root  # files read by path; job records go to the store itself
         self.tokenizer = AutoTokenizer.from_pretrained(root / "base")
         self.context = int(json.loads((root / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = set(installed_experts(root))

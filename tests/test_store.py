@@ -73,3 +73,90 @@ def test_a_relative_store_path_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     Store(store.uri).write_json({"ok": 1}, "x.json")
     assert (tmp_path / "store" / "x.json").is_file()
+
+
+def test_commit_replaces_a_file_atomically_and_never_deletes_first(tmp_path, monkeypatch):
+    """A kill between the steps of a commit leaves the old file or the new one, never none."""
+    import os
+
+    s = Store(tmp_path)
+    s.write_bytes(b"old", "config.yaml")
+    removed = []
+    monkeypatch.setattr(Store, "remove", lambda self, *parts: removed.append(parts))
+    temp = s.temp_path("config.yaml")
+    with s.fs.open_output_stream(temp) as f:
+        f.write(b"new")
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies where the file would move into place
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        s.commit(temp, "config.yaml")
+    assert (tmp_path / "config.yaml").read_bytes() == b"old" and not removed
+    monkeypatch.setattr(os, "replace", real_replace)
+    s.commit(temp, "config.yaml")
+    assert (tmp_path / "config.yaml").read_bytes() == b"new"
+
+
+def test_a_directory_commit_cut_off_midway_is_repaired(tmp_path, monkeypatch):
+    import os
+
+    s = Store(tmp_path)
+    old = s.temp_path("experts", "a")
+    os.makedirs(old)
+    Path(old, "w").write_text("old")
+    s.commit(old, "experts", "a")
+    new = s.temp_path("experts", "a")
+    os.makedirs(new)
+    Path(new, "w").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def second_rename_killed(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_killed)
+    with pytest.raises(KeyboardInterrupt):
+        s.commit(new, "experts", "a")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "experts" / "a").exists()  # moved aside when the kill came
+    s.clean_temps("experts")
+    assert (tmp_path / "experts" / "a" / "w").read_text() == "old"
+    assert s.listdir("experts") == ["a"]
+
+
+def test_the_writer_lock_refuses_a_second_writer_and_frees_a_dead_ones(tmp_path):
+    import json
+    import socket
+
+    from imoe_ray.store import StoreLocked
+
+    s = Store(tmp_path)
+    with s.lock("imoe build"):
+        with pytest.raises(StoreLocked, match="locked by 'imoe build'"):
+            with Store(tmp_path).lock("imoe experts install"):
+                pass
+    assert not (tmp_path / "locks" / "writer.json").exists()
+    dead = {"owner": "x", "purpose": "imoe build", "host": socket.gethostname(), "pid": 2**22 + 17,
+            "since": "then", "expires": 4e9}
+    (tmp_path / "locks" / "writer.json").write_text(json.dumps(dead))
+    with s.lock("imoe kb remove"):  # its holder's process is gone: the lease is free
+        assert json.loads((tmp_path / "locks" / "writer.json").read_text())["purpose"] == "imoe kb remove"
+
+
+def test_bad_store_uris_fail_in_one_line(monkeypatch):
+    with pytest.raises(StoreError, match="unknown URI scheme 'foo'"):
+        Store("foo://bucket/store")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with pytest.raises(StoreError, match="no S3 credentials"):
+        Store("s3://bucket/store")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    with pytest.raises(StoreError, match="cannot reach the store s3://bucket/store"):
+        Store("s3://bucket/store")

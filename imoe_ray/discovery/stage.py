@@ -16,9 +16,9 @@ from imoe_ray.store.tensors import arrays_from_bytes as load_arrays
 from imoe_ray.store.tensors import arrays_to_bytes as save_arrays
 from imoe_ray.store.store import StoreError
 
-MODEL = ("discovery", "model.json")
+from imoe_ray.store.layout import ASSIGNMENTS, DISCOVERY_MODEL as MODEL
+
 WEIGHTS = ("discovery", "weights.safetensors")
-ASSIGNMENTS = ("assignments.parquet",)
 
 
 def load_chunks_with_embeddings(store: Store, cfg: Config) -> tuple[pa.Table, np.ndarray]:

@@ -19,6 +19,7 @@ from imoe_ray.corpus.readers import CorpusError, read_corpus_table
 from imoe_ray.experts.mixture import (BASE, ExpertLM, Window, expert_prior, mix_logprobs, posterior_weights,
                                       top_k_weights, windows)
 from imoe_ray.store import Store
+from imoe_ray.store.mirror import StoreMirror
 from imoe_ray.store.store import StoreError
 
 MODELS = ("base", "dense", "top1", "mixture_router", "mixture")
@@ -63,7 +64,7 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
         texts, categories = texts[:max_texts], (categories[:max_texts] if categories else None)
     index = store.read_json("experts", "index.json")
     expert_of = {n: n for e in index["experts"] for n in [e["name"]]} | index.get("aliases", {})
-    lm = ExpertLM.from_store(store.local_dir(), threads=None)
+    lm = ExpertLM.from_store(StoreMirror(store).root, threads=None)
     has_dense = "dense" in lm.names
 
     encoded = lm.encode(texts)

@@ -28,6 +28,7 @@ from imoe_ray.config import Config
 from imoe_ray.fusion.summarizer import (Case, generate, has_term, load_summarizer, reference_nll, context_length,
                                         fits, synthesize_cases)
 from imoe_ray.store import Store
+from imoe_ray.store.mirror import StoreMirror
 from imoe_ray.store.store import StoreError
 
 SYSTEMS = ("summarizer", "base", "task_draft", "constraint_draft", "best_draft", "concatenation")
@@ -99,7 +100,7 @@ def evaluate_summarizer(store: Store, cfg: Config, n_cases: int | None = None, m
     if not store.exists(FUSION_DIR, SUMMARIZER, "adapter_config.json"):
         raise StoreError(f"no summarizer in {store.uri}: run `imoe build --store {store.uri}` "
                          f"with fusion.summarizer: true (the `summarizer` stage)")
-    model, tokenizer = load_summarizer(store.local_dir())
+    model, tokenizer = load_summarizer(StoreMirror(store).root)
     max_len = min(context_length(model), cfg.fusion.max_tokens)  # the training cases' length limit
     cases = eval_cases(store, cfg, tokenizer, n_cases or cfg.fusion.eval_cases, max_len)
     if not cases:

@@ -13,12 +13,13 @@ its result is stored before the next job starts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
 
 from imoe_ray.experts.train_loop import train_loop
+from imoe_ray.store import Store
 
 OnDone = Callable[[str, dict, str], dict]
 
@@ -31,6 +32,7 @@ class TrainJob:
     workers: int = 1
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources (config `ray.resources`)
 
 
 class JobsFailed(RuntimeError):
@@ -39,7 +41,20 @@ class JobsFailed(RuntimeError):
         super().__init__("training failed for " + ", ".join(f"{k} ({v})" for k, v in failures.items()))
 
 
-def _trainer(job: TrainJob, storage: str, max_failures: int, callbacks: list):
+@dataclass(frozen=True)
+class Storage:
+    """Where the runs' checkpoints go: a folder of the store, on its own filesystem (an object store's
+    too), so a worker on any node writes them and a restarted one reads them back."""
+    store: Store
+    parts: tuple[str, ...]
+
+    def run_config_args(self) -> dict:
+        if self.store.is_local:
+            return {"storage_path": self.store.path(*self.parts)}
+        return {"storage_path": self.store.path(*self.parts), "storage_filesystem": self.store.fs}
+
+
+def _trainer(job: TrainJob, storage: Storage, max_failures: int, callbacks: list):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -48,21 +63,21 @@ def _trainer(job: TrainJob, storage: str, max_failures: int, callbacks: list):
         train_loop,
         train_loop_config=job.loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=job.name, storage_path=storage, callbacks=callbacks,
+                                     resources_per_worker=resources | job.resources),
+        run_config=RunConfig(name=job.name, callbacks=callbacks, **storage.run_config_args(),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
 
 
-def run_one(job: TrainJob, storage: str, max_failures: int, on_done: OnDone) -> dict:
+def run_one(job: TrainJob, storage: Storage, max_failures: int, on_done: OnDone) -> dict:
     """A single job, without Tune (the base model's pre-training)."""
     result = _trainer(job, storage, max_failures, []).fit()
     with result.checkpoint.as_directory() as d:
         return on_done(job.name, dict(result.metrics), d)
 
 
-def run_parallel(jobs: list[TrainJob], storage: str, max_concurrent: int | None, max_failures: int,
+def run_parallel(jobs: list[TrainJob], storage: Storage, max_concurrent: int | None, max_failures: int,
                  on_done: OnDone, verbose: int = 1) -> dict[str, dict]:
     """Run the jobs as concurrent Tune trials; returns {name: on_done's result}; raises JobsFailed
     (after every other job finished) when some could not be trained."""
@@ -85,8 +100,10 @@ def run_parallel(jobs: list[TrainJob], storage: str, max_concurrent: int | None,
         tune.with_resources(trial, {"memory": 1}),
         param_space={"job": tune.grid_search(list(by_label))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or len(jobs)),
-        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=storage, verbose=verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", verbose=verbose, **storage.run_config_args(),
+                                  # a trial whose driver died with its node starts again and its trainer
+                                  # continues from the run's last checkpoint in the store
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
     grid = tuner.fit()
     results, failures = {}, {}

@@ -28,21 +28,17 @@ from imoe_ray.experts.adapters import describe
 from imoe_ray.experts.base_model import fingerprint, llama_config, train_tokenizer
 from imoe_ray.experts.data import count_tokens, token_blocks
 from imoe_ray.experts.train_loop import MODEL_DIR
-from imoe_ray.routing.views import split_of
 from imoe_ray.store import Store
+from imoe_ray.store.layout import BASE, DENSE, EXPERT_MANIFEST as MANIFEST, EXPERTS, EXPERTS_INDEX as INDEX, RUNS
+from imoe_ray.store.layout import split_of
 
 Report = Callable[[str], None]
-BASE = "base"
-EXPERTS = "experts"
-DENSE = ("baselines", "dense")
-RUNS = "runs"
-INDEX = (EXPERTS, "index.json")
-MANIFEST = "manifest.json"
 BASE_SERVED = "base"  # what a category too small for an expert is served by when nothing is near
 
 
 def is_heldout(row_id: str, cfg: Config) -> bool:
     return split_of(str(row_id), cfg.router.calib_fraction, cfg.router.test_fraction) == "test"
+
 
 
 def _training_texts(table, cfg: Config) -> list[str]:
@@ -90,7 +86,8 @@ def run_base(store: Store, cfg: Config, resume: bool, report: Report = print) ->
         "kind": "pretrain", "model_config": model_config, "blocks": ray.put((inputs, labels)),
         "epochs": p.epochs, "lr": p.lr, "batch_size": p.batch_size, "weight_decay": 0.1, "seed": p.seed,
         "threads": cpus, "strategy": "ddp", "zero_stage": 0, "reports": 20,
-    }, workers=p.workers, cpus_per_worker=cpus, gpus_per_worker=1.0 if parallel.cluster_gpus() >= p.workers else 0.0)
+    }, workers=p.workers, cpus_per_worker=cpus, gpus_per_worker=1.0 if parallel.cluster_gpus() >= p.workers else 0.0,
+        resources=cfg.ray.resources)
     started = time.perf_counter()
 
     def save(name: str, metrics: dict, checkpoint: str) -> dict:
@@ -101,7 +98,7 @@ def run_base(store: Store, cfg: Config, resume: bool, report: Report = print) ->
             store.put_dir(target, BASE)
             return metrics | {"fingerprint": fingerprint(target)}
 
-    metrics = parallel.run_one(job, store.uri_of(RUNS), cfg.experts.max_failures, save)
+    metrics = parallel.run_one(job, parallel.Storage(store, (RUNS,)), cfg.experts.max_failures, save)
     n_params = sum(math.prod(v) for v in _param_shapes(model_config))
     report(f"[base] final training loss {metrics['loss']:.3f} ({metrics['tokens_per_s']:,.0f} tokens/s)")
     return {"source": "pretrained", "parameters": n_params, "vocab_size": len(tokenizer), "loss": metrics["loss"],
@@ -209,7 +206,7 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
         if _is_current(store, targets[name], key):
             report(f"[experts] {name}: up to date, skipped")
             continue
-        jobs.append(_job(name, key, inputs, labels, e.epochs, cfg, base_dir, len(plan)))
+        jobs.append(_job(name, key, inputs, labels, e.epochs, cfg, store, len(plan)))
     if e.dense_baseline and plan:
         union = _training_texts(store.read_table("corpus", "chunks", columns=["id", cfg.corpus.text_column]), cfg)
         inputs, labels = token_blocks(union, tokenizer, seq_len)
@@ -219,7 +216,7 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
         if _is_current(store, DENSE, key):
             report("[experts] dense baseline: up to date, skipped")
         else:
-            jobs.append(_job("dense", key, inputs, labels, epochs, cfg, base_dir, len(plan)))
+            jobs.append(_job("dense", key, inputs, labels, epochs, cfg, store, len(plan)))
     # Experts installed from `.expert` packages (`imoe experts install`) are not the build's: keep them.
     previous = store.read_json(*INDEX) if store.exists(*INDEX) else {"experts": []}
     installed = [e for e in previous.get("experts", []) if "package" in e and e["name"] not in plan]
@@ -236,7 +233,7 @@ def run_experts(store: Store, cfg: Config, resume: bool, report: Report = print)
                f"{min(concurrent, len(jobs))} at a time; progress per expert in the table below")
         started = time.perf_counter()
         saver = _Saver(store, cfg, categories, info, base_fp, targets)
-        parallel.run_parallel(jobs, store.uri_of(RUNS, EXPERTS), concurrent, e.max_failures, saver)
+        parallel.run_parallel(jobs, parallel.Storage(store, (RUNS, EXPERTS)), concurrent, e.max_failures, saver)
         wall = round(time.perf_counter() - started, 1)
     else:
         wall = 0.0
@@ -265,19 +262,26 @@ def _is_current(store: Store, target: tuple[str, ...], key: str) -> bool:
     return store.exists(*target, MANIFEST) and store.read_json(*target, MANIFEST).get("training_key") == key
 
 
+def base_source(store: Store, cfg: Config) -> dict[str, str | None]:
+    """How a Train worker on any node finds the base model: the store's URI (it fetches `base/` into
+    its own cache), never a path on the driver's disk."""
+    return {"store": store.uri, "cache_dir": cfg.cache_dir}
+
+
 def _job(name: str, key: str, inputs: np.ndarray, labels: np.ndarray, epochs: float, cfg: Config,
-         base_dir: Path, n_experts: int) -> parallel.TrainJob:
+         store: Store, n_experts: int) -> parallel.TrainJob:
     e = cfg.experts
     gpus = e.gpus_per_worker
     if gpus is None:
         total = parallel.cluster_gpus()
         gpus = min(1.0, total / max(1, min(n_experts, e.max_concurrent or n_experts))) if total else 0.0
     return parallel.TrainJob(f"{name}-{key}", label=name, loop_config={
-        "kind": "adapter", "base_dir": str(base_dir), "experts": e.model_dump(mode="json"),
+        "kind": "adapter", "base": base_source(store, cfg), "experts": e.model_dump(mode="json"),
         "blocks": ray.put((inputs, labels)), "epochs": epochs, "lr": e.lr, "batch_size": e.batch_size,
         "weight_decay": 0.0, "seed": e.seed, "threads": e.cpus_per_worker, "strategy": e.strategy,
-        "zero_stage": e.zero_stage, "reports": 10, "training_key": key, "expert": name, "tokens": count_tokens(labels),
-    }, workers=e.workers_per_expert, cpus_per_worker=e.cpus_per_worker, gpus_per_worker=gpus)
+        "zero_stage": e.zero_stage, "reports": 10, "min_report_s": e.checkpoint_s, "training_key": key, "expert": name, "tokens": count_tokens(labels),
+    }, workers=e.workers_per_expert, cpus_per_worker=e.cpus_per_worker, gpus_per_worker=gpus,
+        resources=cfg.ray.resources)
 
 
 class _Saver:
@@ -301,7 +305,7 @@ class _Saver:
 
     def _manifest(self, name: str, key: str, metrics: dict) -> dict:
         e = self.cfg.experts
-        training = {k: metrics[k] for k in ("loss", "tokens", "steps", "tokens_per_s") if k in metrics}
+        training = {k: metrics[k] for k in ("loss", "tokens", "steps", "tokens_per_s", "resumed_from_step") if k in metrics}
         training |= {"wall_s": metrics.get("wall_s"), "epochs": metrics.get("epochs")}
         out = {"name": name, "kind": "dense-baseline" if name == "dense" else "expert",
                "base_model": {"name": e.base_model or "store:base", "fingerprint": self.base_fp},

@@ -35,8 +35,16 @@ def build_model(config: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(config["seed"])
-    base = AutoModelForCausalLM.from_pretrained(config["base_dir"], torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir(config["base"]), torch_dtype=torch.float32)
     return get_peft_model(base, peft_config(ExpertsConfig(**config["experts"]), base))
+
+
+def base_dir(source: dict) -> str:
+    """The stored base model as a local directory on this worker's node (a cached copy for a URI store)."""
+    from imoe_ray.store import Store
+    from imoe_ray.store.layout import BASE
+
+    return str(Store(source["store"], create=False, cache_dir=source.get("cache_dir")).local_dir(BASE))
 
 
 def lr_at(step: int, total: int, peak: float, warmup_share: float = 0.05) -> float:
@@ -183,7 +191,7 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - started
             metrics = {"step": step + 1, "steps": steps, "loss": round(float(np.mean(losses)), 4),
                        "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-                       "epochs": round(config["epochs"], 3), "workers": world}
+                       "epochs": round(config["epochs"], 3), "workers": world, "resumed_from_step": start}
             if device.type == "cuda":
                 metrics["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             losses = []

@@ -15,9 +15,9 @@ from typing import Callable
 from imoe_ray.config import Config, ExpertsConfig
 from imoe_ray.store import Store
 
+from imoe_ray.store.layout import EXPERT_MANIFEST as MANIFEST, RUNS
+
 Report = Callable[[str], None]
-MANIFEST = "manifest.json"
-RUNS = "runs"
 
 
 def expert_texts(store: Store, cfg: Config, heldout: bool) -> dict[str, list[str]]:
@@ -53,7 +53,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Report = print) -> dict
 
     from imoe_ray.experts import parallel
     from imoe_ray.experts.data import count_tokens
-    from imoe_ray.experts.stage import BASE, _is_current, _job_key, _seq_len
+    from imoe_ray.experts.stage import BASE, _is_current, _job_key, _seq_len, base_source
     from imoe_ray.fusion.summarizer import FUSION_DIR, SUMMARIZER, fits, synthesize_cases, training_rows
 
     f = cfg.fusion
@@ -87,10 +87,11 @@ def run(store: Store, cfg: Config, resume: bool, report: Report = print) -> dict
            f"({len(made) - len(cases)} longer than {max_len} tokens dropped), {count_tokens(labels):,} answer tokens "
            f"x {f.epochs:g} epochs, 1 worker x {cpus} CPU")
     job = parallel.TrainJob(f"{SUMMARIZER}-{key}", label=SUMMARIZER, loop_config={
-        "kind": "adapter", "base_dir": str(base_dir), "experts": adapter.model_dump(mode="json"),
+        "kind": "adapter", "base": base_source(store, cfg), "experts": adapter.model_dump(mode="json"),
         "blocks": ray.put((inputs, labels)), "epochs": f.epochs, "lr": f.lr, "batch_size": f.batch_size,
         "weight_decay": 0.0, "seed": f.seed, "threads": cpus, "strategy": "ddp", "zero_stage": 0, "reports": 10,
-    }, workers=1, cpus_per_worker=cpus, gpus_per_worker=1.0 if parallel.cluster_gpus() >= 1 else 0.0)
+    }, workers=1, cpus_per_worker=cpus, gpus_per_worker=1.0 if parallel.cluster_gpus() >= 1 else 0.0,
+        resources=cfg.ray.resources)
     started = time.perf_counter()
 
     def save(name: str, metrics: dict, checkpoint: str) -> dict:
@@ -113,7 +114,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Report = print) -> dict
             store.put_dir(out, *target)
         return training
 
-    training = parallel.run_one(job, store.uri_of(RUNS, FUSION_DIR), cfg.experts.max_failures, save)
+    training = parallel.run_one(job, parallel.Storage(store, (RUNS, FUSION_DIR)), cfg.experts.max_failures, save)
     report(f"[summarizer] final training loss {training['loss']:.3f} on {len(cases)} cases "
            f"({training['tokens_per_s']:,.0f} answer tokens/s), stored in {FUSION_DIR}/{SUMMARIZER}")
     return {"trained": True, "cases": len(cases)} | training

@@ -7,13 +7,14 @@ arbitrate, and a record is rewritten only at a step boundary (a few writes per s
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from imoe_ray.store.layout import JOBS
 
 State = Literal["queued", "running", "preempted", "succeeded", "failed", "cancelled"]
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -94,30 +95,29 @@ class JobRecord(BaseModel):
 
 
 class JobStore:
-    """STORE/jobs/<id>.json, one file per job."""
+    """STORE/jobs/<id>.json, one file per job, in the store itself (a local directory or a URI)."""
 
     def __init__(self, root: str | Path):
-        self.dir = Path(root) / "jobs"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        from imoe_ray.store import Store
+
+        self.store = Store(root)
 
     def save(self, record: JobRecord) -> None:
         record.telemetry.tokens = len(record.generated)
-        path = self.dir / f"{record.id}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(record.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        self.store.write_bytes(record.model_dump_json().encode(), JOBS, f"{record.id}.json")
 
     def load_all(self) -> list[JobRecord]:
+        from imoe_ray.store import StoreError
+
         out = []
-        for path in sorted(self.dir.glob("*.json")):
+        for name in self.store.listdir(JOBS):
+            if not name.endswith(".json"):
+                continue
             try:
-                out.append(JobRecord.model_validate_json(path.read_text()))
-            except (OSError, ValueError):
+                out.append(JobRecord.model_validate_json(self.store.read_bytes(JOBS, name)))
+            except (OSError, StoreError, ValueError):
                 continue  # a record another version wrote; never fatal to the queue
         return out
 
     def delete(self, job_id: str) -> None:
-        (self.dir / f"{job_id}.json").unlink(missing_ok=True)
+        self.store.remove(JOBS, f"{job_id}.json")

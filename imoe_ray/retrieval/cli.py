@@ -27,7 +27,10 @@ def _open(store: str):
     def no_encoder(_texts):  # listing and removing never embed
         raise RuntimeError("this command does not encode text")
 
-    return KnowledgeBase(Path(store) / "kb", no_encoder, cfg.corpus.text_column)
+    from imoe_ray.store.store import is_uri
+
+    kb = f"{store.rstrip('/')}/kb" if is_uri(store) else Path(store) / "kb"
+    return KnowledgeBase(kb, no_encoder, cfg.corpus.text_column)
 
 
 def _tables(store: str, kb, expert: str | None) -> list[str | None]:

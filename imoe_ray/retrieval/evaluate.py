@@ -165,7 +165,7 @@ def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, te
     def embed(texts: list[str]) -> np.ndarray:
         return enc.encode(texts, batch_size=64)
 
-    kb = KnowledgeBase(Path(store.local_path("kb")), embed, cfg.corpus.text_column)
+    kb = KnowledgeBase(store.path("kb") if store.is_local else store.uri_of("kb"), embed, cfg.corpus.text_column)
     with tempfile.TemporaryDirectory(prefix="imoe-eval-kb-") as tmp:
         if encoder:
             report(f"re-embedding the knowledge base with {encoder}")
@@ -188,7 +188,7 @@ def evaluate_retrieval(store: Store, cfg: Config, heldout: str | None = None, te
                 hybrid_hits = hits
         n = min(compression_queries, len(queries))
         if n and store.exists("base", "config.json"):
-            selective = SelectiveCompressor(store.local_path("base"))
+            selective = SelectiveCompressor(store.local_dir("base"))
             filler = FillerCompressor(selective.count)
             prompts = [(queries[i], [p.text for p in hybrid_hits[i][:pool]], [p.chunk_id for p in hybrid_hits[i][:pool]])
                        for i in range(n)]

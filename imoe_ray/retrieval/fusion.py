@@ -98,17 +98,18 @@ def configured(fusion: Fusion, rc) -> Fusion:
 
 
 def save_fusion(kb_dir: str | Path, fusion: Fusion) -> None:
-    from imoe_ray.store import write_text_atomic
+    from imoe_ray.store import Store
 
-    write_text_atomic(Path(kb_dir) / FUSION_FILE, json.dumps(fusion.to_json(), indent=1))
+    Store(kb_dir).write_bytes(json.dumps(fusion.to_json(), indent=1).encode(), FUSION_FILE)
 
 
 def load_fusion(kb_dir: str | Path) -> Fusion | None:
-    """The calibrated fusion of a knowledge base, or None (older stores, or a damaged file)."""
-    path = Path(kb_dir) / FUSION_FILE
+    """The calibrated fusion of a knowledge base (a folder or a URI), or None (older stores, or a damaged file)."""
+    from imoe_ray.store import Store, StoreError
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Store(kb_dir, create=False).read_bytes(FUSION_FILE))
         return Fusion(data["method"], float(data["vector_weight"]), int(data.get("rrf_k", 60)),
                       data.get("calibration", {}))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, StoreError, ValueError, KeyError, TypeError):
         return None

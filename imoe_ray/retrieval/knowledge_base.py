@@ -52,7 +52,13 @@ class Passage:
 
 @contextmanager
 def table_lock(kb_dir: str | Path, table: str) -> Iterator[None]:
-    """An exclusive lock on one table across threads and processes (flock: per open file)."""
+    """An exclusive lock on one table across threads and processes (flock: per open file). A knowledge
+    base on an object store has no local file to lock: there LanceDB's own versioned commits decide."""
+    from imoe_ray.store.store import is_uri
+
+    if is_uri(kb_dir):
+        yield
+        return
     locks = Path(kb_dir) / LOCKS
     locks.mkdir(exist_ok=True)
     fd = os.open(locks / f"{table}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -77,11 +83,17 @@ class KnowledgeBase:
                  consistency_s: float = 0.0, fusion: Fusion | None = None):
         import lancedb  # imported late: its runtime must not be loaded before Ray forks workers
 
-        self.dir = Path(kb_dir)
-        if not self.dir.is_dir():
+        from imoe_ray.store.store import Store, is_uri
+
+        location = str(kb_dir)
+        self.dir: str | Path = location.rstrip("/") if is_uri(location) else Path(location)
+        found = Store(location, create=False).exists() if is_uri(location) else self.dir.is_dir()
+        if not found:
             raise KnowledgeBaseError(f"no knowledge base at {self.dir}: build the store through the shard stage "
                                      f"(`imoe build --until shard`) with sharding.write_lancedb=true")
-        self.db = lancedb.connect(str(self.dir), read_consistency_interval=timedelta(seconds=consistency_s))
+        options = Store(location, create=False).storage_options() if is_uri(location) else {}
+        self.db = lancedb.connect(str(self.dir), read_consistency_interval=timedelta(seconds=consistency_s),
+                                  storage_options=options or None)
         self.embed = embed
         self.text_column = text_column
         self.fusion = fusion or load_fusion(self.dir) or Fusion()
@@ -90,7 +102,9 @@ class KnowledgeBase:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kb")
 
     def names(self) -> list[str]:
-        return sorted(p.name[: -len(".lance")] for p in self.dir.glob("*.lance"))
+        if isinstance(self.dir, Path):
+            return sorted(p.name[: -len(".lance")] for p in self.dir.glob("*.lance"))
+        return sorted(self.db.list_tables().tables)
 
     def table(self, name: str):
         if name not in self._tables:
@@ -219,5 +233,7 @@ def open_knowledge_base(store_root: str | Path, encoder_name: str, max_tokens: i
     from imoe_ray.embedding.encoder import Encoder
 
     encoder = Encoder(encoder_name, max_tokens=max_tokens, device="cpu", num_threads=threads)
-    return KnowledgeBase(Path(store_root) / "kb", lambda texts: encoder.encode(texts, batch_size=64),
-                         text_column, consistency_s)
+    from imoe_ray.store.store import is_uri
+
+    kb = f"{str(store_root).rstrip('/')}/kb" if is_uri(store_root) else Path(store_root) / "kb"
+    return KnowledgeBase(kb, lambda texts: encoder.encode(texts, batch_size=64), text_column, consistency_s)

@@ -108,12 +108,18 @@ class Learner:
         return self.buffer.add(Exchange(question, answer, tables, request_id, caller))
 
 
-def build_components(store: str | Path, cfg: Config, threads: int | None = 1):
-    """(retriever, compressor, learner) for a store; None where the store or the settings have none."""
-    compressor = PromptCompressor(store, cfg, threads) if (Path(store) / "base" / "config.json").is_file() else None
-    if not (Path(store) / "kb").is_dir():
+def build_components(store: str | Path, cfg: Config, threads: int | None = 1, local_root: str | Path | None = None):
+    """(retriever, compressor, learner) for a store; None where the store or the settings have none.
+    `local_root`: where the store's files can be read by path (a URI store's mirror, see
+    `imoe_ray.store.mirror`); the knowledge base is opened at the store itself."""
+    from imoe_ray.store.store import Store, is_uri
+
+    local = Path(local_root or store)
+    compressor = PromptCompressor(local, cfg, threads) if (local / "base" / "config.json").is_file() else None
+    has_kb = Store(store, create=False).exists("kb") if is_uri(store) else (Path(store) / "kb").is_dir()
+    if not has_kb:
         return None, compressor, None
-    experts = expert_categories(store)
+    experts = expert_categories(local)
     kb = open_knowledge_base(store, cfg.embedding.encoder, cfg.embedding.max_tokens, cfg.corpus.text_column,
                              consistency_s=1.0, threads=threads)
     kb.fusion = configured(kb.fusion, cfg.retrieval)

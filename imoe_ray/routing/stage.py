@@ -28,11 +28,9 @@ from imoe_ray.store.tensors import arrays_from_bytes as load_arrays
 from imoe_ray.store.tensors import arrays_to_bytes as save_arrays
 from imoe_ray.store.store import StoreError
 
-MODEL = ("router", "config.json")
-WEIGHTS = ("router", "weights.safetensors")
-EXTRA_EXPERTS = ("router", "experts.json")
-EXPERTS_INDEX = ("experts", "index.json")  # written by the experts stage
-REFERENCE = ("router", "reference-head.safetensors")  # the full-encoder baseline, for benchmarks only
+from imoe_ray.store.layout import EXPERTS_INDEX, ROUTER_EXTRA_EXPERTS as EXTRA_EXPERTS
+from imoe_ray.store.layout import ROUTER_MODEL as MODEL, ROUTER_REFERENCE as REFERENCE
+from imoe_ray.store.layout import ROUTER_WEIGHTS as WEIGHTS
 
 
 def make_encoder(cfg: Config):

@@ -8,7 +8,6 @@ category by clustering that category's chunks and phrasing each sub-cluster's di
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from imoe_ray.discovery.keywords import class_tfidf_keywords
+from imoe_ray.store.layout import split_of  # noqa: F401  (the router's split: routing.train and benchmarks read it here)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _TEMPLATES = ("{a} {b}", "how to {a} {b}", "{a} {b} {c}", "what does {a} do with {b}", "{a} {b} example",
@@ -40,12 +40,6 @@ class Views:
         self.labels += other.labels
         self.kinds += other.kinds
         return self
-
-
-def split_of(key: str, calib: float, test: float) -> str:
-    """A stable train/calib/test split by input row id, so overlapping chunks of one document stay together."""
-    u = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
-    return "test" if u < test else "calib" if u < test + calib else "train"
 
 
 def token_prefixes(texts: list[str], tokenizer, n_tokens: int | list[int]) -> list[str]:

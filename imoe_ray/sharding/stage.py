@@ -19,9 +19,7 @@ from imoe_ray.config import Config
 from imoe_ray.discovery.stage import ASSIGNMENTS, load_chunks_with_embeddings, load_model
 from imoe_ray.store import Store
 
-SHARDS = "shards"
-KB = "kb"
-INDEX = (SHARDS, "index.json")
+from imoe_ray.store.layout import KB, SHARDS, SHARDS_INDEX as INDEX
 
 
 def in_category(categories: pa.ChunkedArray | pa.Array, category: int) -> pa.Array:
@@ -71,15 +69,24 @@ def _write_kb(store: Store, cfg: Config, names: dict[int, str], table: pa.Table,
     """The per-category LanceDB tables, and the hybrid-search fusion calibrated on them."""
     import lancedb  # imported late: its runtime must not be loaded before Ray forks workers
 
+    import tempfile
+
     text = cfg.corpus.text_column
-    temp = store.temp_path(KB)
+    # Built beside the store's KB and renamed into place on a local disk; built locally and uploaded
+    # (then committed by the stage's manifest) on an object store.
+    scratch = None if store.is_local else tempfile.TemporaryDirectory(prefix="imoe-kb-")
+    temp = scratch.name if scratch else store.temp_path(KB)
     db = lancedb.connect(temp)
     for cid, name in names.items():
         rows = table.filter(in_category(table.column("categories"), cid))
         kb = db.create_table(name, data=rows.select(["chunk_id", "id", text, "embedding"]))
         kb.create_fts_index(text, use_tantivy=False, replace=True)  # native BM25 index: hybrid search
     fusion = _calibrate_fusion(store, cfg, temp, report) if cfg.retrieval.calibration_queries else None
-    store.commit(temp, KB)
+    if scratch:
+        store.put_dir(temp, KB)
+        scratch.cleanup()
+    else:
+        store.commit(temp, KB)
     return {"fusion_vector_weight": fusion.vector_weight if fusion else None}
 
 
@@ -113,7 +120,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     for stale in set(store.listdir(SHARDS)) - set(names.values()) - {"index.json"}:
         store.remove(SHARDS, stale)
     kb_metrics = {}
-    if cfg.sharding.write_lancedb and store.is_local:
+    if cfg.sharding.write_lancedb:
         kb_metrics = _write_kb(store, cfg, names, table, report)
     fallback = int(pc.sum(pc.equal(pc.list_value_length(table.column("categories")), 0)).as_py() or 0)
     index = {"categories": [{"id": cid, "name": name, "rows": sizes[name]} for cid, name in names.items()],

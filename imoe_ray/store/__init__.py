@@ -1,6 +1,8 @@
 """The store: one directory (or pyarrow.fs URI) that every stage reads and writes."""
 
+from imoe_ray.store.lock import StoreLock, StoreLocked
 from imoe_ray.store.manifest import StageManifest
-from imoe_ray.store.store import Store, write_text_atomic
+from imoe_ray.store.store import Store, StoreError, write_bytes_atomic, write_text_atomic
 
-__all__ = ["Store", "StageManifest", "write_text_atomic"]
+__all__ = ["Store", "StoreError", "StoreLock", "StoreLocked", "StageManifest", "write_bytes_atomic",
+           "write_text_atomic"]

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 from imoe_ray.store.store import Store
 
 
-@dataclass
-class StageManifest:
+class StageManifest(BaseModel):
+    """`manifests/STAGE.json` (and `STAGE.partial.json` while the stage runs)."""
     stage: str
     config_hash: str
-    inputs: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
     complete: bool = False
     finished_at: str | None = None
     reruns: int = 0  # forced re-runs with the same settings and inputs: their output may differ all the same
+
+    def __init__(self, stage: str, config_hash: str, inputs: dict[str, str] | None = None, **fields: Any):
+        super().__init__(stage=stage, config_hash=config_hash, inputs=inputs or {}, **fields)
 
     @staticmethod
     def location(stage: str, partial: bool = False) -> tuple[str, str]:
@@ -38,12 +42,12 @@ class StageManifest:
 
     def start(self, store: Store) -> None:
         """Record that the stage is running with these settings."""
-        store.write_json(asdict(self), *self.location(self.stage, partial=True))
+        store.write_json(self.model_dump(mode="json"), *self.location(self.stage, partial=True))
 
     def finish(self, store: Store) -> None:
         self.complete = True
         self.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        store.write_json(asdict(self), *self.location(self.stage))
+        store.write_json(self.model_dump(mode="json"), *self.location(self.stage))
         store.remove(*self.location(self.stage, partial=True))
 
     def matches(self, config_hash: str, inputs: dict[str, str]) -> bool:
