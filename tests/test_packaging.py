@@ -61,6 +61,9 @@ def _make_store(root: Path, fingerprint: str = FP) -> Path:
     (root / "router").mkdir()
     (root / "router" / "config.json").write_text(json.dumps({"profiles": [
         {"name": "alpha", "category": 0, "keywords": [], "centroid": [0.0] * DIM, "priority": 0}]}))
+    from imoe_ray.store import Store
+    with Store(root).lock("imoe build"):   # as a build leaves it: the lock's folder exists, no lease in it
+        pass
     return root
 
 
@@ -309,6 +312,38 @@ def test_a_changed_adapter_is_refused_at_load(store, tmp_path):
     (served / "extra.safetensors").write_bytes(b"x")
     with pytest.raises(AdapterMismatch, match="does not declare"):
         verify_adapter(served)
+
+
+def test_concurrent_installs_are_all_recorded_or_refused_with_a_lock_error(store, tmp_path):
+    """Four installs at once, each in its own process: each either succeeds and is in the index and
+    the routing profiles, or exits 2 naming the lock's holder. No update is lost."""
+    packages = {f"pkg{i}": _package(store, tmp_path / f"p{i}.expert", name=f"pkg{i}") for i in range(4)}
+    procs = {name: subprocess.Popen([IMOE, "experts", "install", str(path), "--store", str(store), "--allow-unsigned"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, path in packages.items()}
+    done = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
+    installed = {name for name, (code, _) in done.items() if code == 0}
+    for name, (code, err) in done.items():
+        assert code == 0 or (code == 2 and "locked by 'imoe experts install" in err), (name, code, err)
+    assert installed, done
+    index = {e["name"] for e in json.loads((store / "experts" / "index.json").read_text())["experts"]}
+    profiles = {p["name"] for p in json.loads((store / "router" / "experts.json").read_text())}
+    assert index == {"alpha"} | installed and profiles == installed
+    assert {p.name for p in (store / "registry").iterdir() if p.is_dir() and not p.name.startswith(".")} == installed
+
+
+def test_an_install_while_the_store_is_locked_is_refused_naming_the_holder(store, tmp_path):
+    from imoe_ray.store import Store, StoreLocked
+
+    pkg = _package(store, tmp_path / "b.expert")
+    with Store(store).lock("imoe build --until experts"):
+        before = _state(store)
+        with pytest.raises(StoreLocked, match="locked by 'imoe build --until experts'"):
+            Registry(store, PackagesConfig(allow_unsigned=True)).install(str(pkg))
+        assert _state(store) == before
+        done = subprocess.run([IMOE, "experts", "remove", "alpha", "--store", str(store)], capture_output=True, text=True)
+        assert done.returncode == 2 and "locked by" in done.stderr
+        assert _state(store) == before
 
 
 def test_install_from_a_git_repository(store, keys, tmp_path):

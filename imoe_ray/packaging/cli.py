@@ -25,12 +25,15 @@ SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set pack
 
 
 def _refusals(fn):
-    """A PackageError becomes `error: ...` and exit status 2 (the install contract: non-zero when refused)."""
+    """A PackageError (or the store's lock held by another writer) becomes `error: ...` and exit
+    status 2 (the install contract: non-zero when refused)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from imoe_ray.store import StoreLocked
+
         try:
             return fn(*args, **kwargs)
-        except PackageError as e:
+        except (PackageError, StoreLocked) as e:
             raise Refused(str(e)) from None
     return wrapper
 

@@ -12,6 +12,7 @@ Every write is temp-then-rename; nothing is written outside the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -108,9 +109,19 @@ class Registry:
     def trusted_keys(self) -> list[str]:
         return list(self.cfg.trusted_keys) + [k for k, v in self.trust_file()["keys"].items() if v.get("trusted")]
 
+    def lock(self, purpose: str):
+        """The store's one writer lock (`Store.lock`): raises StoreLocked naming the holder."""
+        from imoe_ray.store import Store
+
+        return Store(self.store, create=False).lock(purpose)
+
     def trust(self, key: str, names: list[str], trusted: bool = True) -> list[str]:
         """Let `key` publish `names` (besides any key already bound to them); `trusted`: also trust it
         in this store (`imoe keys trust`)."""
+        with self.lock("imoe keys trust"):
+            return self._trust(key, names, trusted)
+
+    def _trust(self, key: str, names: list[str], trusted: bool) -> list[str]:
         key = parse_public_key(key)
         names = [check_name(n) for n in names]
         data = self.trust_file()
@@ -124,7 +135,7 @@ class Registry:
     def _bind(self, name: str, key: str) -> None:
         """First publisher wins: a name nobody publishes yet is bound to the key that signed it."""
         if not self.publishers(name):
-            self.trust(key, [name], trusted=False)
+            self._trust(key, [name], trusted=False)
 
     # ---- install ----
     def install(self, source: str, allow_unsigned: bool | None = None, name: str | None = None,
@@ -135,6 +146,13 @@ class Registry:
         allow = self.cfg.allow_unsigned if allow_unsigned is None else allow_unsigned
         path = Path(source)
         clone_dir = None
+        held = contextlib.ExitStack()
+
+        def admit(m: PackageManifest, signature: Signature | None) -> None:
+            self._check_trust(m, signature, allow, where)   # refused here: not a byte written anywhere
+            held.enter_context(self.lock(f"imoe experts install {m.name} {m.version}"))
+            self._check(m, signature, allow, allow_downgrade, where)   # again under the lock, with the store's state
+
         try:
             if not path.exists() and is_git_url(source):
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -143,12 +161,13 @@ class Registry:
             elif path.is_dir() and not (path / MANIFEST).is_file():
                 path = find_package(path, name)
             where = str(path)
-            unpacked = unpack(path, self.root / TEMP, self.limits,
-                              admit=lambda m, s: self._check(m, s, allow, allow_downgrade, where))
-            try:
-                return self._admit(unpacked, allow_downgrade)
-            finally:
-                shutil.rmtree(unpacked.root, ignore_errors=True)
+            with held:
+                unpacked = unpack(path, self.root / TEMP, self.limits, admit=admit)
+                try:
+                    return self._admit(unpacked, allow_downgrade)
+                finally:
+                    shutil.rmtree(unpacked.root, ignore_errors=True)
+                    self._drop_empty_temp()
         finally:
             if clone_dir is not None:
                 shutil.rmtree(clone_dir, ignore_errors=True)
@@ -168,13 +187,8 @@ class Registry:
 
     def _check(self, m: PackageManifest, signature: Signature | None, allow_unsigned: bool, allow_downgrade: bool,
                where: str) -> None:
-        """Everything decided from the manifest and the signature alone, before a payload byte is written."""
-        check_name(m.name)
-        check_version(m.version)
-        trust = trust_status(m, signature, self.trusted_keys())
-        if trust != "trusted" and not allow_unsigned:
-            who = "is not signed" if trust == "unsigned" else f"is signed by key {signature.key} which is not trusted"
-            raise PackageError(f"{where} {who}; add the signer to packages.trusted_keys, or pass --allow-unsigned")
+        """Everything decided from the manifest, the signature and the store, before a payload byte is written."""
+        self._check_trust(m, signature, allow_unsigned, where)
         bound = self.publishers(m.name)
         if bound and (signature is None or signature.key not in bound):
             signer = f"key {signature.key[:16]}…" if signature else "nobody (unsigned)"
@@ -202,6 +216,14 @@ class Registry:
                 raise PackageError(f"{m.name} {m.version} is already installed with different contents; "
                                    f"remove it first (`imoe experts remove {m.name} --version {m.version}`)")
 
+    def _check_trust(self, m: PackageManifest, signature: Signature | None, allow_unsigned: bool, where: str) -> None:
+        check_name(m.name)
+        check_version(m.version)
+        trust = trust_status(m, signature, self.trusted_keys())
+        if trust != "trusted" and not allow_unsigned:
+            who = "is not signed" if trust == "unsigned" else f"is signed by key {signature.key} which is not trusted"
+            raise PackageError(f"{where} {who}; add the signer to packages.trusted_keys, or pass --allow-unsigned")
+
     def _check_downgrade(self, name: str, version: str, allow_downgrade: bool) -> None:
         active = self.active_version(name)
         if active and semver_key(version) < semver_key(active) and not allow_downgrade:
@@ -214,7 +236,7 @@ class Registry:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(unpacked.root, target)
-        self.activate(m.name, m.version, allow_downgrade)
+        self._activate(m.name, m.version, allow_downgrade)
         if unpacked.signature is not None:
             self._bind(m.name, unpacked.signature.key)
         return self._row(m.name, m.version)
@@ -229,6 +251,11 @@ class Registry:
     # ---- activate / deactivate ----
     def activate(self, name: str, version: str, allow_downgrade: bool = False) -> None:
         """Materialise NAME VERSION as STORE/experts/NAME and register it for serving and routing."""
+        self._dir(name, version)
+        with self.lock(f"imoe experts activate {name} {version}"):
+            self._activate(name, version, allow_downgrade)
+
+    def _activate(self, name: str, version: str, allow_downgrade: bool) -> None:
         source = self._dir(name, version)
         if not (source / MANIFEST).is_file():
             raise PackageError(f"{name} {version} is not installed; installed: {', '.join(self.versions(name)) or 'none'}")
@@ -261,6 +288,11 @@ class Registry:
     def deactivate(self, name: str) -> None:
         """Stop routing to NAME and stop listing it (requests already running finish: replicas keep
         what they loaded until they evict it)."""
+        self._dir(name)
+        with self.lock(f"imoe experts deactivate {name}"):
+            self._deactivate(name)
+
+    def _deactivate(self, name: str) -> None:
         marker = self._dir(name) / ACTIVE
         if not marker.is_file():
             return
@@ -281,6 +313,10 @@ class Registry:
         folder = self._dir(name)
         if version is not None:
             check_version(version)
+        with self.lock(f"imoe experts remove {name}"):
+            return self._remove(name, version, folder)
+
+    def _remove(self, name: str, version: str | None, folder: Path) -> list[str]:
         versions = self.versions(name)
         if not versions:
             raise PackageError(f"no package named {name!r} in {self.root}; installed: {', '.join(self.names()) or 'none'}")
@@ -288,7 +324,7 @@ class Registry:
             raise PackageError(f"{name} has no version {version}; installed: {', '.join(versions)}")
         doomed = [version] if version else versions
         if self.active_version(name) in doomed:
-            self.deactivate(name)
+            self._deactivate(name)
         for v in doomed:
             retired = self._temp() / f"removed-{uuid.uuid4().hex[:8]}"
             os.replace(self._dir(name, v), retired)

@@ -144,10 +144,10 @@ def kb_compact(store: str = StoreOpt,
 
 
 def _locked(store: str, purpose: str):
-    """The store's writer lock, once the store has one (imoe_ray.store.Store.lock)."""
-    from contextlib import nullcontext
+    """The store's one writer lock (a build, an install or another edit holding it: StoreLocked, exit 2)."""
+    from imoe_ray.store import Store
 
-    return nullcontext()
+    return Store(store).lock(f"imoe {purpose}")
 
 
 def eval_retrieval(
