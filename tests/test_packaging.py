@@ -423,15 +423,17 @@ def test_a_replica_reloads_an_expert_whose_active_version_changed(built, tmp_pat
     after = model.bank.resident["swap"]
     module = next(iter(before.modules))
     assert torch.allclose(after.modules[module][1], 2 * before.modules[module][1])
+    registry.remove("swap")
+    with pytest.raises(UnknownExpert):
+        model.ensure("swap")
     from imoe_ray.packaging.registry import AdapterMismatch
+    registry.install(str(v1))
+    assert model.ensure("swap") > 0
     served = store / "experts" / "swap" / "adapter_model.safetensors"
     tampered = load_file(served)
     save_file({k: t * 3 for k, t in tampered.items()}, str(served))   # write access to the store is not enough
     model.bank.evict("swap")                                       # the next load reads the store again
     with pytest.raises(AdapterMismatch, match="does not match the sha256"):
-        model.ensure("swap")
-    registry.remove("swap")
-    with pytest.raises(UnknownExpert):
         model.ensure("swap")
 
 
