@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -198,8 +198,10 @@ add_job_routes(api)  # /v1/jobs: forwarded to the JobQueue deployment (serve_app
 
 
 def _caller(request: Request) -> str | None:
-    """Who sent a request, for learning's provenance and caps: the client address (API keys later)."""
-    return request.client.host if request.client else None
+    """Who sent a request, for learning's provenance and caps: the client address (API keys later).
+    A FastAPI dependency; `Request` is named in the body too, so that the deployment class, pickled
+    by value with the globals its code uses, still resolves the annotation."""
+    return request.client.host if isinstance(request, Request) and request.client else None
 
 
 @serve.deployment(name="Router")
@@ -266,16 +268,16 @@ class Router:
         return route.to_json()
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: oa.ChatRequest, request: Request):
+    async def chat(self, body: oa.ChatRequest, caller: str | None = Depends(_caller)):
         try:
             prompt, query = chat_prompt(body.messages, self.tokenizer)
         except ValueError as e:
             raise oa.ApiError(400, str(e), param="messages") from None
-        return await self._complete(body, prompt, query, chat=True, caller=_caller(request))
+        return await self._complete(body, prompt, query, chat=True, caller=caller)
 
     @api.post("/v1/completions")
-    async def completions(self, body: oa.CompletionRequest, request: Request):
-        return await self._complete(body, body.prompt, body.prompt, chat=False, caller=_caller(request))
+    async def completions(self, body: oa.CompletionRequest, caller: str | None = Depends(_caller)):
+        return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
 
     # ---- the pipeline ----
     async def _complete(self, body, prompt: str, query: str, chat: bool, caller: str | None = None):
