@@ -246,6 +246,14 @@ class RetrievalConfig(_Section):
     min_compress_tokens: int = Field(48, ge=0, description="shorter prompts are not compressed")
     learn: bool = Field(True, description="append (question, answer) of `optimized` requests to the experts' tables")
     learn_max_chars: int = Field(4000, ge=16, description="longest learned row, in characters")
+    learn_callers: list[str] | None = Field(
+        None, description="callers whose answers may be learned (client addresses; API key names once keys exist); "
+                          "null: every caller, []: none")
+    learn_rows_per_caller_hour: int | None = Field(
+        60, ge=0, description="most rows one caller may add to a table per hour; null: no cap")
+    learn_max_rows: int | None = Field(10000, ge=0, description="most learned rows a table may hold; null: no cap")
+    learn_batch_rows: int = Field(128, ge=1, description="learned rows written together (one LanceDB commit per table)")
+    learn_flush_s: float = Field(5.0, gt=0, description="longest a learned row waits before its batch is written")
 
 
 class MoeEncoderConfig(_Section):
@@ -333,6 +341,8 @@ class PackagesConfig(_Section):
     max_member_bytes: int = Field(2 << 30, ge=1, description="largest file an archive may hold")
     max_members: int = Field(64, ge=2, description="most entries an archive may hold")
     max_total_bytes: int = Field(4 << 30, ge=1, description="largest total unpacked size")
+    max_header_bytes: int = Field(4096, ge=512, description="largest extended tar header (GNU long name, pax records)")
+    max_ratio: float = Field(100.0, ge=1, description="most an archive may expand when decompressed (times its size)")
 
 
 class Config(_Section):

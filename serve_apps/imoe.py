@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -189,6 +189,13 @@ def _read_json(path: Path) -> dict:
 add_job_routes(api)  # /v1/jobs: forwarded to the JobQueue deployment (serve_apps/job_queue.py)
 
 
+def _caller(request: Request) -> str | None:
+    """Who sent a request, for learning's provenance and caps: the client address (API keys later).
+    A FastAPI dependency; `Request` is named in the body too, so that the deployment class, pickled
+    by value with the globals its code uses, still resolves the annotation."""
+    return request.client.host if isinstance(request, Request) and request.client else None
+
+
 @serve.deployment(name="Router")
 @serve.ingress(api)
 class Router:
@@ -319,19 +326,19 @@ class Router:
         return route.to_json()
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: oa.ChatRequest):
+    async def chat(self, body: oa.ChatRequest, caller: str | None = Depends(_caller)):
         try:
             prompt, query = chat_prompt(body.messages, self.tokenizer)
         except ValueError as e:
             raise oa.ApiError(400, str(e), param="messages") from None
-        return await self._complete(body, prompt, query, chat=True)
+        return await self._complete(body, prompt, query, chat=True, caller=caller)
 
     @api.post("/v1/completions")
-    async def completions(self, body: oa.CompletionRequest):
-        return await self._complete(body, body.prompt, body.prompt, chat=False)
+    async def completions(self, body: oa.CompletionRequest, caller: str | None = Depends(_caller)):
+        return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
 
     # ---- the pipeline ----
-    async def _complete(self, body, prompt: str, query: str, chat: bool):
+    async def _complete(self, body, prompt: str, query: str, chat: bool, caller: str | None = None):
         self._refresh()
         arrived = time.perf_counter()
         self._queue(+1)
@@ -349,7 +356,7 @@ class Router:
         for expert in plan.experts:
             self.requests.inc(tags={"expert": expert, "mode": plan.mode})
         if body.stream:
-            return StreamingResponse(self._stream(body, plan, chat, query), media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, plan, chat, query, caller), media_type="text/event-stream")
         try:
             text, finish, prompt_tokens, completion_tokens, logprobs = await self._answer(body, plan)
         finally:
@@ -364,7 +371,7 @@ class Router:
             response = oa.completion_response(
                 body.model, echo + text, finish, prompt_tokens, completion_tokens, plan.imoe(),
                 oa.completion_logprobs(logprobs, self._token_text) if asked is not None else None)
-        self._learn(query, text, plan, response["id"])
+        self._learn(query, text, plan, response["id"], caller)
         return response
 
     def _refresh(self) -> None:
@@ -373,12 +380,13 @@ class Router:
         if installed is not None:
             self.installed = installed
 
-    def _learn(self, question: str, answer: str, plan: Plan, request_id: str) -> None:
-        """Learning from answers (`optimized`): appended in the background, after the response."""
+    def _learn(self, question: str, answer: str, plan: Plan, request_id: str, caller: str | None = None) -> None:
+        """Learning from answers (`optimized`): queued in the background, after the response, with the
+        caller's identity (the client address until API keys exist)."""
         experts = [e for e in plan.experts if e not in (BASE, SUMMARIZER)]
         if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip():
             return
-        task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id))
+        task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id, caller))
         self._learning.add(task)
         task.add_done_callback(lambda t: self._learning.discard(t) or (
             not t.cancelled() and t.exception() and log.warning("learning from request %s failed: %r", request_id,
@@ -435,7 +443,7 @@ class Router:
             finish = part["finish_reason"] or finish
         return self._returned(tokens, finish, body.stop)[0]
 
-    async def _stream(self, body, plan: Plan, chat: bool, query: str) -> AsyncIterator[str]:
+    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: str | None = None) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
@@ -447,7 +455,7 @@ class Router:
                 if body.include_usage():
                     yield _sse(oa.usage_chunk(chunk_id, body.model, chat, prompt_tokens, kept))
                 yield "data: [DONE]\n\n"
-                self._learn(query, text, plan, chunk_id)
+                self._learn(query, text, plan, chunk_id, caller)
                 return
             ids, limit = self._tokens(plan.prompt, body)
             if chat:
@@ -483,7 +491,7 @@ class Router:
             if body.include_usage():
                 yield _sse(oa.usage_chunk(chunk_id, body.model, chat, len(ids), kept))
             yield "data: [DONE]\n\n"
-            self._learn(query, sent, plan, chunk_id)  # what the client received, once it has all of it
+            self._learn(query, sent, plan, chunk_id, caller)  # what the client received, once it has all of it
         except oa.ApiError as e:
             yield _sse(e.body())
         finally:

@@ -6,7 +6,6 @@ which is cheap; the hot-add test serves a copy of the session's `built` store.""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -61,6 +60,9 @@ def _make_store(root: Path, fingerprint: str = FP) -> Path:
     (root / "router").mkdir()
     (root / "router" / "config.json").write_text(json.dumps({"profiles": [
         {"name": "alpha", "category": 0, "keywords": [], "centroid": [0.0] * DIM, "priority": 0}]}))
+    from imoe_ray.store import Store
+    with Store(root).lock("imoe build"):   # as a build leaves it: the lock's folder exists, no lease in it
+        pass
     return root
 
 
@@ -151,78 +153,49 @@ def test_base_fingerprint_mismatch_names_both(store, tmp_path):
 
 # ---- hostile archives -------------------------------------------------------------------------
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    for k, v in attrs.items():
-        setattr(info, k, v)
-    tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+DATA = REPO / "tests" / "data" / "hostile"
+CORPUS = json.loads((DATA / "expected.json").read_text())
 
 
-def _hostile(tmp_path: Path, good: Path, kind: str) -> Path:
-    """The good package's members, plus or instead of one crafted member."""
-    unpacked = unpack(good, tmp_path / "good")
-    weights = (unpacked.adapter / "adapter_model.safetensors").read_bytes()
-    config = (unpacked.adapter / "adapter_config.json").read_bytes()
-    manifest = unpacked.manifest
-    files = {"adapter/adapter_config.json": config, "adapter/adapter_model.safetensors": weights}
-    extra: list[tuple[str, bytes, dict]] = []
-    if kind == "dotdot":
-        extra.append(("adapter/../../escaped.txt", b"x", {}))
-    elif kind == "absolute":
-        extra.append((str(tmp_path / "absolute.txt"), b"x", {}))
-    elif kind == "symlink":
-        extra.append(("adapter/link.safetensors", b"", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}))
-    elif kind == "hardlink":
-        extra.append(("adapter/hard.safetensors", b"", {"type": tarfile.LNKTYPE, "linkname": "manifest.json"}))
-    elif kind == "device":
-        extra.append(("adapter/dev.safetensors", b"", {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}))
-    elif kind == "fifo":
-        extra.append(("adapter/pipe.safetensors", b"", {"type": tarfile.FIFOTYPE}))
-    elif kind == "undeclared":
-        extra.append(("adapter/more.safetensors", weights, {}))
-    elif kind == "outside-layout":
-        extra.append(("run.sh", b"#!/bin/sh\n", {}))
-    elif kind == "too-many":
-        extra += [(f"adapter/x{i}.safetensors", b"", {}) for i in range(70)]
-    elif kind == "lying-hash":
-        files["adapter/adapter_model.safetensors"] = weights[:-4] + b"\0\0\0\0"
-    elif kind in ("pickle-bin", "pickle-renamed"):
-        import pickle
-        blob = pickle.dumps({"weight": [1.0, 2.0]})
-        del files["adapter/adapter_model.safetensors"]
-        name = "adapter/adapter_model.bin" if kind == "pickle-bin" else "adapter/adapter_model.safetensors"
-        files[name] = blob
-        manifest = manifest.model_copy(update={"files": {"adapter/adapter_config.json": manifest.files["adapter/adapter_config.json"],
-                                                         name: __import__("hashlib").sha256(blob).hexdigest()}})
-    out = tmp_path / f"{kind}.expert"
-    with tarfile.open(out, "w:gz") as tar:
-        _member(tar, "manifest.json", manifest.to_json().encode())
-        for name, data in files.items():
-            _member(tar, name, data)
-        for name, data, attrs in extra:
-            _member(tar, name, data, **attrs)
-    return out
+def _state(root: Path) -> dict[str, str]:
+    """Every path under `root` with its content hash (directories as 'dir'): byte-for-byte equality."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else sha256_file(p) for p in sorted(root.rglob("*"))}
 
 
-HOSTILE = {"dotdot": "'..'", "absolute": "absolute path", "symlink": "link", "hardlink": "link",
-           "device": "device, fifo", "fifo": "device, fifo", "undeclared": "not declared", "outside-layout": "undeclared file",
-           "too-many": "more than 64 members", "lying-hash": "sha256 does not match", "pickle-bin": "pickle",
-           "pickle-renamed": "not a safetensors file"}
+def test_the_corpus_lists_every_hostile_archive():
+    assert {c["file"] for c in CORPUS} == {p.name for p in DATA.glob("*.expert")}
 
 
-@pytest.mark.parametrize("kind", sorted(HOSTILE))
-def test_hostile_archive_is_refused_and_nothing_is_written_outside(store, tmp_path, kind):
-    good = _package(store, tmp_path / "good.expert")
-    hostile = _hostile(tmp_path / "craft", good, kind)
-    before_store, before_tmp = _snapshot(store), _snapshot(tmp_path)
-    with pytest.raises(PackageError, match=HOSTILE[kind]):
-        Registry(store, PackagesConfig(allow_unsigned=True)).install(str(hostile))
-    after = _snapshot(store) - before_store
-    assert after <= {"registry", "registry/.tmp"}, after   # only the (empty) work folder
-    assert not any((store / "registry" / ".tmp").iterdir())
-    assert _snapshot(tmp_path) - before_tmp <= {f"store/{p}" for p in after}
-    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
+@pytest.mark.parametrize("case", CORPUS, ids=[c["case"] for c in CORPUS])
+def test_hostile_corpus_is_refused_and_the_store_is_unchanged(store, tmp_path, case):
+    """tests/data/hostile (python tests/data/make_hostile.py): each archive refused with its error,
+    the store byte-for-byte as it was, nothing written anywhere else."""
+    before = _state(store)
+    cfg = PackagesConfig(allow_unsigned=case["allow_unsigned"])
+    with pytest.raises(PackageError, match=case["error"]) as refused:
+        Registry(store, cfg).install(str(DATA / case["file"]))
+    assert len(str(refused.value)) < 400, str(refused.value)     # names quoted by a short prefix only
+    assert _state(store) == before
+    assert not Path("/tmp/imoe-absolute.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_hostile_archives_are_refused_within_300_mb_and_before_any_write(store, tmp_path):
+    """The CLI, in a process of its own: peak RSS while refusing each bomb, and what it wrote."""
+    script = ("import resource, sys\nfrom imoe_ray.cli import main\nsys.argv = ['imoe'] + sys.argv[1:]\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+              "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'EXIT', code)\n")
+    for case, flags in (("longname-bomb", ["--allow-unsigned"]), ("pax-bomb", ["--allow-unsigned"]),
+                        ("unsigned-bomb", []), ("unsigned-bomb", ["--allow-unsigned"])):
+        before = _state(store)
+        done = subprocess.run([sys.executable, "-c", script, "experts", "install", str(DATA / f"{case}.expert"),
+                               "--store", str(store), *flags], capture_output=True, text=True)
+        rss_kb, code = done.stdout.split()[1], done.stdout.split()[3]
+        assert code != "0" and done.stderr.count("\n") < 20 and len(done.stderr) < 2000, done.stderr
+        assert int(rss_kb) < 300 * 1024, (case, rss_kb)
+        assert _state(store) == before and not (store / "registry").exists()
+        for command in (["info", str(DATA / f"{case}.expert")], ["verify", str(DATA / f"{case}.expert")]):
+            checked = subprocess.run([sys.executable, "-c", script, "experts", *command], capture_output=True, text=True)
+            assert checked.stdout.split()[3] != "0" and int(checked.stdout.split()[1]) < 300 * 1024, checked.stderr
 
 
 def test_size_limits(store, tmp_path):
@@ -240,11 +213,18 @@ def test_versions_side_by_side_one_active(store, tmp_path):
     registry = Registry(store, PackagesConfig(allow_unsigned=True))
     registry.install(str(_package(store, tmp_path / "a.expert", "1.0.0")))
     registry.install(str(_package(store, tmp_path / "b.expert", "1.10.0")))
-    registry.install(str(_package(store, tmp_path / "c.expert", "1.2.0")))
+    older = str(_package(store, tmp_path / "c.expert", "1.2.0"))
+    before = _state(store)
+    with pytest.raises(PackageError, match="older than the active version 1.10.0.*--allow-downgrade"):
+        registry.install(older)
+    assert _state(store) == before
+    registry.install(older, allow_downgrade=True)
     rows = registry.list()
     assert [(r.version, r.active) for r in rows] == [("1.0.0", False), ("1.2.0", True), ("1.10.0", False)]
     assert json.loads((store / "experts" / "beta" / "manifest.json").read_text())["package"]["version"] == "1.2.0"
-    registry.activate("beta", "1.0.0")
+    with pytest.raises(PackageError, match="older than the active"):
+        registry.activate("beta", "1.0.0")
+    registry.activate("beta", "1.0.0", allow_downgrade=True)
     assert json.loads((store / "experts" / "beta" / "manifest.json").read_text())["package"]["version"] == "1.0.0"
     assert registry.remove("beta", "1.0.0") == ["1.0.0"]          # the active one: drained
     assert not (store / "experts" / "beta").exists()
@@ -254,6 +234,115 @@ def test_versions_side_by_side_one_active(store, tmp_path):
     with pytest.raises(PackageError, match="already has a trained expert named 'alpha'"):
         registry.install(str(_package(store, tmp_path / "d.expert", name="alpha")))
     assert (store / "experts" / "alpha" / "README.md").exists()   # the trained one is untouched
+
+
+def test_names_reach_no_path_unchecked(store, tmp_path):
+    """`remove ../experts` and `remove /some/dir` once deleted directories; now every name and
+    version is a checked slug / semver before a path is built, at the API and the CLI."""
+    registry = Registry(store, PackagesConfig(allow_unsigned=True))
+    registry.install(str(_package(store, tmp_path / "b.expert")))
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    (project / "sub" / "manifest.json").write_text("{}")
+    before = _state(store)
+    for name in ("../experts", str(project), "..", "experts/../../x", "index.json", "base", "summarizer", "dense",
+                 "a" * 65, "Beta", ""):
+        with pytest.raises(PackageError):
+            registry.remove(name)
+        with pytest.raises(PackageError):
+            registry.activate(name, "1.0.0")
+        with pytest.raises(PackageError):
+            registry.manifest(name)
+    for version in ("../../experts", "/etc", "1.0", "1.0.0/../../x"):
+        with pytest.raises(PackageError):
+            registry.remove("beta", version)
+        with pytest.raises(PackageError):
+            registry.activate("beta", version)
+    assert _state(store) == before and (project / "sub" / "manifest.json").is_file()
+    from imoe_ray.cli import app
+    from imoe_ray.packaging.cli import Refused
+    cli = CliRunner()
+    for args in (["remove", "../experts"], ["remove", str(project)], ["activate", "../experts", "1.0.0"],
+                 ["remove", "beta", "--version", "../../experts"], ["info", "../../x"]):
+        result = cli.invoke(app, ["experts", *args, "--store", str(store)])
+        assert isinstance(result.exception, Refused), (args, result.output)
+    assert _state(store) == before and (project / "sub" / "manifest.json").is_file()
+
+
+def test_a_trusted_key_publishes_only_its_own_names(store, tmp_path):
+    """First publisher wins; another trusted key needs `imoe keys trust KEY --names`."""
+    first, first_pub = generate_keys(tmp_path / "first")
+    second, second_pub = generate_keys(tmp_path / "second")
+    cfg = PackagesConfig(trusted_keys=[str(first_pub), str(second_pub)])
+    Registry(store, cfg).install(str(_package(store, tmp_path / "a.expert", key=first)))
+    before = _state(store)
+    hijack = _package(store, tmp_path / "b.expert", "2.0.0", key=second)
+    with pytest.raises(PackageError, match="'beta' is published by key .*keys trust"):
+        Registry(store, cfg).install(str(hijack))
+    unsigned = _package(store, tmp_path / "c.expert", "3.0.0")
+    with pytest.raises(PackageError, match="published by key"):
+        Registry(store, PackagesConfig(trusted_keys=cfg.trusted_keys, allow_unsigned=True)).install(str(unsigned))
+    assert _state(store) == before
+    from imoe_ray.cli import app
+    done = CliRunner().invoke(app, ["keys", "trust", str(second_pub), "--names", "beta", "--store", str(store)])
+    assert done.exit_code == 0, done.output
+    assert Registry(store, cfg).install(str(hijack)).version == "2.0.0"
+    # a key trusted in the store only (not in the config) may publish what it was given
+    third, third_pub = generate_keys(tmp_path / "third")
+    Registry(store).trust(str(third_pub), ["gamma"])
+    assert Registry(store).install(str(_package(store, tmp_path / "g.expert", name="gamma", key=third))).trust == "trusted"
+
+
+def test_a_changed_adapter_is_refused_at_load(store, tmp_path):
+    from imoe_ray.packaging.registry import AdapterMismatch, verify_adapter
+
+    Registry(store, PackagesConfig(allow_unsigned=True)).install(str(_package(store, tmp_path / "b.expert")))
+    served = store / "experts" / "beta"
+    verify_adapter(served)
+    verify_adapter(store / "experts" / "alpha")          # a trained expert: no package, nothing to check
+    weights = served / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterMismatch, match="adapter_model.safetensors does not match the sha256"):
+        verify_adapter(served)
+    weights.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 1]))
+    verify_adapter(served)
+    (served / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(AdapterMismatch, match="does not declare"):
+        verify_adapter(served)
+
+
+def test_concurrent_installs_are_all_recorded_or_refused_with_a_lock_error(store, tmp_path):
+    """Four installs at once, each in its own process: each either succeeds and is in the index and
+    the routing profiles, or exits 2 naming the lock's holder. No update is lost."""
+    packages = {f"pkg{i}": _package(store, tmp_path / f"p{i}.expert", name=f"pkg{i}") for i in range(4)}
+    procs = {name: subprocess.Popen([IMOE, "experts", "install", str(path), "--store", str(store), "--allow-unsigned"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, path in packages.items()}
+    done = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
+    installed = {name for name, (code, _) in done.items() if code == 0}
+    for name, (code, err) in done.items():
+        assert code == 0 or (code == 2 and "locked by 'imoe experts install" in err), (name, code, err)
+    assert installed, done
+    index = {e["name"] for e in json.loads((store / "experts" / "index.json").read_text())["experts"]}
+    profiles = {p["name"] for p in json.loads((store / "router" / "experts.json").read_text())}
+    assert index == {"alpha"} | installed and profiles == installed
+    assert {p.name for p in (store / "registry").iterdir() if p.is_dir() and not p.name.startswith(".")} == installed
+
+
+def test_an_install_while_the_store_is_locked_is_refused_naming_the_holder(store, tmp_path):
+    from imoe_ray.store import Store, StoreLocked
+
+    pkg = _package(store, tmp_path / "b.expert")
+    with Store(store).lock("imoe build --until experts"):
+        before = _state(store)
+        with pytest.raises(StoreLocked, match="locked by 'imoe build --until experts'"):
+            Registry(store, PackagesConfig(allow_unsigned=True)).install(str(pkg))
+        assert _state(store) == before
+        done = subprocess.run([IMOE, "experts", "remove", "alpha", "--store", str(store)], capture_output=True, text=True)
+        assert done.returncode == 2 and "locked by" in done.stderr
+        assert _state(store) == before
 
 
 def test_install_from_a_git_repository(store, keys, tmp_path):
@@ -335,6 +424,15 @@ def test_a_replica_reloads_an_expert_whose_active_version_changed(built, tmp_pat
     assert torch.allclose(after.modules[module][1], 2 * before.modules[module][1])
     registry.remove("swap")
     with pytest.raises(UnknownExpert):
+        model.ensure("swap")
+    from imoe_ray.packaging.registry import AdapterMismatch
+    registry.install(str(v1))
+    assert model.ensure("swap") > 0
+    served = store / "experts" / "swap" / "adapter_model.safetensors"
+    tampered = load_file(served)
+    save_file({k: t * 3 for k, t in tampered.items()}, str(served))   # write access to the store is not enough
+    model.bank.evict("swap")                                       # the next load reads the store again
+    with pytest.raises(AdapterMismatch, match="does not match the sha256"):
         model.ensure("swap")
 
 

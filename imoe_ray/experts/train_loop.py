@@ -80,6 +80,22 @@ def _save_checkpoint(path: str, model, optimizer, step: int, metrics: dict, fina
         model.save_pretrained(os.path.join(path, MODEL_DIR))
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint file holds something other than tensors and plain values (a pickled object)."""
+
+
+def load_optimizer_state(path: str) -> dict:
+    """An optimizer state saved by `_save_checkpoint`, read without unpickling any object:
+    checkpoints live in the store, and whoever can write there must not get code run here."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        raise CheckpointRefused(f"{path} is not a plain tensor checkpoint (it holds pickled objects?); "
+                                f"refusing to load it: {str(e).splitlines()[0][:200]}") from None
+
+
 def _restore(model, optimizer) -> int:
     """Load the last checkpoint Ray Train hands this run, if any; returns the step to continue from."""
     import ray.train
@@ -91,7 +107,7 @@ def _restore(model, optimizer) -> int:
     with checkpoint.as_directory() as d:
         model.load_state_dict(load_file(os.path.join(d, TRAINABLE)), strict=False)
         if optimizer is not None and os.path.exists(os.path.join(d, OPTIMIZER)):
-            optimizer.load_state_dict(torch.load(os.path.join(d, OPTIMIZER), weights_only=False))
+            optimizer.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER)))
         with open(os.path.join(d, STATE)) as f:
             return int(json.load(f)["step"])
 

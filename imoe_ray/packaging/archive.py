@@ -1,15 +1,23 @@
-"""Packing and SAFE unpacking of `.expert` archives (tar.gz of manifest.json, adapter/, signature.json).
+"""Packing and SAFE reading of `.expert` archives (tar.gz of manifest.json, signature.json, adapter/).
 
-Unpacking never calls `tarfile.extract`: every member is checked first (name, type, size, count)
-and its bytes are copied by us into a fresh directory, hashed on the way, then compared with the
+An archive is read once, as a stream, and never with `tarfile`'s random-access reader or
+`extract`: each 512-byte header is parsed (`tarfile.TarInfo.frombuf`), extended headers (GNU long
+names, pax records) are refused above `max_header_bytes` before they are read, and every member
+is checked (name, type, size, count) before its bytes are. Decompressed bytes are counted against
+`max_total_bytes` and against `max_ratio` times the archive's size (a decompression bomb stops early).
+
+The manifest must be the first member and the signature, if any, the second: the caller's
+`admit` check (signature, trust policy, base model) runs on them before any payload byte is
+read into a file, and each payload member is hashed as it streams and compared with the
 manifest. What is refused: `..` or absolute names, links, devices and fifos, anything but the
-declared layout, oversized members / too many members / too much in total, pickled weights
-(`.bin`, `.pt`, ...) and files whose hashes differ from the manifest's. A directory package (the
-same layout, unpacked) goes through the same checks.
+declared layout, oversized members / headers / too many members / too much in total, pickled
+weights and files whose hashes differ from the manifest's. A directory package (the same layout,
+unpacked) goes through the same checks.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -24,14 +32,19 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
 from imoe_ray.packaging import PackageError
-from imoe_ray.packaging.manifest import ADAPTER_DIR, PackageManifest, sha256_file
+from imoe_ray.packaging.manifest import ADAPTER_DIR, PICKLE_SUFFIXES, PackageManifest, sha256_file
+from imoe_ray.packaging.names import short
 from imoe_ray.packaging.signing import Signature
 
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 SUFFIX = ".expert"
 ADAPTER_FILES = ("adapter_config.json",)   # plus any *.safetensors
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 4096
+MAX_SAFETENSORS_HEADER = 16 << 20
+BLOCK = 512
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
 @dataclass
@@ -39,10 +52,13 @@ class Limits:
     max_member_bytes: int = 2 << 30
     max_members: int = 64
     max_total_bytes: int = 4 << 30
+    max_header_bytes: int = 4096
+    max_ratio: float = 100.0
 
     @classmethod
     def of(cls, packages_cfg) -> "Limits":
-        return cls(packages_cfg.max_member_bytes, packages_cfg.max_members, packages_cfg.max_total_bytes)
+        return cls(packages_cfg.max_member_bytes, packages_cfg.max_members, packages_cfg.max_total_bytes,
+                   packages_cfg.max_header_bytes, packages_cfg.max_ratio)
 
 
 @dataclass
@@ -75,12 +91,12 @@ def file_hashes(files: list[Path]) -> dict[str, str]:
 
 
 def pack(manifest: PackageManifest, files: list[Path], out: Path, signature: Signature | None = None) -> Path:
-    """Write the archive (temp, then rename)."""
+    """Write the archive (temp, then rename): manifest first, then the signature, then the payload."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        with tarfile.open(temp, "w:gz", compresslevel=1) as tar:
+        with tarfile.open(temp, "w:gz", compresslevel=1, format=tarfile.USTAR_FORMAT) as tar:
             _add_bytes(tar, MANIFEST, manifest.to_json().encode())
             if signature is not None:
                 _add_bytes(tar, SIGNATURE, json.dumps(signature.to_json(), indent=2).encode())
@@ -104,13 +120,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def resign(package: Path, signature: Signature) -> Path:
-    """Put `signature` into an archive or a directory package, replacing any earlier one."""
+def resign(package: Path, signature: Signature, limits: Limits | None = None) -> Path:
+    """Put `signature` into an archive or a directory package, replacing any earlier one. An archive
+    is checked and unpacked (under `limits`) beside itself, then packed again."""
     if package.is_dir():
+        read_package(package, limits or Limits())
         _write_atomic(package / SIGNATURE, json.dumps(signature.to_json(), indent=2).encode())
         return package
     with tempfile.TemporaryDirectory(dir=package.parent, prefix=".sign-") as d:
-        unpacked = unpack(package, Path(d))
+        unpacked = unpack(package, Path(d), limits)
         return pack(unpacked.manifest, sorted(unpacked.adapter.iterdir()), package, signature)
 
 
@@ -120,154 +138,352 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(temp, path)
 
 
-# ---- safe unpack --------------------------------------------------------------------------------
+# ---- streamed reading ---------------------------------------------------------------------------
 
-Entry = tuple[str, str, int, Callable[[], BinaryIO]]   # (name, kind: file|dir|other, size, opener)
-
-
-def unpack(package: Path, into: Path, limits: Limits | None = None) -> Unpacked:
-    """Check and copy a package (archive or directory) into a NEW directory under `into`; on any
-    refusal that directory is removed and a PackageError says why."""
-    limits = limits or Limits()
-    if not package.exists():
-        raise PackageError(f"package not found: {package}")
-    into.mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix=".unpack-", dir=into))
-    try:
-        if package.is_dir():
-            hashes = _copy_entries(_dir_entries(package), dest, limits, str(package))
-        else:
-            try:
-                with tarfile.open(package, "r:*") as tar:
-                    hashes = _copy_entries(_tar_entries(tar), dest, limits, str(package))
-            except (tarfile.TarError, EOFError, OSError) as e:
-                if isinstance(e, PackageError):
-                    raise
-                raise PackageError(f"{package} is not a readable .expert archive (tar.gz): {e}") from None
-        return _verified(dest, hashes, str(package))
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
+@dataclass
+class Member:
+    name: str
+    kind: str                       # file | dir | link | special
+    size: int
+    chunks: Callable[[], Iterator[bytes]]
 
 
-def _tar_entries(tar: tarfile.TarFile) -> Iterator[Entry]:
-    for m in tar:   # streamed: a member-count bomb is stopped by the count check, not read whole
-        kind = "file" if m.isreg() else "dir" if m.isdir() else "link" if (m.issym() or m.islnk()) else "special"
-        yield m.name, kind, m.size, (lambda m=m: tar.extractfile(m))
+class _Counted:
+    """The decompressed stream: every byte counted against the total and the expansion ratio."""
+
+    def __init__(self, raw: BinaryIO, packed_size: int, limits: Limits, where: str):
+        self.raw, self.limits, self.where = raw, limits, where
+        self.cap = limits.max_total_bytes + limits.max_members * (2 * BLOCK + limits.max_header_bytes) + 2 * BLOCK
+        self.ratio_cap = max(1 << 20, int(limits.max_ratio * max(packed_size, 1)))
+        self.read_bytes = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        self.read_bytes += len(data)
+        if self.read_bytes > self.ratio_cap:
+            raise PackageError(f"{self.where}: expands to over {self.limits.max_ratio:g} times its size "
+                               "(a decompression bomb?)")
+        if self.read_bytes > self.cap:
+            raise PackageError(f"{self.where}: unpacked size over the {self.limits.max_total_bytes:,}-byte limit")
+        return data
+
+    def exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            data = self.read(min(n - len(out), 1 << 20))
+            if not data:
+                raise PackageError(f"{self.where}: the archive is truncated")
+            out += data
+        return bytes(out)
 
 
-def _dir_entries(root: Path) -> Iterator[Entry]:
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
+    """`LEN key=value\\n` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos, pos + 20)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        record = data[pos:pos + length]
+        if length <= space - pos or len(record) != length or not record.endswith(b"\n") or b"=" not in record:
+            raise PackageError(f"{where}: a malformed pax header")
+        key, _, value = record[space - pos + 1:-1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_members(stream: _Counted, limits: Limits, where: str) -> Iterator[Member]:
+    pending: dict[str, str] = {}
+    headers = 0
+    while True:
+        block = stream.exact(BLOCK)
+        if block == bytes(BLOCK):
+            return   # end of archive
+        headers += 1
+        if headers > limits.max_members:
+            raise PackageError(f"{where}: more than {limits.max_members} members")
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.TarError as e:
+            raise PackageError(f"{where}: a damaged tar header ({e})") from None
+        if info.type in _EXTENDED:
+            if info.size > limits.max_header_bytes:
+                raise PackageError(f"{where}: an extended tar header (long name or pax records) of {info.size:,} bytes, "
+                                   f"over the {limits.max_header_bytes:,}-byte limit")
+            data = stream.exact(-(-info.size // BLOCK) * BLOCK)[:info.size]
+            if info.type == tarfile.XGLTYPE:
+                raise PackageError(f"{where}: pax global headers are not allowed in a package")
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                pending["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.GNUTYPE_LONGLINK:
+                pending["linkpath"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            else:
+                pending.update(_pax_records(data, where))
+            continue
+        name = pending.get("path", info.name)
+        try:
+            size = int(pending.get("size", info.size))
+        except ValueError:
+            raise PackageError(f"{where}: member {short(name)} has a pax size that is not a number") from None
+        pending = {}
+        kind = ("file" if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) else "dir" if info.isdir()
+                else "link" if info.issym() or info.islnk() else "special")
+        if kind != "file":
+            size = 0 if kind != "special" or info.type != tarfile.GNUTYPE_SPARSE else size
+        left = [size]
+
+        def chunks(left=left) -> Iterator[bytes]:
+            while left[0] > 0:
+                data = stream.read(min(left[0], 1 << 20))
+                if not data:
+                    raise PackageError(f"{where}: the archive is truncated")
+                left[0] -= len(data)
+                yield data
+
+        yield Member(name, kind, size, chunks)
+        for _ in chunks():   # what the reader left is skipped, still counted
+            pass
+        stream.exact(-size % BLOCK)
+
+
+def _archive_members(package: Path, limits: Limits) -> Iterator[Member]:
+    where = str(package)
+    with open(package, "rb") as f:
+        magic = f.read(2)
+        f.seek(0)
+        raw: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if magic == b"\x1f\x8b" else f
+        try:
+            yield from _tar_members(_Counted(raw, os.fstat(f.fileno()).st_size, limits, where), limits, where)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise PackageError(f"{where} is not a readable .expert archive (tar.gz): {e}") from None
+
+
+def _dir_members(root: Path) -> Iterator[Member]:
+    """A directory package's entries: manifest.json and signature.json first, like an archive."""
+    def member(p: Path, rel: str) -> Member:
+        st = os.lstat(p)
+        kind = ("link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                else "file" if stat.S_ISREG(st.st_mode) else "special")
+        if kind == "file" and st.st_nlink > 1:
+            kind = "link"
+
+        def chunks() -> Iterator[bytes]:
+            with open(p, "rb") as f:
+                left = st.st_size
+                while left > 0:
+                    data = f.read(min(left, 1 << 20))
+                    if not data:
+                        raise PackageError(f"{root}: {short(rel)} shrank while it was read")
+                    left -= len(data)
+                    yield data
+        return Member(rel, kind, st.st_size if kind == "file" else 0, chunks)
+
+    first = [n for n in (MANIFEST, SIGNATURE) if os.path.lexists(root / n)]
+    for n in first:
+        yield member(root / n, n)
     for dirpath, dirnames, filenames in os.walk(root):
-        for n in sorted(dirnames) + sorted(filenames):
+        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d)))
+        for n in sorted(filenames) + [d for d in dirnames]:
             p = Path(dirpath) / n
-            st = os.lstat(p)
-            kind = ("link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
-                    else "file" if stat.S_ISREG(st.st_mode) else "special")
-            if kind == "file" and st.st_nlink > 1:
-                kind = "link"
-            yield p.relative_to(root).as_posix(), kind, st.st_size, (lambda p=p: open(p, "rb"))
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+            rel = p.relative_to(root).as_posix()
+            if rel not in first:
+                yield member(p, rel)
+        for d in os.listdir(dirpath):   # symlinked folders are not walked, but still refused
+            if os.path.islink(os.path.join(dirpath, d)) and os.path.isdir(os.path.join(dirpath, d)):
+                yield member(Path(dirpath) / d, (Path(dirpath) / d).relative_to(root).as_posix())
 
 
 def _check_name(name: str, kind: str, where: str) -> str:
+    quoted = short(name)
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise PackageError(f"{where}: member {name!r} has an absolute path")
+        raise PackageError(f"{where}: member {quoted} has an absolute path")
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if ".." in parts:
-        raise PackageError(f"{where}: member {name!r} climbs out of the package ('..')")
+        raise PackageError(f"{where}: member {quoted} climbs out of the package ('..')")
     if kind == "link":
-        raise PackageError(f"{where}: member {name!r} is a symbolic or hard link; packages hold plain files only")
+        raise PackageError(f"{where}: member {quoted} is a symbolic or hard link; packages hold plain files only")
     if kind == "special":
-        raise PackageError(f"{where}: member {name!r} is a device, fifo or other special file")
+        raise PackageError(f"{where}: member {quoted} is a device, fifo or other special file")
     parts = tuple(p for p in parts if p != ".")
     clean = "/".join(parts)
     if kind == "dir":
         if clean not in ("", ADAPTER_DIR):
-            raise PackageError(f"{where}: undeclared directory {name!r} (only adapter/ is allowed)")
+            raise PackageError(f"{where}: undeclared directory {quoted} (only adapter/ is allowed)")
         return clean
     if clean in (MANIFEST, SIGNATURE):
         return clean
     if len(parts) != 2 or parts[0] != ADAPTER_DIR:
-        raise PackageError(f"{where}: undeclared file {name!r} (a package holds manifest.json, signature.json and adapter/)")
+        raise PackageError(f"{where}: undeclared file {quoted} (a package holds manifest.json, signature.json and adapter/)")
     base = parts[1].lower()
     if base.endswith(PICKLE_SUFFIXES):
-        raise PackageError(f"{where}: {name!r} is a pickle-based checkpoint; packages carry safetensors weights only")
+        raise PackageError(f"{where}: {quoted} is a pickle-based checkpoint; packages carry safetensors weights only")
     if not (base.endswith(".safetensors") or parts[1] in ADAPTER_FILES):
-        raise PackageError(f"{where}: undeclared file {name!r} (adapter/ holds adapter_config.json and *.safetensors)")
+        raise PackageError(f"{where}: undeclared file {quoted} (adapter/ holds adapter_config.json and *.safetensors)")
     return clean
 
 
-def _copy_entries(entries: Iterator[Entry], dest: Path, limits: Limits, where: str) -> dict[str, str]:
+def _small(member: Member, limit: int, where: str) -> bytes:
+    if member.size > limit:
+        raise PackageError(f"{where}: {member.name} is {member.size:,} bytes, over the {limit:,}-byte limit")
+    return b"".join(member.chunks())
+
+
+class _SafetensorsHead:
+    """Checks, as the bytes stream by, that a file starts like safetensors: an 8-byte length and a JSON object."""
+
+    def __init__(self, size: int, where: str):
+        self.size, self.where = size, where
+        self.head, self.need, self.checked = bytearray(), 8, False
+
+    def feed(self, data: bytes) -> None:
+        while not self.checked and data:
+            take = self.need - len(self.head)
+            self.head += data[:take]
+            data = data[take:]
+            if len(self.head) < self.need:
+                return
+            if self.need == 8:
+                n = struct.unpack("<Q", bytes(self.head))[0]
+                if not 1 < n <= min(self.size - 8, MAX_SAFETENSORS_HEADER):
+                    self._refuse()
+                self.need = 8 + n
+                continue
+            try:
+                ok = isinstance(json.loads(bytes(self.head[8:])), dict)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                ok = False
+            if not ok:
+                self._refuse()
+            self.checked, self.head = True, bytearray()
+
+    def done(self) -> None:
+        if not self.checked:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise PackageError(f"{self.where} is not a safetensors file (a pickle or other format under that name?)")
+
+
+Admit = Callable[[PackageManifest, "Signature | None"], None]
+Sink = Callable[[str], BinaryIO]
+
+
+def read_package(package: Path, limits: Limits, admit: Admit | None = None,
+                 sink: Sink | None = None) -> tuple[PackageManifest, Signature | None]:
+    """Stream a package (archive or directory): check every member, call `admit(manifest, signature)`
+    before the first payload byte, hand each payload member's bytes to `sink(name)` (a writable
+    file; None: only hashed), and check every hash against the manifest. Raises PackageError."""
+    where = str(package)
+    if not package.exists():
+        raise PackageError(f"package not found: {package}")
+    members = _dir_members(package) if package.is_dir() else _archive_members(package, limits)
+    manifest: PackageManifest | None = None
+    signature: Signature | None = None
+    admitted = False
     hashes: dict[str, str] = {}
     total = count = 0
-    for name, kind, size, opener in entries:
+    for m in members:
         count += 1
         if count > limits.max_members:
             raise PackageError(f"{where}: more than {limits.max_members} members")
-        clean = _check_name(name, kind, where)
-        if kind == "dir":
+        clean = _check_name(m.name, m.kind, where)
+        if m.kind == "dir":
             continue
-        if size > limits.max_member_bytes:
-            raise PackageError(f"{where}: member {name!r} is {size:,} bytes, over the {limits.max_member_bytes:,}-byte limit")
-        if total + size > limits.max_total_bytes:
+        if m.size > limits.max_member_bytes:
+            raise PackageError(f"{where}: member {short(m.name)} is {m.size:,} bytes, over the "
+                               f"{limits.max_member_bytes:,}-byte limit")
+        if total + m.size > limits.max_total_bytes:
             raise PackageError(f"{where}: unpacked size over the {limits.max_total_bytes:,}-byte limit")
+        total += m.size
+        if clean == MANIFEST:
+            if manifest is not None or signature is not None or admitted:
+                raise PackageError(f"{where}: manifest.json must be the first member, and only once")
+            manifest = PackageManifest.parse(_small(m, min(MAX_MANIFEST_BYTES, limits.max_member_bytes), where),
+                                             f"{where}: manifest.json")
+            continue
+        if manifest is None:
+            raise PackageError(f"{where}: manifest.json must be the first member (found {short(m.name)} first)")
+        if clean == SIGNATURE:
+            if signature is not None or admitted:
+                raise PackageError(f"{where}: signature.json must come right after manifest.json, once")
+            try:
+                signature = Signature.from_json(json.loads(_small(m, MAX_SIGNATURE_BYTES, where)))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise PackageError(f"{where}: signature.json is not valid JSON") from None
+            continue
+        if not admitted:
+            if admit is not None:
+                admit(manifest, signature)
+            admitted = True
+        if clean not in manifest.files:
+            raise PackageError(f"{where}: files not declared in the manifest: {short(clean)}")
         if clean in hashes:
-            raise PackageError(f"{where}: member {name!r} appears twice")
-        target = dest / clean
-        target.parent.mkdir(exist_ok=True)
-        h, written = hashlib.sha256(), 0
-        src = opener()
-        with src, open(target, "xb") as out:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                written += len(block)
-                if written > size or written > limits.max_member_bytes:   # never trust the header alone
-                    raise PackageError(f"{where}: member {name!r} is larger than it declares")
-                h.update(block)
-                out.write(block)
-        total += written
-        hashes[clean] = h.hexdigest()
-    return hashes
-
-
-def _verified(dest: Path, hashes: dict[str, str], where: str) -> Unpacked:
-    if MANIFEST not in hashes:
+            raise PackageError(f"{where}: member {short(m.name)} appears twice")
+        hashes[clean] = _copy(m, manifest.files[clean], clean, sink, where)
+    if manifest is None:
         raise PackageError(f"{where}: no manifest.json")
-    manifest = PackageManifest.parse((dest / MANIFEST).read_bytes(), f"{where}: manifest.json")
-    payload = {k: v for k, v in hashes.items() if k not in (MANIFEST, SIGNATURE)}
-    extra = sorted(set(payload) - set(manifest.files))
-    missing = sorted(set(manifest.files) - set(payload))
-    if extra:
-        raise PackageError(f"{where}: files not declared in the manifest: {', '.join(extra)}")
+    if not admitted and admit is not None:
+        admit(manifest, signature)
+    missing = sorted(set(manifest.files) - set(hashes))
     if missing:
         raise PackageError(f"{where}: files the manifest declares are missing: {', '.join(missing)}")
-    lying = sorted(k for k in payload if payload[k] != manifest.files[k])
-    if lying:
-        raise PackageError(f"{where}: the manifest's sha256 does not match the contents of {', '.join(lying)}")
-    if f"{ADAPTER_DIR}/adapter_config.json" not in payload or not any(k.endswith(".safetensors") for k in payload):
+    if f"{ADAPTER_DIR}/adapter_config.json" not in hashes or not any(k.endswith(".safetensors") for k in hashes):
         raise PackageError(f"{where}: the adapter needs adapter_config.json and safetensors weights")
-    for k in payload:
-        if k.endswith(".safetensors"):
-            _check_safetensors(dest / k, f"{where}: {k}")
-    signature = None
-    if SIGNATURE in hashes:
-        try:
-            signature = Signature.from_json(json.loads((dest / SIGNATURE).read_bytes()))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PackageError(f"{where}: signature.json is not valid JSON") from None
-    return Unpacked(dest, manifest, signature)
+    return manifest, signature
 
 
-def _check_safetensors(path: Path, where: str) -> None:
-    """The safetensors header (8-byte length + JSON) must parse and fit: a renamed pickle does not."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        ok = 1 < n <= min(size - 8, 100 << 20)
-        header = f.read(n) if ok else b""
+def _copy(m: Member, expected: str, clean: str, sink: Sink | None, where: str) -> str:
+    h, written = hashlib.sha256(), 0
+    head = _SafetensorsHead(m.size, f"{where}: {clean}") if clean.endswith(".safetensors") else None
+    out = sink(clean) if sink is not None else None
     try:
-        ok = ok and isinstance(json.loads(header), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise PackageError(f"{where} is not a safetensors file (a pickle or other format under that name?)")
+        for block in m.chunks():
+            written += len(block)
+            if written > m.size:   # never trust the header alone
+                raise PackageError(f"{where}: member {short(m.name)} is larger than it declares")
+            h.update(block)
+            if head is not None:
+                head.feed(block)
+            if out is not None:
+                out.write(block)
+    finally:
+        if out is not None:
+            out.close()
+    if head is not None:
+        head.done()
+    if h.hexdigest() != expected:
+        raise PackageError(f"{where}: the manifest's sha256 does not match the contents of {clean}")
+    return expected
+
+
+def unpack(package: Path, into: Path, limits: Limits | None = None, admit: Admit | None = None) -> Unpacked:
+    """Check and copy a package into a NEW directory under `into`, created only once `admit` has
+    passed; on any refusal that directory is removed and a PackageError says why."""
+    limits = limits or Limits()
+    dest: list[Path] = []
+
+    def folder() -> Path:
+        if not dest:
+            into.mkdir(parents=True, exist_ok=True)
+            dest.append(Path(tempfile.mkdtemp(prefix=".unpack-", dir=into)))
+        return dest[0]
+
+    def sink(name: str) -> BinaryIO:
+        target = folder() / name
+        target.parent.mkdir(exist_ok=True)
+        return open(target, "xb")
+
+    try:
+        manifest, signature = read_package(package, limits, admit, sink)
+        root = folder()
+        (root / MANIFEST).write_text(manifest.to_json())
+        if signature is not None:
+            (root / SIGNATURE).write_text(json.dumps(signature.to_json(), indent=2))
+        return Unpacked(root, manifest, signature)
+    except BaseException:
+        if dest:
+            shutil.rmtree(dest[0], ignore_errors=True)
+        raise

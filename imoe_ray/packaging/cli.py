@@ -26,12 +26,15 @@ SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set pack
 
 
 def _refusals(fn):
-    """A PackageError becomes `error: ...` and exit status 2 (the install contract: non-zero when refused)."""
+    """A PackageError (or the store's lock held by another writer) becomes `error: ...` and exit
+    status 2 (the install contract: non-zero when refused)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from imoe_ray.store import StoreLocked
+
         try:
             return fn(*args, **kwargs)
-        except PackageError as e:
+        except (PackageError, StoreLocked) as e:
             raise Refused(str(e)) from None
     return wrapper
 
@@ -67,6 +70,17 @@ def keys_generate(out: Path = typer.Option(Path("."), "--out", "-o", help="Direc
     print(public.read_text().strip())
 
 
+@keys_app.command("trust")
+@_refusals
+def keys_trust(key: str = typer.Argument(..., help="Public key: hex, base64 or a .pub file."),
+               names: str = typer.Option(..., "--names", help="Comma-separated package names this key may publish."),
+               store: str = StoreOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Trust KEY to publish the named packages in this store (besides their first publisher)."""
+    registry = _registry(store, config, overrides)
+    allowed = registry.trust(key, [n.strip() for n in names.split(",") if n.strip()])
+    console.print(f"key {key[:16]}… may publish: {', '.join(allowed)}")
+
+
 @experts_app.command("package")
 @_refusals
 def package(name: str = typer.Argument(..., help="The expert in STORE/experts/NAME."),
@@ -87,18 +101,18 @@ def package(name: str = typer.Argument(..., help="The expert in STORE/experts/NA
 @experts_app.command("sign")
 @_refusals
 def sign(package: Path = typer.Argument(..., help=".expert archive or package directory."),
-         key: Path = typer.Option(..., "--key", "-k", help="Private key file (imoe keys generate).")) -> None:
-    """Sign a package's manifest (which holds every file's sha256) with an ed25519 key."""
-    import tempfile
-
-    from imoe_ray.packaging.archive import resign, unpack
+         key: Path = typer.Option(..., "--key", "-k", help="Private key file (imoe keys generate)."),
+         config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Sign a package's manifest (which holds every file's sha256) with an ed25519 key. The package is
+    checked under packages.* limits first (an archive is unpacked beside itself, never elsewhere)."""
+    from imoe_ray.packaging.archive import Limits, read_package, resign
     from imoe_ray.packaging.signing import load_signing_key, sign as sign_manifest
 
     signing_key = load_signing_key(key)
-    with tempfile.TemporaryDirectory() as d:
-        manifest = unpack(package, Path(d)).manifest
+    limits = Limits.of(_packages_cfg(None, config, overrides))
+    manifest, _ = read_package(package, limits)
     signature = sign_manifest(manifest, signing_key)
-    resign(package, signature)
+    resign(package, signature, limits)
     console.print(f"signed {manifest.name} {manifest.version} with key {signature.key}")
 
 
@@ -107,23 +121,20 @@ def sign(package: Path = typer.Argument(..., help=".expert archive or package di
 def verify(package: Path = typer.Argument(..., help=".expert archive or package directory."),
            store: Optional[str] = typer.Option(None, "--store", "-s", help="Also check base-model compatibility with this store."),
            config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
-    """Check a package without installing it: layout, hashes, signature and trust (and the store's base).
-    Exit 0 only when it would install without --allow-unsigned."""
-    import tempfile
-
-    from imoe_ray.packaging.archive import Limits, unpack
+    """Check a package without installing it (nothing is written): layout, hashes, signature and trust
+    (and the store's base). Exit 0 only when it would install without --allow-unsigned."""
+    from imoe_ray.packaging.archive import Limits, read_package
     from imoe_ray.packaging.registry import Registry
     from imoe_ray.packaging.signing import trust_status
 
     cfg = _packages_cfg(store, config, overrides)
-    with tempfile.TemporaryDirectory() as d:
-        unpacked = unpack(package, Path(d), Limits.of(cfg))
-    m = unpacked.manifest
-    trust = trust_status(m, unpacked.signature, cfg.trusted_keys)
-    signer = unpacked.signature.key if unpacked.signature else "-"
+    m, signature = read_package(package, Limits.of(cfg))
+    registry = Registry(store, cfg) if store else None
+    trust = trust_status(m, signature, registry.trusted_keys() if registry else cfg.trusted_keys)
+    signer = signature.key if signature else "-"
     console.print(f"{m.name} {m.version}: {len(m.files)} files match their sha256; signature: {trust} (key {signer})")
-    if store:
-        ours = Registry(store, cfg).base_fingerprint()
+    if registry is not None:
+        ours = registry.base_fingerprint()
         if ours != m.base_model.fingerprint:
             raise PackageError(f"base model mismatch: the package needs fingerprint {m.base_model.fingerprint}, "
                                f"the store's base model has {ours}")
@@ -137,12 +148,13 @@ def verify(package: Path = typer.Argument(..., help=".expert archive or package 
 def install(source: str = typer.Argument(..., help="A .expert archive, a package directory, or a git URL."),
             store: str = StoreOpt,
             allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Install unsigned or untrusted packages."),
+            allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Install (and activate) a version older than the active one."),
             name: Optional[str] = typer.Option(None, "--name", help="Which package, when a directory or repository holds several."),
             config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Verify and install a package into the store's registry and make it the active version: a running
     server picks it up without a restart. Exit status 2 when refused."""
     registry = _registry(store, config, overrides)
-    row = registry.install(source, allow_unsigned or None, name)
+    row = registry.install(source, allow_unsigned or None, name, allow_downgrade)
     console.print(f"installed {row.name} {row.version} (category {row.category!r}, {row.size:,} bytes, signature "
                   f"{row.trust}) → {row.path}; active as experts/{row.name}")
 
@@ -181,9 +193,10 @@ def remove(name: str = typer.Argument(...), store: str = StoreOpt,
 @experts_app.command("activate")
 @_refusals
 def activate(name: str = typer.Argument(...), version: str = typer.Argument(...), store: str = StoreOpt,
+             allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Activate a version older than the active one."),
              config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Make another installed version of NAME the active one."""
-    _registry(store, config, overrides).activate(name, version)
+    _registry(store, config, overrides).activate(name, version, allow_downgrade)
     console.print(f"{name} {version} is active")
 
 
@@ -192,17 +205,14 @@ def activate(name: str = typer.Argument(...), version: str = typer.Argument(...)
 def info(target: str = typer.Argument(..., help="An installed package's name (with --store) or a .expert file."),
          store: str = StoreOpt, version: Optional[str] = typer.Option(None, "--version"),
          config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
-    """Print a package's manifest (centroid shortened) and its signature as JSON."""
-    import tempfile
-
-    from imoe_ray.packaging.archive import unpack
+    """Print a package's manifest (centroid shortened) and its signature as JSON (nothing is written)."""
+    from imoe_ray.packaging.archive import Limits, read_package
 
     path = Path(target)
     if path.exists():
-        with tempfile.TemporaryDirectory() as d:
-            unpacked = unpack(path, Path(d))
-            data = unpacked.manifest.model_dump(mode="json")
-            data["signature"] = unpacked.signature.to_json() if unpacked.signature else None
+        manifest, signature = read_package(path, Limits.of(_packages_cfg(None, config, overrides)))
+        data = manifest.model_dump(mode="json")
+        data["signature"] = signature.to_json() if signature else None
     else:
         registry = _registry(store, config, overrides)
         data = registry.manifest(target, version).model_dump(mode="json")

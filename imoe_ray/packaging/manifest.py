@@ -9,26 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imoe_ray.packaging import PackageError
+from imoe_ray.packaging.names import NAME_PATTERN, RESERVED, SEMVER_PATTERN, short
 
 FORMAT = "imoe-expert/1"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "expert-manifest.schema.json"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-# semver.org 2.0.0, the official regular expression
-SEMVER_PATTERN = (r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)"
-                  r"(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ADAPTER_DIR = "adapter"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+MAX_KEYWORDS = 32
+MAX_KEYWORD_CHARS = 64
+MAX_CENTROID_NORM = 100.0   # a centroid is a mean of unit embeddings: its norm is at most 1
+MAX_PRIORITY = 100.0
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Category(_Strict):
@@ -37,10 +44,19 @@ class Category(_Strict):
 
 
 class Routing(_Strict):
-    keywords: list[str] = Field(default_factory=list, max_length=200)
+    keywords: list[Annotated[str, Field(min_length=1, max_length=MAX_KEYWORD_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_KEYWORDS)
     centroid: list[float] = Field(min_length=1, max_length=8192,
                                   description="the category's mean embedding: how the router places it")
-    priority: float = 0.0
+    priority: float = Field(0.0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+
+    @field_validator("centroid")
+    @classmethod
+    def _bounded(cls, centroid: list[float]) -> list[float]:
+        norm = math.sqrt(sum(x * x for x in centroid))
+        if not 0 < norm <= MAX_CENTROID_NORM:
+            raise ValueError(f"the centroid's norm is {norm:.4g}; it must be above 0 and at most {MAX_CENTROID_NORM:g}")
+        return centroid
 
 
 class BaseModelRef(_Strict):
@@ -72,7 +88,7 @@ class PackageManifest(_Strict):
     training: Training = Training()
     license: str = Field("unspecified", min_length=1, max_length=200)
     created_at: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    files: dict[str, str] = Field(min_length=1, description="path inside the package → sha256 of its bytes")
+    files: dict[str, str] = Field(min_length=1, max_length=256, description="path inside the package → sha256 of its bytes")
 
     def canonical(self) -> bytes:
         """The bytes a signature covers: sorted keys, no whitespace."""
@@ -92,9 +108,16 @@ class PackageManifest(_Strict):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: {x['msg']}" for x in e.errors()[:8])
             raise PackageError(f"{where} is not a valid expert manifest: {problems}") from None
+        if manifest.name in RESERVED:
+            raise PackageError(f"{where}: the name {manifest.name!r} is reserved (a built-in role or a file of the store)")
         for path, digest in manifest.files.items():
-            if not path.startswith(f"{ADAPTER_DIR}/") or "/" in path[len(ADAPTER_DIR) + 1:] or not _is_sha256(digest):
-                raise PackageError(f"{where}: file entry {path!r} must be adapter/<file> with a sha256 hex digest")
+            file = path[len(ADAPTER_DIR) + 1:]
+            if file.lower().endswith(PICKLE_SUFFIXES):
+                raise PackageError(f"{where}: {short(path)} is a pickle-based checkpoint; packages carry safetensors "
+                                   "weights only")
+            if (not path.startswith(f"{ADAPTER_DIR}/") or not _FILE.match(file) or not _is_sha256(digest)
+                    or not (file == "adapter_config.json" or file.endswith(".safetensors"))):
+                raise PackageError(f"{where}: file entry {short(path)} must be adapter/adapter_config.json or adapter/<file>.safetensors with a sha256 hex digest")
         return manifest
 
 

@@ -50,7 +50,7 @@ def _tables(store: str, kb, expert: str | None) -> list[str | None]:
 def kb_list(store: str = StoreOpt,
             expert: Optional[str] = typer.Option(None, "--expert", help="Only this expert's tables (its categories), or one category's."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table.")) -> None:
-    """List the rows learned from answers (id, table, request, time, text)."""
+    """List the rows learned from answers (id, table, caller, request, time, text)."""
     from imoe_ray.retrieval.learning import list_learned
 
     kb = _open(store)
@@ -60,34 +60,94 @@ def kb_list(store: str = StoreOpt,
             typer.echo(json.dumps(r))
         return
     table = Table(title=f"{len(rows)} learned rows")
-    for col in ("id", "table", "request", "time"):
+    for col in ("id", "table", "caller", "request", "time"):
         table.add_column(col, no_wrap=True)
     table.add_column("text")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"])) if r["created_at"] else ""
-        table.add_row(r["chunk_id"], r["table"], r["request_id"] or "", when, (r["text"] or "")[:80].replace("\n", " "))
+        table.add_row(r["chunk_id"], r["table"], r["caller"] or "", r["request_id"] or "", when,
+                      (r["text"] or "")[:80].replace("\n", " "))
     Console().print(table)
 
 
-@kb_app.command("remove")
-def kb_remove(ids: list[str] = typer.Argument(..., help="Learned row ids (learned-…), as `imoe kb list` shows them."),
-              store: str = StoreOpt,
-              expert: Optional[str] = typer.Option(None, "--expert", help="Only from this expert's tables (its categories), or one category's.")) -> None:
-    """Remove learned rows (from every table that holds them); corpus rows cannot be removed."""
-    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
-    from imoe_ray.retrieval.learning import remove_learned
+def _when(text: str | None, option: str) -> float | None:
+    """A time as epoch seconds: an ISO 8601 date or time (UTC unless it says otherwise) or a number."""
+    from datetime import datetime, timezone
 
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise KnowledgeBaseError(f"{option} {text[:40]!r} is not a time: use ISO 8601 (2026-12-02 or "
+                                 "2026-12-02T20:00:00Z) or epoch seconds") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@kb_app.command("remove")
+def kb_remove(ids: Optional[list[str]] = typer.Argument(None, help="Learned row ids (learned-…), as `imoe kb list` shows them."),
+              store: str = StoreOpt,
+              expert: Optional[str] = typer.Option(None, "--expert", help="Only from this expert's tables (its categories), or one category's."),
+              since: Optional[str] = typer.Option(None, "--since", help="Learned rows made at or after this time (ISO 8601 or epoch seconds)."),
+              until: Optional[str] = typer.Option(None, "--until", help="Learned rows made before this time."),
+              caller: Optional[str] = typer.Option(None, "--caller", help="Learned rows of this caller (as `imoe kb list` shows it)."),
+              all_learned: bool = typer.Option(False, "--all-learned", help="Every learned row (of --expert's tables, or all).")) -> None:
+    """Remove learned rows: by id, or in bulk by time, caller or all of them; corpus rows are never removed."""
+    from imoe_ray.retrieval.knowledge_base import KnowledgeBaseError
+    from imoe_ray.retrieval.learning import remove_learned, remove_learned_where
+
+    bulk = since is not None or until is not None or caller is not None or all_learned
+    if bool(ids) == bulk:
+        raise KnowledgeBaseError("name the rows to remove: learned row ids, or --since/--until/--caller, or --all-learned")
+    start, end = _when(since, "--since"), _when(until, "--until")
     kb = _open(store)
-    removed: dict[str, int] = dict.fromkeys(ids, 0)
-    for table in _tables(store, kb, expert):
-        for i, n in remove_learned(kb, ids, table).items():
-            removed[i] += n
-    missing = [i for i, n in removed.items() if n == 0]
-    for i, n in removed.items():
+    with _locked(store, "kb remove"):
+        if bulk:
+            removed = {}
+            for table in _tables(store, kb, expert):
+                removed.update(remove_learned_where(kb, table, start, end, caller))
+            console.print(f"removed {sum(removed.values())} learned row(s)"
+                          + "".join(f"; {n} from {t}" for t, n in removed.items() if n))
+            return
+        counts: dict[str, int] = dict.fromkeys(ids, 0)
+        for table in _tables(store, kb, expert):
+            for i, n in remove_learned(kb, ids, table).items():
+                counts[i] += n
+    missing = [i for i, n in counts.items() if n == 0]
+    for i, n in counts.items():
         if n:
             console.print(f"removed {i} from {n} table(s)")
     if missing:
         raise KnowledgeBaseError(f"no learned row with id {', '.join(missing)} (see `imoe kb list`)")
+
+
+@kb_app.command("compact")
+def kb_compact(store: str = StoreOpt,
+               older_than_days: Optional[float] = typer.Option(None, "--older-than-days", min=0,
+                                                               help="Also drop table versions older than this.")) -> None:
+    """Compact the knowledge-base tables (merge the small files that commits leave)."""
+    from datetime import timedelta
+
+    from imoe_ray.retrieval.learning import compact
+
+    kb = _open(store)
+    with _locked(store, "kb compact"):
+        done = compact(kb, None if older_than_days is None else timedelta(days=older_than_days))
+    for name, stats in done.items():
+        console.print(f"{name}: {stats['fragments_before']} → {stats['fragments_after']} fragments (version {stats['version']})")
+
+
+def _locked(store: str, purpose: str):
+    """The store's one writer lock (a build, an install or another edit holding it: StoreLocked, exit 2)."""
+    from imoe_ray.store import Store
+
+    return Store(store).lock(f"imoe {purpose}")
 
 
 def eval_retrieval(

@@ -11,7 +11,7 @@ from imoe_ray.compression.units import Compressed, count_tokens, key_terms
 from imoe_ray.config import Config
 from imoe_ray.retrieval.fusion import configured
 from imoe_ray.retrieval.knowledge_base import KnowledgeBase, Passage, open_knowledge_base
-from imoe_ray.retrieval.learning import Learned, learn
+from imoe_ray.retrieval.learning import Caps, Exchange, LearningBuffer
 
 
 def expert_categories(store: str | Path) -> dict[str, list[str]]:
@@ -91,14 +91,23 @@ class PromptCompressor:
 
 
 class Learner:
-    """Appends an `optimized` request's question and answer to its experts' tables."""
+    """Queues an `optimized` request's question and answer for its experts' tables, with the caller
+    that sent it (written in batches, within the per-caller and per-table caps)."""
 
     def __init__(self, kb: KnowledgeBase, cfg: Config, experts: dict[str, list[str]]):
         self.kb, self.rc, self.experts = kb, cfg.retrieval, experts
+        self.buffer = LearningBuffer(kb, self.rc.learn_max_chars, Caps.of(self.rc), self.rc.learn_batch_rows,
+                                     self.rc.learn_flush_s)
 
-    def learn(self, question: str, answer: str, experts: list[str], request_id: str) -> Learned:
+    def allowed(self, caller: str | None) -> bool:
+        return self.rc.learn_callers is None or caller in self.rc.learn_callers
+
+    def learn(self, question: str, answer: str, experts: list[str], request_id: str, caller: str | None = None) -> bool:
+        """False when this caller's answers are not learned (not allowed, or over its hourly cap)."""
+        if not self.allowed(caller):
+            return False
         tables = [t for e in experts for t in self.experts.get(e, [e])]
-        return learn(self.kb, question, answer, tables, request_id, self.rc.learn_max_chars, create=True)
+        return self.buffer.add(Exchange(question, answer, tables, request_id, caller))
 
 
 def build_components(store: str | Path, cfg: Config, threads: int | None = 1, scorer=None,

@@ -110,6 +110,9 @@ class ServingModel:
         if name not in self.experts:
             raise UnknownExpert(f"no expert named {name!r}; installed: {', '.join(sorted(self.experts))}")
         started = time.perf_counter()
+        from imoe_ray.packaging.registry import verify_adapter
+
+        verify_adapter(self.experts[name])  # an installed package's files must still hash as its manifest says
         self.bank.load(name, self.experts[name])
         self._loaded_from[name] = _identity(self.experts[name])
         return (time.perf_counter() - started) * 1000
