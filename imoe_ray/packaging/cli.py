@@ -7,6 +7,7 @@ import enum
 import functools
 import json
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -51,12 +52,33 @@ def _packages_cfg(store: str | None, config: Optional[Path], overrides: Optional
     return cfg.packages
 
 
-def _registry(store: str, config: Optional[Path], overrides: Optional[list[str]]):
-    from imoe_ray.packaging.registry import Registry
+# What the registry reads and writes in a store: checked out of a URI store and committed back, with
+# the files that make an install visible (the router's late-joined profiles, the experts index) last.
+REGISTRY_PARTS = [("registry",), ("experts",), ("manifests", "base.json"), ("router", "config.json")]
+REGISTRY_LAST = [("router", "experts.json"), ("experts", "index.json")]
 
-    if not Path(store).is_dir():
-        raise PackageError(f"store {store} does not exist")
-    return Registry(store, _packages_cfg(store, config, overrides))
+
+@contextmanager
+def _registry(store: str, config: Optional[Path], overrides: Optional[list[str]], purpose: str | None = None):
+    """The store's registry; on an object store a local checkout of its files, taken under the store's
+    lock when `purpose` (a write) is given and committed back when the block succeeds."""
+    from imoe_ray.packaging.registry import Registry
+    from imoe_ray.store import Store
+    from imoe_ray.store.checkout import checkout
+    from imoe_ray.store.store import is_uri
+
+    packages = _packages_cfg(store, config, overrides)
+    if not is_uri(store):
+        if not Path(store).is_dir():
+            raise PackageError(f"store {store} does not exist")
+        yield Registry(store, packages)
+        return
+    remote = Store(store, create=False)
+    with ExitStack() as held:
+        if purpose:
+            held.enter_context(remote.lock(purpose))
+        root = held.enter_context(checkout(remote, REGISTRY_PARTS, REGISTRY_LAST))
+        yield Registry(root, packages)
 
 
 @keys_app.command("generate")
@@ -76,8 +98,8 @@ def keys_trust(key: str = typer.Argument(..., help="Public key: hex, base64 or a
                names: str = typer.Option(..., "--names", help="Comma-separated package names this key may publish."),
                store: str = StoreOpt, config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Trust KEY to publish the named packages in this store (besides their first publisher)."""
-    registry = _registry(store, config, overrides)
-    allowed = registry.trust(key, [n.strip() for n in names.split(",") if n.strip()])
+    with _registry(store, config, overrides, "imoe keys trust") as registry:
+        allowed = registry.trust(key, [n.strip() for n in names.split(",") if n.strip()])
     console.print(f"key {key[:16]}… may publish: {', '.join(allowed)}")
 
 
@@ -93,7 +115,8 @@ def package(name: str = typer.Argument(..., help="The expert in STORE/experts/NA
     """Write a trained expert as an (unsigned) .expert archive; sign it with `imoe experts sign`."""
     from imoe_ray.packaging.registry import package_expert
 
-    path, m = package_expert(store, name, version, out, new_name, description, license)
+    with _registry(store, None, None) as registry:  # a URI store's expert: read from a local checkout
+        path, m = package_expert(registry.store, name, version, out, new_name, description, license)
     console.print(f"packaged {m.name} {m.version} ({len(m.files)} files) → {path}")
     print(path)
 
@@ -153,8 +176,8 @@ def install(source: str = typer.Argument(..., help="A .expert archive, a package
             config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Verify and install a package into the store's registry and make it the active version: a running
     server picks it up without a restart. Exit status 2 when refused."""
-    registry = _registry(store, config, overrides)
-    row = registry.install(source, allow_unsigned or None, name, allow_downgrade)
+    with _registry(store, config, overrides, f"imoe experts install {Path(source).name[:60]}") as registry:
+        row = registry.install(source, allow_unsigned or None, name, allow_downgrade)
     console.print(f"installed {row.name} {row.version} (category {row.category!r}, {row.size:,} bytes, signature "
                   f"{row.trust}) → {row.path}; active as experts/{row.name}")
 
@@ -166,7 +189,8 @@ def list_(store: str = StoreOpt, as_json: bool = typer.Option(False, "--json", h
     """The installed packages: name, version, category, size, signer, base compatibility, active."""
     from imoe_ray.packaging.registry import as_dict
 
-    rows = _registry(store, config, overrides).list()
+    with _registry(store, config, overrides) as registry:
+        rows = registry.list()
     if as_json:
         for r in rows:
             print(json.dumps(as_dict(r)))
@@ -186,7 +210,8 @@ def remove(name: str = typer.Argument(...), store: str = StoreOpt,
            version: Optional[str] = typer.Option(None, "--version", help="Only this version (default: all)."),
            config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Remove an installed package (the active version is drained: no new requests, running ones finish)."""
-    removed = _registry(store, config, overrides).remove(name, version)
+    with _registry(store, config, overrides, f"imoe experts remove {name[:60]}") as registry:
+        removed = registry.remove(name, version)
     console.print(f"removed {name} {', '.join(removed)}")
 
 
@@ -196,7 +221,8 @@ def activate(name: str = typer.Argument(...), version: str = typer.Argument(...)
              allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Activate a version older than the active one."),
              config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
     """Make another installed version of NAME the active one."""
-    _registry(store, config, overrides).activate(name, version, allow_downgrade)
+    with _registry(store, config, overrides, f"imoe experts activate {name[:60]}") as registry:
+        registry.activate(name, version, allow_downgrade)
     console.print(f"{name} {version} is active")
 
 
@@ -214,9 +240,9 @@ def info(target: str = typer.Argument(..., help="An installed package's name (wi
         data = manifest.model_dump(mode="json")
         data["signature"] = signature.to_json() if signature else None
     else:
-        registry = _registry(store, config, overrides)
-        data = registry.manifest(target, version).model_dump(mode="json")
-        data["installed"] = {"versions": registry.versions(target), "active": registry.active_version(target)}
+        with _registry(store, config, overrides) as registry:
+            data = registry.manifest(target, version).model_dump(mode="json")
+            data["installed"] = {"versions": registry.versions(target), "active": registry.active_version(target)}
     centroid = data["routing"]["centroid"]
     data["routing"]["centroid"] = f"[{len(centroid)} floats]"
     json.dump(data, sys.stdout, indent=2)
