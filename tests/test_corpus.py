@@ -128,3 +128,131 @@ def test_actor_plan_uses_gpus_when_present():
     assert (gpu.concurrency, gpu.num_gpus) == (4, 1)
     cpu = plan_actors(EmbeddingConfig(), {"CPU": 2})
     assert cpu.num_gpus == 0 and cpu.concurrency == 2 and cpu.num_threads == 1
+
+
+# ------------------------------------------------------------------ the corpus read where it lies, on Ray Data
+
+def _ingest(corpus: str, store: Path, *overrides: str, **settings) -> tuple[dict, pa.Table]:
+    """The ingest stage on the session's cluster: (its metrics, the chunks it wrote)."""
+    from imoe_ray.config import load_config
+    from imoe_ray.corpus import stage
+    from imoe_ray.store import Store
+
+    cfg = load_config(None, list(overrides), store=str(store), corpus__path=corpus, **settings)
+    metrics = stage.run(Store(cfg.store), cfg, False, report=lambda m: None)
+    return metrics, pq.read_table(store / "corpus" / "chunks")
+
+
+def _mixed_directory(root: Path) -> Path:
+    """JSON lines, Parquet in a subfolder and a text file; one text repeats."""
+    (root / "sub").mkdir(parents=True)
+    repeated = [{"id": 90 + k, "text": "repeated text", "domain": "r", "score": float(k), "tags": [str(k)]} for k in (0, 1)]
+    write_jsonl(root / "a.jsonl", ROWS[:1] + repeated[:1] + ROWS[1:4] + repeated[1:])
+    pq.write_table(pa.Table.from_pylist(ROWS[4:]), root / "sub" / "b.parquet")
+    long = " ".join(f"paragraph {i} explains how streaming readers work." for i in range(80))
+    (root / "c.txt").write_text(long)
+    (root / ".hidden.jsonl").write_text("not read\n")
+    return root
+
+
+def test_a_mixed_directory_streams_to_the_same_chunks_as_the_table_reader(ray_session, tmp_path):
+    corpus = _mixed_directory(tmp_path / "corpus")
+    metrics, chunks = _ingest(str(corpus), tmp_path / "store", "corpus.id_column=null", corpus__chunk_tokens=64,
+                              corpus__chunk_overlap=8)
+    expected = chunk_table(read_corpus_table(corpus, id_column=None), chunk_tokens=64, overlap=8)
+    # Files of one kind keep their order; the kinds are interleaved block by block (deterministically).
+    assert sorted(chunks.to_pylist(), key=str) == sorted(expected.to_pylist(), key=str)
+    assert chunks.schema == expected.schema
+    assert metrics["documents"] == 9 and metrics["chunks"] == expected.num_rows > 9
+    ids = chunks.filter(pa.compute.equal(chunks.column("chunk_index"), 0)).column("id").to_pylist()
+    assert len(set(ids)) == 9
+    repeats = chunks.filter(pa.compute.equal(chunks.column("text"), "repeated text"))
+    assert [(r["original_id"], r["id"][16:]) for r in repeats.to_pylist()] == [(90, ""), (91, "-1")]
+    assert chunks.column("source_file").to_pylist().count("c.txt") == metrics["chunks"] - 8
+
+
+def test_a_parquet_corpus_through_a_file_uri(ray_session, tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    metrics, chunks = _ingest(path.as_uri(), tmp_path / "store")
+    assert chunks.equals(chunk_table(read_corpus_table(path)))
+    assert metrics["columns"] == ["id", "text", "domain", "score", "tags"]
+    assert chunks.column("id").to_pylist() == [str(r["id"]) for r in ROWS]
+
+
+def test_chunks_are_unchanged_and_deterministic(ray_session, small_corpus, tmp_path):
+    """The streaming ingest writes exactly what chunking the whole table in one process gives."""
+    _, first = _ingest(str(small_corpus), tmp_path / "one")
+    _, second = _ingest(str(small_corpus), tmp_path / "two")
+    assert first.equals(chunk_table(read_corpus_table(small_corpus)))
+    assert first.equals(second)
+
+
+def test_the_fingerprint_comes_from_the_listing(tmp_path):
+    import os
+
+    from imoe_ray.config import load_config
+    from imoe_ray.corpus.stage import corpus_fingerprint
+
+    corpus = _mixed_directory(tmp_path / "corpus")
+    local = load_config(None, [], corpus__path=str(corpus))
+    uri = load_config(None, [], corpus__path=corpus.as_uri())
+    before = corpus_fingerprint(local), corpus_fingerprint(uri)
+    assert before == (corpus_fingerprint(local), corpus_fingerprint(uri)) and before[0] != before[1]
+    os.utime(corpus / "c.txt", ns=(1, 1))
+    assert corpus_fingerprint(local) != before[0] and corpus_fingerprint(uri) != before[1]
+
+
+def test_bad_rows_beyond_the_first_file_are_one_clear_error_and_nothing_is_written(ray_session, tmp_path):
+    from imoe_ray.corpus.readers import PEEK_BYTES
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", ROWS)
+    (corpus / "b.jsonl").write_text('{"id": 100, "text": "fine"}\n{"id": 101, "text": \n')
+    store = tmp_path / "store"
+    with pytest.raises(CorpusError, match="cannot read corpus") as bad_json:
+        _ingest(str(corpus), store)
+    assert "\n" not in str(bad_json.value)
+    (corpus / "b.jsonl").write_text('{"id": 1, "text": "a second document with id 1"}\n')
+    with pytest.raises(CorpusError, match="id column 'id' has duplicates, e.g. '1'"):
+        _ingest(str(corpus), store)
+    big = tmp_path / "big.jsonl"  # a duplicate id past what the driver peeks at
+    write_jsonl(big, [{"id": i, "text": "x" * 200} for i in range(PEEK_BYTES // 200 + 10)] + [{"id": 3, "text": "y"}])
+    with pytest.raises(CorpusError, match="duplicates, e.g. '3'"):
+        _ingest(str(big), store)
+    assert not (store / "corpus" / "chunks").exists() and list((store / "corpus").iterdir()) == []
+
+
+@pytest.mark.parametrize("corpus, needle", [
+    ("{tmp}/missing.jsonl", "corpus not found"),
+    ("nosuchscheme://bucket/corpus.jsonl", "unknown URI scheme 'nosuchscheme'"),
+    ("{tmp}/nocol.jsonl", "text column 'text' not in"),
+    ("{tmp}/bad.jsonl", "bad.jsonl:3: not valid JSON"),
+    ("{tmp}/dup.jsonl", "has duplicates, e.g. '7'"),
+])
+def test_bad_corpora_fail_before_ray_starts(tmp_path, corpus, needle):
+    """The build is pointed at a Ray address where nothing listens: the corpus error must come first."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    (tmp_path / "nocol.jsonl").write_text('{"id": 1, "body": "no text here"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n' + '{"text": "d"}\n' * 50000)
+    (tmp_path / "dup.jsonl").write_text('{"id": 7, "text": "a"}\n{"id": 7, "text": "b"}\n')
+    store = tmp_path / "store"
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    out = subprocess.run([sys.executable, "-m", "imoe_ray.cli", "build", "--corpus", corpus.format(tmp=tmp_path),
+                          "--store", str(store), "--until", "ingest"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and needle in " ".join(out.stderr.split()), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (store / "corpus").exists()
+
+
+def test_pools_are_sized_from_the_cluster():
+    from imoe_ray.corpus.stage import chunk_actors
+
+    assert chunk_actors({"CPU": 16.0, "GPU": 2.0}) == 16
+    assert chunk_actors({"CPU": 2.0}) == 2 and chunk_actors({}) == 1

@@ -11,7 +11,8 @@ every other column untouched, rows with empty text dropped.
   lists files and peeks at the first rows of the first file of each kind, so the common mistakes
   (missing corpus, unknown scheme, missing column, malformed JSON) fail in seconds, before Ray
   starts; the rows themselves are read by Ray Data's readers on the workers. Columns are those of
-  the first rows peeked (a later file's extra columns are not added).
+  the first rows peeked (a later file's extra columns are not added). Files of one kind are read in
+  sorted order; a directory that mixes kinds interleaves them block by block (deterministically).
 - `read_corpus_table`: one Arrow table in this process, for the small files evaluation reads.
 """
 
@@ -514,7 +515,9 @@ def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
     ds = ds.map_batches(normalise, batch_format="pyarrow")
     return ds.map_batches(UniqueIds, fn_constructor_kwargs=dict(id_column=plan.id_column, generated=plan.generated_ids,
                                                                 where=where),
-                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                          # in submission order, and never silently restarted with an empty memory of ids
+                          allow_out_of_order_execution=False, max_restarts=0)
 
 
 def read_corpus_dataset(path: str | Path, text_column: str = "text", id_column: str | None = "id",
