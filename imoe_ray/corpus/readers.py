@@ -22,8 +22,10 @@ import functools
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,6 +79,8 @@ def corpus_filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in spec:
         return pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
     scheme = spec.split("://", 1)[0]
+    if scheme == "s3" and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return _s3_from_environment(spec)
     try:
         fs, path = pafs.FileSystem.from_uri(spec)
     except (pa.ArrowInvalid, ValueError) as e:
@@ -87,6 +91,26 @@ def corpus_filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     except OSError as e:
         raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
     return fs, path.rstrip("/") or path
+
+
+def _s3_from_environment(spec: str) -> tuple[pafs.FileSystem, str]:
+    """An S3 filesystem holding the driver's AWS_* settings itself, so that Ray workers (which pickle it)
+    reach the same endpoint with the same credentials whatever their own environment holds."""
+    env = os.environ
+    options: dict = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
+    if env.get("AWS_SESSION_TOKEN"):
+        options["session_token"] = env["AWS_SESSION_TOKEN"]
+    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        options["region"] = env.get("AWS_REGION") or env["AWS_DEFAULT_REGION"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    try:
+        fs = pafs.S3FileSystem(**options)
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
+        raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
+    return fs, spec.split("://", 1)[1].rstrip("/")
 
 
 def _file_info(fs: pafs.FileSystem, path: str | pafs.FileSelector, spec: str):
