@@ -8,6 +8,7 @@ started for the benchmark (`ray start --head`, `--cpus` CPUs, as on a cluster) a
 
     python benchmarks/bench_driver_memory.py                      # 1x = 150 passages per domain, 10x
     python benchmarks/bench_driver_memory.py --per-domain 10 --until embed
+    python benchmarks/bench_driver_memory.py --src OLD   # the same on older code: git archive COMMIT | tar -x -C OLD
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(work: Path, cpus: int) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_head(work: Path, cpus: int, src: Path | None) -> tuple[subprocess.Popen, dict[str, str]]:
     """A private Ray head node (its own ports, temp dir and auth token); (process, env for drivers)."""
     token = work / "auth_token"
     token.write_text(secrets.token_hex(32))
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    if src is not None:  # another version of the code, for the head's workers and the drivers alike
+        env["PYTHONPATH"] = str(src)
     ray = Path(sys.executable).parent / "ray"
     head = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false",
@@ -74,7 +77,8 @@ def peak_rss_of_build(corpus: Path, store: Path, until: str, settings: list[str]
     started = time.perf_counter()
     log = store.with_suffix(".log")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Run from the store's folder: `python -m` puts the working directory first on the path.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=store.parent)
         peak_kib = 0
         status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
@@ -98,6 +102,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of each build's local Ray")
     parser.add_argument("--set", dest="settings", action="append", default=[], help="extra config settings")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--src", type=Path, default=None,
+                        help="run another version of imoe_ray (a source tree, e.g. `git archive` of an older commit)")
     args = parser.parse_args()
     from imoe_ray.corpus.sample import build_sample_corpus
 
@@ -109,17 +115,18 @@ def main() -> None:
     big = work / f"corpus-{args.factor}x.jsonl"
     rows_small = sum(1 for _ in small.open())
     rows_big = replicate(small, big, args.factor)
-    head, env = start_head(work, args.cpus)
+    head, env = start_head(work, args.cpus, args.src)
     results = {}
     try:
         for name, corpus, rows in (("1x", small, rows_small), (f"{args.factor}x", big, rows_big)):
-            store = work / f"store-{name}"
+            store = work / f"store-{name}{'-src' if args.src else ''}"
             results[name] = (rows, corpus.stat().st_size / 2**20,
                              *peak_rss_of_build(corpus, store, args.until, args.settings, env))
     finally:
         head.terminate()
         head.wait(60)
-    print(f"driver peak RSS, imoe build --until {args.until}, a {args.cpus}-CPU Ray head node {' '.join(args.settings)}")
+    print(f"driver peak RSS, imoe build --until {args.until}, a {args.cpus}-CPU Ray head node {' '.join(args.settings)}"
+          + (f", code from {args.src}" if args.src else ""))
     print(f"{'corpus':>8} {'documents':>10} {'size MiB':>9} {'peak RSS MiB':>13} {'wall s':>8}")
     for name, (rows, size, rss, wall) in results.items():
         print(f"{name:>8} {rows:>10} {size:>9.1f} {rss:>13.0f} {wall:>8.1f}")
