@@ -304,7 +304,9 @@ def seaweed_s3(tmp_path_factory):
     proc.wait(30)
 
 
-def test_a_corpus_on_s3_is_read_where_it_lies(ray_session, seaweed_s3, tmp_path, monkeypatch):
+def test_a_corpus_on_s3_is_listed_checked_and_read_where_it_lies(seaweed_s3, tmp_path, monkeypatch):
+    """The driver's side on a real S3 server: listing, peek, fingerprint, errors. (The stage on Ray
+    workers reading from S3 is covered by the cluster tests on the shared S3 fixture.)"""
     import pyarrow.fs as pafs
 
     from imoe_ray.config import load_config
@@ -314,13 +316,23 @@ def test_a_corpus_on_s3_is_read_where_it_lies(ray_session, seaweed_s3, tmp_path,
     local = _mixed_directory(tmp_path / "corpus")
     fs.create_dir("corpora")
     pafs.copy_files(str(local), "corpora/mixed", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    for name, value in env.items():  # the driver's environment only: the workers have none of it
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
     uri = "s3://corpora/mixed"
-    _, chunks = _ingest(uri, tmp_path / "store", "corpus.id_column=null")
-    expected = chunk_table(read_corpus_table(local, id_column=None))
-    assert sorted(chunks.to_pylist(), key=str) == sorted(expected.to_pylist(), key=str)
+    plan = inspect_corpus(uri, id_column=None)
+    assert [f.relative for f in plan.source.files] == ["a.jsonl", "c.txt", "sub/b.parquet"]
+    expected = read_corpus_table(local, id_column=None)
+    assert plan.columns == expected.column_names
+    assert read_corpus_table(uri, id_column=None).equals(expected)
     cfg = load_config(None, [], corpus__path=uri)
-    assert corpus_fingerprint(cfg) == corpus_fingerprint(cfg)
+    first = corpus_fingerprint(cfg)
+    assert first == corpus_fingerprint(cfg)
+    with fs.open_output_stream("corpora/mixed/d.jsonl") as out:
+        out.write(b'{"text": "one more document"}\n')
+    assert corpus_fingerprint(cfg) != first
     with pytest.raises(CorpusError, match="corpus not found: s3://corpora/missing.jsonl"):
         inspect_corpus("s3://corpora/missing.jsonl")
+    with fs.open_output_stream("corpora/bad.jsonl") as out:
+        out.write(b'{"text": "a"}\n{"text": \n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2: not valid JSON"):
+        inspect_corpus("s3://corpora/bad.jsonl")

@@ -514,7 +514,9 @@ class UniqueIds:
 
 def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
     """The corpus as a streaming Ray Dataset of normalised documents, read by the workers where it lies.
-    Run it with `DataContext.execution_options.preserve_order` so ids and row order are deterministic."""
+    Run it with `DataContext.execution_options.preserve_order` so ids and row order are deterministic.
+    The one exception is a Hugging Face dataset that Ray Data cannot read from the Hub's Parquet files
+    (a local or cached one): `from_huggingface` then ships its memory-mapped table from the driver."""
     import ray
 
     source, where = plan.source, plan.source.spec
