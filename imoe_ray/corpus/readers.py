@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -570,4 +571,6 @@ def corpus_error_in(error: BaseException, where: str) -> CorpusError | None:
             if isinstance(bad, (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError)) and not hasattr(bad, "cause"):
                 return CorpusError(f"cannot read corpus {where}: {str(bad).strip().splitlines()[-1]}")
         stack += [cause, e.__cause__, e.__context__]
-    return None
+    # A CorpusError raised inside an actor reaches us only as text: pickling drops exception chains.
+    found = re.findall(r"CorpusError: ([^\n]+)", str(error))
+    return CorpusError(found[-1].strip()) if found else None
