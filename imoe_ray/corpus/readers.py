@@ -11,7 +11,8 @@ every other column untouched, rows with empty text dropped.
   lists files and peeks at the first rows of the first file of each kind, so the common mistakes
   (missing corpus, unknown scheme, missing column, malformed JSON) fail in seconds, before Ray
   starts; the rows themselves are read by Ray Data's readers on the workers. Columns are those of
-  the first rows peeked (a later file's extra columns are not added).
+  the first rows peeked (a later file's extra columns are not added). Files of one kind are read in
+  sorted order; a directory that mixes kinds interleaves them block by block (deterministically).
 - `read_corpus_table`: one Arrow table in this process, for the small files evaluation reads.
 """
 
@@ -21,8 +22,11 @@ import functools
 import hashlib
 import io
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -76,6 +80,8 @@ def corpus_filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in spec:
         return pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
     scheme = spec.split("://", 1)[0]
+    if scheme == "s3" and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return _s3_from_environment(spec)
     try:
         fs, path = pafs.FileSystem.from_uri(spec)
     except (pa.ArrowInvalid, ValueError) as e:
@@ -86,6 +92,26 @@ def corpus_filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     except OSError as e:
         raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
     return fs, path.rstrip("/") or path
+
+
+def _s3_from_environment(spec: str) -> tuple[pafs.FileSystem, str]:
+    """An S3 filesystem holding the driver's AWS_* settings itself, so that Ray workers (which pickle it)
+    reach the same endpoint with the same credentials whatever their own environment holds."""
+    env = os.environ
+    options: dict = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
+    if env.get("AWS_SESSION_TOKEN"):
+        options["session_token"] = env["AWS_SESSION_TOKEN"]
+    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        options["region"] = env.get("AWS_REGION") or env["AWS_DEFAULT_REGION"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    try:
+        fs = pafs.S3FileSystem(**options)
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
+        raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
+    return fs, spec.split("://", 1)[1].rstrip("/")
 
 
 def _file_info(fs: pafs.FileSystem, path: str | pafs.FileSelector, spec: str):
@@ -489,7 +515,9 @@ class UniqueIds:
 
 def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
     """The corpus as a streaming Ray Dataset of normalised documents, read by the workers where it lies.
-    Run it with `DataContext.execution_options.preserve_order` so ids and row order are deterministic."""
+    Run it with `DataContext.execution_options.preserve_order` so ids and row order are deterministic.
+    The one exception is a Hugging Face dataset that Ray Data cannot read from the Hub's Parquet files
+    (a local or cached one): `from_huggingface` then ships its memory-mapped table from the driver."""
     import ray
 
     source, where = plan.source, plan.source.spec
@@ -514,7 +542,9 @@ def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
     ds = ds.map_batches(normalise, batch_format="pyarrow")
     return ds.map_batches(UniqueIds, fn_constructor_kwargs=dict(id_column=plan.id_column, generated=plan.generated_ids,
                                                                 where=where),
-                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                          # in submission order, and never silently restarted with an empty memory of ids
+                          allow_out_of_order_execution=False, max_restarts=0)
 
 
 def read_corpus_dataset(path: str | Path, text_column: str = "text", id_column: str | None = "id",
@@ -541,4 +571,6 @@ def corpus_error_in(error: BaseException, where: str) -> CorpusError | None:
             if isinstance(bad, (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError)) and not hasattr(bad, "cause"):
                 return CorpusError(f"cannot read corpus {where}: {str(bad).strip().splitlines()[-1]}")
         stack += [cause, e.__cause__, e.__context__]
-    return None
+    # A CorpusError raised inside an actor reaches us only as text: pickling drops exception chains.
+    found = re.findall(r"CorpusError: ([^\n]+)", str(error))
+    return CorpusError(found[-1].strip()) if found else None

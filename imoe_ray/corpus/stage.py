@@ -22,6 +22,8 @@ from imoe_ray.corpus.readers import listing_fingerprint, load_hf_dataset
 from imoe_ray.store import Store
 
 CHUNKS = ("corpus", "chunks")
+# Writing is I/O: its tasks take no CPU, so they run while the actor pools hold every CPU of the cluster.
+WRITE_TASKS = {"num_cpus": 0}
 
 
 def corpus_fingerprint(cfg: Config) -> str:
@@ -77,7 +79,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
             num_cpus=1,
         )
         try:
-            chunked.write_parquet(temp, filesystem=store.fs)
+            chunked.write_parquet(temp, filesystem=store.fs, ray_remote_args=WRITE_TASKS)
         except Exception as e:  # noqa: BLE001 - a bad row found by a worker comes back wrapped by Ray
             _discard(store, temp)
             error = corpus_error_in(e, c.path)

@@ -66,7 +66,8 @@ def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str
                                    device="cuda" if plan.num_gpus else "cpu"),
         batch_size=cfg.batch_size * 4,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
+        # From one actor up to the cluster's size, so that the read tasks feeding them find a CPU first.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.concurrency),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )

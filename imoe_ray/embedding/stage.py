@@ -20,6 +20,7 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from imoe_ray.config import Config
+from imoe_ray.corpus.stage import WRITE_TASKS
 from imoe_ray.embedding.ray_embed import embed_dataset
 from imoe_ray.store import Store
 from imoe_ray.store.store import StoreError
@@ -88,7 +89,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
         out = embed_dataset(ds.repartition(target_num_rows_per_block=rows), cfg.embedding, text_column)
         store.fs.create_dir(store.path(STAGING_DIR), recursive=True)
         out.write_parquet(store.path(STAGING_DIR), filesystem=store.fs, filename_provider=PartNames(),
-                          min_rows_per_file=cfg.embedding.part_rows)
+                          min_rows_per_file=cfg.embedding.part_rows, ray_remote_args=WRITE_TASKS)
     parts = [p for p in store.listdir(STAGING_DIR) if p.endswith(".parquet")]
     report(f"[embed] {chunks} chunks embedded ({chunks - reused} now) in {len(parts)} parts")
     store.commit(store.path(STAGING_DIR), FINAL_DIR)
