@@ -22,11 +22,9 @@ import functools
 import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -76,42 +74,15 @@ def _suffix(path: str) -> str:
 
 
 def corpus_filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI; an unknown scheme is a CorpusError."""
-    if "://" not in spec:
-        return pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
-    scheme = spec.split("://", 1)[0]
-    if scheme == "s3" and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        return _s3_from_environment(spec)
+    """(filesystem, path) for a local path or a URI, opened as the store opens its own (S3 from the
+    standard AWS_* variables, which `init_ray` hands to the workers); an unknown scheme is a CorpusError."""
+    from imoe_ray.store.store import StoreError, open_filesystem
+
     try:
-        fs, path = pafs.FileSystem.from_uri(spec)
-    except (pa.ArrowInvalid, ValueError) as e:
-        if "Unrecognized filesystem" in str(e) or "scheme" in str(e).lower():
-            raise CorpusError(f"cannot open corpus {spec}: unknown URI scheme {scheme!r} "
-                              "(use a local path, file://, s3:// or gs://)") from None
+        fs, path, _ = open_filesystem(spec)
+    except StoreError as e:
         raise CorpusError(f"cannot open corpus {spec}: {e}") from None
-    except OSError as e:
-        raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
     return fs, path.rstrip("/") or path
-
-
-def _s3_from_environment(spec: str) -> tuple[pafs.FileSystem, str]:
-    """An S3 filesystem holding the driver's AWS_* settings itself, so that Ray workers (which pickle it)
-    reach the same endpoint with the same credentials whatever their own environment holds."""
-    env = os.environ
-    options: dict = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
-    if env.get("AWS_SESSION_TOKEN"):
-        options["session_token"] = env["AWS_SESSION_TOKEN"]
-    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
-        options["region"] = env.get("AWS_REGION") or env["AWS_DEFAULT_REGION"]
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    try:
-        fs = pafs.S3FileSystem(**options)
-    except (pa.ArrowInvalid, ValueError, OSError) as e:
-        raise CorpusError(f"cannot open corpus {spec}: {str(e).splitlines()[0]}") from None
-    return fs, spec.split("://", 1)[1].rstrip("/")
 
 
 def _file_info(fs: pafs.FileSystem, path: str | pafs.FileSelector, spec: str):
