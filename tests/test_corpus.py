@@ -129,6 +129,8 @@ def test_actor_plan_uses_gpus_when_present():
     assert (gpu.concurrency, gpu.num_gpus) == (4, 1)
     cpu = plan_actors(EmbeddingConfig(), {"CPU": 2})
     assert cpu.num_gpus == 0 and cpu.concurrency == 2 and cpu.num_threads == 1
+    cluster = plan_actors(EmbeddingConfig(), {"CPU": 4})
+    assert cluster.concurrency == 3, "one CPU stays free for the tasks that feed the pool"
 
 
 # ------------------------------------------------------------------ the corpus read where it lies, on Ray Data

@@ -23,7 +23,8 @@ from imoe_ray.store import Store
 
 CHUNKS = ("corpus", "chunks")
 # Writing is I/O: its tasks take no CPU, so they run while the actor pools hold every CPU of the cluster.
-WRITE_TASKS = {"num_cpus": 0}
+WRITE_TASKS = {"num_cpus": 0}  # I/O: they must run while the actor pools hold every CPU
+READ_TASKS = {"num_cpus": 0}
 
 
 def corpus_fingerprint(cfg: Config) -> str:

@@ -52,13 +52,19 @@ def plan_actors(cfg: EmbeddingConfig, cluster: dict[str, float]) -> ActorPlan:
     if gpus > 0:
         return ActorPlan(cfg.concurrency or gpus, num_cpus=1, num_gpus=1, num_threads=cfg.num_threads or 1)
     threads = cfg.num_threads or 1
-    concurrency = cfg.concurrency or max(1, cpus // threads)
+    # On a cluster, one CPU stays free for the tasks that read and split the chunks feeding the pool
+    # (with every CPU held by an actor they would never run); a 2-CPU machine keeps both actors.
+    fits = cpus // threads
+    concurrency = cfg.concurrency or max(1, fits - 1 if fits > 2 else fits)
     return ActorPlan(concurrency, num_cpus=threads, num_gpus=0, num_threads=threads)
 
 
-def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str) -> "ray.data.Dataset":
-    """Add embeddings to a dataset of chunks (columns `chunk_id` and the text column)."""
+def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str,
+                  resources: dict[str, float] | None = None) -> "ray.data.Dataset":
+    """Add embeddings to a dataset of chunks (columns `chunk_id` and the text column); `resources`:
+    custom Ray resources each actor also asks for (config `ray.resources`)."""
     plan = plan_actors(cfg, ray.cluster_resources())
+    extra = {"resources": dict(resources)} if resources else {}
     return ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs=dict(encoder=cfg.encoder, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
@@ -70,6 +76,7 @@ def embed_dataset(ds: "ray.data.Dataset", cfg: EmbeddingConfig, text_column: str
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.concurrency),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
+        **extra,
     )
 
 

@@ -20,7 +20,7 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from imoe_ray.config import Config
-from imoe_ray.corpus.stage import WRITE_TASKS
+from imoe_ray.corpus.stage import READ_TASKS, WRITE_TASKS
 from imoe_ray.embedding.ray_embed import embed_dataset
 from imoe_ray.store import Store
 from imoe_ray.store.store import StoreError
@@ -81,12 +81,14 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
         report(f"[embed] {reused} chunks already embedded by an interrupted run; {chunks - reused} to go")
     if reused < chunks:
         rows = max(cfg.embedding.batch_size * 4, 1)
-        ds = ray.data.read_parquet(store.path(*CHUNKS), filesystem=store.fs, columns=["chunk_id", text_column])
+        ds = ray.data.read_parquet(store.path(*CHUNKS), filesystem=store.fs, columns=["chunk_id", text_column],
+                                   ray_remote_args=READ_TASKS)
         if kept:
             ds = ds.map_batches(SkipDone, fn_constructor_kwargs=dict(filesystem=store.fs, parts=sorted(kept)),
                                 batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
         # Blocks of a few batches, so that every actor of the pool gets work.
-        out = embed_dataset(ds.repartition(target_num_rows_per_block=rows), cfg.embedding, text_column)
+        out = embed_dataset(ds.repartition(target_num_rows_per_block=rows), cfg.embedding, text_column,
+                            cfg.ray.resources)
         store.fs.create_dir(store.path(STAGING_DIR), recursive=True)
         out.write_parquet(store.path(STAGING_DIR), filesystem=store.fs, filename_provider=PartNames(),
                           min_rows_per_file=cfg.embedding.part_rows, ray_remote_args=WRITE_TASKS)
