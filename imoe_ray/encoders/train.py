@@ -124,7 +124,7 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     from imoe_ray.embedding.encoder import resolve_encoder_path
     from imoe_ray.encoders.contrastive import batch_mode
     from imoe_ray.encoders.moe import MOE_FILE
-    from imoe_ray.experts.parallel import cluster_cpus, cluster_gpus
+    from imoe_ray.experts.parallel import Storage, cluster_gpus, worker_cpus
 
     require_chunks(store)
     m = cfg.moe_encoder
@@ -132,7 +132,7 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
     pairs, texts = mine_pairs(store, cfg, AutoTokenizer.from_pretrained(path))
     report(f"[encoder] {len(pairs)} pairs ({', '.join(f'{k}: {pairs.kinds.count(k)}' for k in sorted(set(pairs.kinds)))}) "
            f"in {len(set(pairs.topics) - {-1})} discovered categories: {batch_mode(m.batches, pairs.topics)} batches")
-    cpus = m.cpus or max(1, int(cluster_cpus()))
+    cpus = worker_cpus(m.cpus, 1, cfg.ray.resources)
     rng = np.random.default_rng(m.seed)
     sample = [texts[i] for i in rng.permutation(len(texts))[:m.utilisation_chunks]]
     use_gpu = cluster_gpus() >= 1
@@ -145,8 +145,9 @@ def train_encoder(store: Store, cfg: Config, report: Callable[[str], None] = pri
         train_loop_config={"moe": settings, "encoder_path": path, "encoder_name": cfg.embedding.encoder,
                            "pairs": (pairs.anchors, pairs.positives, pairs.groups, pairs.topics), "sample_texts": sample,
                            "threads": cpus},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=run_name, storage_path=store.uri_of("runs")),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus} | dict(cfg.ray.resources)),
+        run_config=RunConfig(name=run_name, **Storage(store, ("runs",)).run_config_args()),
     )
     started = time.perf_counter()
     result = trainer.fit()

@@ -124,3 +124,16 @@ def cluster_gpus() -> float:
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def node_cpus(resources: dict[str, float] | None = None) -> float:
+    """The CPUs of the biggest alive node that offers `resources` (one worker never spans nodes)."""
+    wanted = resources or {}
+    sizes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes()
+             if n.get("Alive") and all(n["Resources"].get(k, 0.0) >= v for k, v in wanted.items())]
+    return float(max(sizes, default=cluster_cpus()))
+
+
+def worker_cpus(requested: int | None, workers: int, resources: dict[str, float] | None = None) -> int:
+    """CPUs per Train worker: as asked, else the cluster's CPUs over the workers, at most one node's."""
+    return requested or max(1, min(int(cluster_cpus()) // workers, int(node_cpus(resources))))

@@ -62,10 +62,6 @@ def heldout_texts(store: Store, cfg: Config) -> tuple[list[str], list[str]]:
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-def _cpus_per_worker(requested: int | None, workers: int) -> int:
-    return requested or max(1, int(parallel.cluster_cpus()) // workers)
-
-
 # ---- base -------------------------------------------------------------------------------------
 
 def run_base(store: Store, cfg: Config, resume: bool, report: Report = print) -> dict:
@@ -79,7 +75,7 @@ def run_base(store: Store, cfg: Config, resume: bool, report: Report = print) ->
         store.remove(RUNS, BASE)
     tokenizer = _base_tokenizer(store, texts, p.vocab_size, report)
     inputs, labels = token_blocks(texts, tokenizer, p.seq_len)
-    cpus = _cpus_per_worker(p.cpus_per_worker, p.workers)
+    cpus = parallel.worker_cpus(p.cpus_per_worker, p.workers, cfg.ray.resources)
     model_config = llama_config(p, tokenizer)
     report(f"[base] pre-training a {p.layers}-layer Llama (hidden {p.hidden_size}, vocab {len(tokenizer)}) on "
            f"{count_tokens(labels):,} tokens x {p.epochs:g} epochs with {p.workers} worker(s) x {cpus} CPU")

@@ -82,7 +82,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Report = print) -> dict
         return {"trained": True, "skipped": True, "cases": len(cases)} | store.read_json(*target, MANIFEST)["training"]
     if not resume:
         store.remove(RUNS, FUSION_DIR)
-    cpus = f.cpus_per_worker or max(1, int(parallel.cluster_cpus()))
+    cpus = parallel.worker_cpus(f.cpus_per_worker, 1, cfg.ray.resources)
     report(f"[summarizer] training a LoRA summarizer (r={f.r}) on {len(cases)} synthetic fusion cases "
            f"({len(made) - len(cases)} longer than {max_len} tokens dropped), {count_tokens(labels):,} answer tokens "
            f"x {f.epochs:g} epochs, 1 worker x {cpus} CPU")
