@@ -119,6 +119,71 @@ def test_serve_on_the_remote_node_answers_the_openai_client(s3_store, cluster, t
         stop_imoe_serve(proc)
 
 
+def _serve_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(BIN / "serve"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert out.returncode == 0, f"serve {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def test_serve_deploy_of_the_serve_config_serves_the_s3_store(s3_store, cluster, s3, ray_cluster, tmp_path):
+    """`serve deploy serve_apps/serve_config.yaml` as the file says to use it (args.store edited)."""
+    import requests
+    import yaml
+    from openai import OpenAI
+    from ray.util.state import list_actors
+
+    from conftest import free_port
+
+    store, _, _ = s3_store
+    env, cache, remote = cluster
+    config = yaml.safe_load((REPO / "serve_apps" / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"].update(host="127.0.0.1", port=port)  # a shared machine: no fixed port
+    (app,) = config["applications"]
+    app["args"] = {"store": store, "set": f"{PLACE_REMOTE},cache_dir={cache},serve.min_replicas=1,serve.max_replicas=1"}
+    app["runtime_env"] = {"env_vars": s3.env()}  # the nodes' S3 settings (on a real cluster: the image or role)
+    deployed = tmp_path / "serve_config.yaml"
+    deployed.write_text(yaml.safe_dump(config))
+    _serve_cli(["deploy", str(deployed), "--address", ray_cluster["dashboard_url"]], env)
+    try:
+        deadline, status = time.monotonic() + 900, None
+        while status != 200 and time.monotonic() < deadline:
+            try:
+                status = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code
+            except requests.RequestException:
+                time.sleep(2)
+        assert status == 200, _serve_cli(["status", "--address", ray_cluster["dashboard_url"]], env).stdout[-3000:]
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model="imoe", max_tokens=8,
+                                               messages=[{"role": "user", "content": "how do I plot a histogram"}])
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
+        replicas = list_actors(filters=[("class_name", "=", "ServeReplica:imoe:Experts"), ("state", "=", "ALIVE")])
+        assert replicas and {r.node_id for r in replicas} == {remote.node_id}
+    finally:
+        _serve_cli(["shutdown", "-y", "--address", ray_cluster["dashboard_url"]], env)
+
+
+def test_experts_install_into_the_s3_store(s3_store, cluster, s3, tmp_path):
+    """An expert packaged out of the S3 store and installed back under another name: the registry's
+    files, the experts index and the router's profiles change on the object store."""
+    store, _, _ = s3_store
+    env, cache, _ = cluster
+    fs = s3.filesystem()
+    with fs.open_input_stream(f"{BUCKET}/store/experts/index.json") as f:
+        first = json.loads(f.read())["experts"][0]["name"]
+    package = tmp_path / "copy.expert"
+    imoe(["experts", "package", first, "--store", store, "--name", "copied-expert", "--version", "1.0.0",
+          "-o", str(package)], env)
+    imoe(["experts", "install", str(package), "--store", store, "--allow-unsigned"], env)
+    with fs.open_input_stream(f"{BUCKET}/store/experts/index.json") as f:
+        names = [e["name"] for e in json.loads(f.read())["experts"]]
+    assert "copied-expert" in names and first in names
+    assert fs.get_file_info(f"{BUCKET}/store/registry/copied-expert/1.0.0").type.name == "Directory"
+    assert fs.get_file_info(f"{BUCKET}/store/experts/copied-expert/adapter_config.json").size > 0
+    listed = imoe(["experts", "list", "--store", store, "--json"], env).stdout
+    assert "copied-expert" in listed
+
+
 def test_ray_job_submit_runs_the_build_on_the_s3_store(s3_store, cluster, s3, ray_cluster):
     store, _, _ = s3_store
     env, cache, _ = cluster
@@ -179,7 +244,7 @@ def test_a_worker_node_killed_while_experts_train_loses_no_expert(s3_store, clus
         if build.poll() is None:
             build.kill()
     with fs.open_input_stream(f"{BUCKET}/store/experts/index.json") as f:
-        names = [e["name"] for e in json.loads(f.read())["experts"]]
+        names = [e["name"] for e in json.loads(f.read())["experts"] if "package" not in e]  # trained ones
     manifests = {}
     for name in names:
         with fs.open_input_stream(f"{BUCKET}/store/experts/{name}/manifest.json") as f:
