@@ -36,7 +36,7 @@ def imoe(args: list[str], env: dict, timeout: float = 1800) -> subprocess.Comple
     return out
 
 
-def _local_copies(fs, store_path: str, roots: list[Path], skip: Path) -> list[str]:
+def _local_copies(fs, store_path: str, roots: list[Path], skip: Path, since: float) -> list[str]:
     """Local files (outside `skip`) whose bytes equal one of the store's models or tables: what a stage
     would have left on the driver's disk had it written the store there."""
     import hashlib
@@ -52,7 +52,7 @@ def _local_copies(fs, store_path: str, roots: list[Path], skip: Path) -> list[st
     for root in roots:
         for name in STORE_FILES:
             for p in root.rglob(name) if root.is_dir() else []:
-                if str(p).startswith(str(skip)) or not p.is_file():
+                if str(p).startswith(str(skip)) or not p.is_file() or p.stat().st_mtime < since:
                     continue
                 if (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) in stored:
                     found.append(str(p))
@@ -76,10 +76,11 @@ def s3_store(cluster, s3, small_corpus):
     with fs.open_output_stream(f"{BUCKET}/corpus.jsonl") as f:
         f.write(small_corpus.read_bytes())
     store = f"s3://{BUCKET}/store"
+    started = time.time()
     out = imoe(["build", "--corpus", f"s3://{BUCKET}/corpus.jsonl", "--text-column", "text", "--id-column", "id",
                 "--store", store, "--until", "experts",
                 *_sets([*TINY_LM, "embedding.part_rows=40", PLACE_REMOTE, f"cache_dir={cache}"])], env)
-    return store, out.stdout + out.stderr, None
+    return store, out.stdout + out.stderr, started
 
 
 def test_build_on_s3_places_training_on_the_remote_node(s3_store, s3, cluster):
@@ -216,10 +217,13 @@ def test_ray_job_submit_runs_the_build_on_the_s3_store(s3_store, cluster, s3, ra
 
 
 def test_nothing_of_the_store_lands_on_local_disk_outside_the_cache(s3_store, cluster, s3):
-    _, _, _ = s3_store
+    """Files written since the module's build started whose bytes equal the store's models or tables
+    (builds are deterministic: a local store of the same corpus elsewhere has the same bytes, but not
+    from this module's time on)."""
+    _, _, started = s3_store
     _, cache, _ = cluster
     copies = _local_copies(s3.filesystem(), f"{BUCKET}/store", [Path("/tmp"), REPO, Path.home() / ".cache" / "imoe-ray"],
-                           skip=Path(str(cache)))
+                           skip=Path(str(cache)), since=started)
     assert not copies, copies[:10]
 
 
@@ -235,19 +239,21 @@ def test_a_worker_node_killed_while_experts_train_loses_no_expert(s3_store, clus
                 "experts.dense_baseline=false"]
     cmd = [str(BIN / "imoe"), "build", "--corpus", f"s3://{BUCKET}/corpus.jsonl", "--text-column", "text",
            "--id-column", "id", "--store", store, "--until", "experts", *_sets(settings)]
+    from pyarrow.fs import FileSelector, FileType
+
+    runs = f"{BUCKET}/store/runs/experts"
+    earlier = {i.base_name for i in fs.get_file_info(FileSelector(runs, allow_not_found=True))}  # the first build's
     with open(Path(str(cache)) / "fault-build.log", "w") as log:
         build = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        runs = f"{BUCKET}/store/runs/experts"
         deadline = time.monotonic() + 900
         checkpointed = None
         while checkpointed is None and time.monotonic() < deadline and build.poll() is None:
-            from pyarrow.fs import FileSelector, FileType
-
             if fs.get_file_info(runs).type == FileType.Directory:
                 for info in fs.get_file_info(FileSelector(runs, recursive=True)):
-                    if info.base_name == "trainable.safetensors":
-                        checkpointed = info.path[len(runs) + 1:].split("/")[0]
+                    run = info.path[len(runs) + 1:].split("/")[0]
+                    if info.base_name == "trainable.safetensors" and run not in earlier:
+                        checkpointed = run  # the first checkpoint of this re-run reached the store
                         break
             time.sleep(1)
         assert checkpointed, "no expert checkpoint reached the store"
