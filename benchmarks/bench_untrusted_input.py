@@ -45,7 +45,9 @@ try:
 except Exception as e:
     error = str(e)[:300]
 written = wchar() - before
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "written": written,
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and can report the parent's size
+hwm_kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({"rss_mb": hwm_kb / 1024, "written": written,
                   "error": error, "error_chars": len(error or "")}))
 """
 
