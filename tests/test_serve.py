@@ -211,8 +211,10 @@ def test_continuous_batcher_joins_requests_within_the_resident_capacity(served_s
             await parts.__anext__()
             await parts.aclose()  # the client goes away after its first part
 
-        parts = await asyncio.gather(one(reqs[0], 0, None), one(reqs[1], 0.01, 0.0), one(reqs[2], 0.02, None),
-                                     one(reqs[3], 0.03, None), leaver())
+        # All submitted before the batcher's loop takes its first step (each waits one tick, then
+        # submits; the loop task runs after them): they overlap by construction, not by timing.
+        parts = await asyncio.gather(one(reqs[0], 0, None), one(reqs[1], 0, 0.0), one(reqs[2], 0, None),
+                                     one(reqs[3], 0, None), leaver())
         assert not batcher.batch.requests and not batcher.waiting, "the leaver's rows are gone"
         assert len(parts[1]) > 1 and parts[1][-1].finish_reason == "length"  # streamed in parts
         return [[t for p in ps for t in p.tokens] for ps in parts[:4]]
