@@ -376,20 +376,20 @@ class Registry:
         return [self._row(n, v) for n in self.names() for v in self.versions(n)]
 
 
-def _is_name(text: object) -> bool:
+def _passes(check, text: object) -> bool:
     try:
-        check_name(text)
+        check(text)
         return True
     except PackageError:
         return False
+
+
+def _is_name(text: object) -> bool:
+    return _passes(check_name, text)
 
 
 def _is_version(text: object) -> bool:
-    try:
-        check_version(text)
-        return True
-    except PackageError:
-        return False
+    return _passes(check_version, text)
 
 
 def verify_adapter(adapter_dir: str | Path) -> None:
