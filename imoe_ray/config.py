@@ -226,6 +226,14 @@ class ServeConfig(_Section):
     top_k: int | None = Field(None, ge=1, description="experts of an ensemble request; default: experts.top_k")
     retry_s: float = Field(60.0, ge=0, description="how long a request is retried while a dead replica is replaced")
     request_timeout_s: float = Field(120.0, gt=0, description="HTTP request timeout of the Serve proxy")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica of each deployment works on at once")
+    max_queued_requests: int = Field(256, ge=0, description="requests waiting for a replica per caller of a deployment; "
+                                     "beyond it the client gets 429 at once")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body (413 beyond)")
+    max_messages: int = Field(256, ge=1, description="most chat messages in one request")
+    max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt (all messages), in characters, "
+                                  "refused before tokenisation")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string")
 
 
 class RetrievalConfig(_Section):
@@ -331,6 +339,8 @@ class JobsConfig(_Section):
     per_agent_limit: int = Field(0, ge=0, description="jobs one agent may have running at once; 0: no limit")
     max_queued: int = Field(10_000, ge=1, description="unfinished jobs the queue accepts")
     retention_s: float = Field(7 * 86400, gt=0, description="finished job records older than this are deleted at start")
+    step_timeout_s: float = Field(300.0, gt=0, description="longest one generation step may take; beyond it the job fails")
+    max_experts: int = Field(16, ge=1, description="most experts a job may name")
 
 
 class PackagesConfig(_Section):

@@ -30,6 +30,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
@@ -37,6 +38,7 @@ from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
 from imoe_ray.serving.generation import GenerationRequest
+from imoe_ray.serving.limits import BodyLimit, check_prompt_tokens, check_request, internal_error
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
@@ -154,9 +156,36 @@ def _replica_cpus() -> int:
 api = FastAPI(title="IMoE-Ray", description="A served mixture of independently trained experts (OpenAI-compatible).")
 
 
+api.add_middleware(BodyLimit, max_bytes=Config().serve.max_body_bytes)  # the Router sets its config's
+
+
 @api.exception_handler(oa.ApiError)
 async def _api_error(request: Request, exc: oa.ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return _error_response(exc)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(_as_api_error(exc))
+
+
+def _error_response(error: oa.ApiError) -> JSONResponse:
+    retry = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=retry)
+
+
+def _as_api_error(exc: BaseException) -> oa.ApiError:
+    """Any failure as an OpenAI-shaped error: a dead replica is a 503 to retry, a full queue a 429,
+    anything else a 500 with a request id (its stack trace goes to the log, not to the client)."""
+    if isinstance(exc, oa.ApiError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return oa.ApiError(429, "the server is at capacity; retry shortly", code="rate_limit_exceeded",
+                           kind="rate_limit_error")
+    if isinstance(exc, _REPLICA_GONE):
+        return oa.ApiError(503, f"an expert replica is unavailable ({type(exc).__name__}); retry",
+                           code="replica_unavailable")
+    return internal_error(exc)
 
 
 @api.exception_handler(RequestValidationError)
@@ -207,6 +236,7 @@ class Router:
 
         cfg = Config.model_validate(config)
         self.settings = cfg.serve
+        self.app.state.max_body_bytes = cfg.serve.max_body_bytes  # read by the BodyLimit middleware
         self.mirror = StoreMirror(store, cfg.cache_dir)
         self.store = self.mirror.root  # files read by path: the store, or this node's copy of a URI store
         self.experts = experts
@@ -327,20 +357,24 @@ class Router:
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: oa.ChatRequest, caller: str | None = Depends(_caller)):
-        try:
-            prompt, query = chat_prompt(body.messages, self.tokenizer)
+        check_request(body, self.settings)
+        try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
+            prompt, query = await asyncio.to_thread(chat_prompt, body.messages, self.tokenizer)
         except ValueError as e:
             raise oa.ApiError(400, str(e), param="messages") from None
         return await self._complete(body, prompt, query, chat=True, caller=caller)
 
     @api.post("/v1/completions")
     async def completions(self, body: oa.CompletionRequest, caller: str | None = Depends(_caller)):
+        check_request(body, self.settings)
         return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
 
     # ---- the pipeline ----
     async def _complete(self, body, prompt: str, query: str, chat: bool, caller: str | None = None):
         self._refresh()
         arrived = time.perf_counter()
+        prompt_tokens = await asyncio.to_thread(self._count_tokens, prompt)
+        check_prompt_tokens(prompt_tokens, self.context, "messages" if chat else "prompt")
         self._queue(+1)
         try:
             plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
@@ -395,7 +429,7 @@ class Router:
     async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
         if plan.fusion == SUMMARIZER:
             return await self._summarize(body, plan)
-        ids, limit = self._tokens(plan.prompt, body)
+        ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
         tokens, finish, logprobs = [], "length", []
         async for part in self._generate(plan, ids, limit, body, stream=False):
             tokens += part["tokens"]
@@ -421,11 +455,15 @@ class Router:
         """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
         from imoe_ray.fusion.summarizer import summarizer_prompt
 
-        ids, limit = self._tokens(plan.prompt, body)
+        if len(plan.experts) > self.settings.max_batch_size:
+            raise oa.ApiError(400, f"this request drafts with {len(plan.experts)} experts; the server takes at most "
+                                   f"{self.settings.max_batch_size} (serve.max_batch_size): ask for a smaller imoe.top_k",
+                              param="imoe.top_k", code="invalid_value")
+        ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
         drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
         started = time.perf_counter()
         fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))
-        fused_ids, fused_limit = self._tokens(fused, body, truncate=True)
+        fused_ids, fused_limit = await asyncio.to_thread(self._tokens, fused, body, True)
         single = Plan(plan.model, plan.mode, fused, {SUMMARIZER: 1.0}, timings_ms=plan.timings_ms)
         tokens, finish = [], "length"
         async for part in self._generate(single, fused_ids, fused_limit, body, stream=False, timing="fuse"):
@@ -457,7 +495,7 @@ class Router:
                 yield "data: [DONE]\n\n"
                 self._learn(query, text, plan, chunk_id, caller)
                 return
-            ids, limit = self._tokens(plan.prompt, body)
+            ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
             if chat:
                 yield _sse(make(chunk_id, body.model, {"role": "assistant", "content": ""}, imoe=plan.imoe()))
             elif body.echo:
@@ -492,8 +530,9 @@ class Router:
                 yield _sse(oa.usage_chunk(chunk_id, body.model, chat, len(ids), kept))
             yield "data: [DONE]\n\n"
             self._learn(query, sent, plan, chunk_id, caller)  # what the client received, once it has all of it
-        except oa.ApiError as e:
-            yield _sse(e.body())
+        except Exception as e:  # after the first byte the status is sent: an error event, then the end
+            yield _sse(_as_api_error(e).body())
+            yield "data: [DONE]\n\n"
         finally:
             self._queue(-1)
 
@@ -529,6 +568,9 @@ class Router:
                 log.warning("expert replica gone (%s); retrying the request", type(e).__name__)
                 plan.retries += 1
                 await asyncio.sleep(0.5)
+
+    def _count_tokens(self, text: str) -> int:
+        return 1 + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _tokens(self, prompt: str, body, truncate: bool = False) -> tuple[list[int], int]:
         """The prompt's token ids (after the EOS the models were trained with) and the completion length."""
@@ -583,10 +625,11 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
         autoscaling_config={"min_replicas": s.min_replicas, "initial_replicas": max(1, s.min_replicas),
                             "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests,
                             "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        max_ongoing_requests=max(4 * s.max_batch_size, 32),
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0, logging_config=_LOGGING,
     ).bind(store_dir, cfg.model_dump(mode="json"))
-    return Router.options(ray_actor_options={"num_cpus": s.router_cpus} | _resources(cfg), max_ongoing_requests=256,
+    return Router.options(ray_actor_options={"num_cpus": s.router_cpus} | _resources(cfg),
+                          max_ongoing_requests=4 * s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
                           graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
                           logging_config=_LOGGING).bind(
         experts, store_dir, cfg.model_dump(mode="json"),

@@ -122,6 +122,9 @@ class JobQueue:
         if body.priority > s.max_priority:
             raise oa.ApiError(400, f"priority is {body.priority}; priorities run from 0 to {s.max_priority}",
                               param="priority", code="invalid_value")
+        if body.experts and len(body.experts) > s.max_experts:
+            raise oa.ApiError(400, f"experts: {len(body.experts)} named; a job may mix at most {s.max_experts} "
+                                   "(jobs.max_experts)", param="experts", code="invalid_value")
         if body.messages is not None:
             prompt, query = chat_prompt(body.messages, self.tokenizer)
         else:
@@ -213,7 +216,11 @@ class JobQueue:
         deadline = time.monotonic() + 60
         while True:
             try:
-                return await self.experts.generate.remote({"request": request, "stream": False})
+                return await asyncio.wait_for(self.experts.generate.remote({"request": request, "stream": False}),
+                                              self.settings.step_timeout_s)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"a generation step took longer than {self.settings.step_timeout_s} s "
+                                   "(jobs.step_timeout_s)") from None
             except _REPLICA_GONE:
                 if time.monotonic() > deadline:
                     raise

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import math
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from imoe_ray.serving.generation import MIN_TEMPERATURE
 from imoe_ray.serving.openai_api import ROUTED_MODEL, Message
+
+MAX_EXPERTS = 64          # a hard ceiling; jobs.max_experts (config) is usually lower
+MAX_MESSAGES = 1024
 
 
 class JobRequest(BaseModel):
@@ -14,15 +20,31 @@ class JobRequest(BaseModel):
     agent: str = Field(min_length=1, max_length=128, description="who submits: fairness and limits are per agent")
     priority: int = Field(0, ge=0, description="higher runs first; a higher one preempts a lower running job")
     prompt: str | None = None
-    messages: list[Message] | None = None
-    model: str = Field(ROUTED_MODEL, min_length=1, description="'imoe' (routed), 'base', or one expert")
-    experts: list[str] | None = Field(None, min_length=1, description="experts to mix (equal weights); default: routed")
+    messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES)
+    model: str = Field(ROUTED_MODEL, min_length=1, max_length=256, description="'imoe' (routed), 'base', or one expert")
+    experts: list[str] | None = Field(None, min_length=1, max_length=MAX_EXPERTS,
+                                      description="experts to mix (equal weights); default: routed")
     mode: Literal["basic", "fast", "optimized"] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2, description="0 (the default for jobs): greedy")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 (the default for jobs): greedy, else within [0.001, 2]")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    deadline_s: float | None = Field(None, gt=0, description="seconds from submission within which the job must finish")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer")
+    deadline_s: float | None = Field(None, gt=0, le=365 * 86400,
+                                     description="seconds from submission within which the job must finish")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
+    @field_validator("deadline_s")
+    @classmethod
+    def _finite(cls, v):
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number of seconds")
+        return v
 
     @model_validator(mode="after")
     def _one_input(self):

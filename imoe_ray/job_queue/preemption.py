@@ -12,7 +12,8 @@ from imoe_ray.serving.generation import GenerationRequest
 
 def step_request(record: JobRecord, step_tokens: int) -> GenerationRequest:
     """The next step of a job: continue from everything it has so far."""
-    seed = None if record.seed is None else record.seed + len(record.generated)  # a fresh draw per step
+    # a fresh draw per step, kept within the signed 64 bits a generator takes
+    seed = None if record.seed is None else (record.seed + len(record.generated) + 2**63) % 2**64 - 2**63
     return GenerationRequest(prompt_ids=record.prompt_ids + record.generated, experts=dict(record.experts),
                              max_new_tokens=max(1, min(step_tokens, record.remaining)),
                              temperature=record.temperature, top_p=record.top_p,

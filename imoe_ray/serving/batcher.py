@@ -142,6 +142,11 @@ class ContinuousBatcher:
                 continue
             for key, (token, finish) in out.items():
                 ticket = self._decoding[key]
+                if finish == "error":
+                    ticket.error = self.batch.errors[key]
+                    del self._decoding[key]
+                    ticket.ready.set()
+                    continue
                 if finish not in ("stop", "cancelled"):
                     ticket.tokens.append(token)
                     if key in self.batch.token_logprobs:
@@ -175,7 +180,12 @@ class ContinuousBatcher:
                     ticket.ready.set()
                     continue
                 ticket.load_ms = (time.perf_counter() - started) * 1000
-            ticket.key, ticket.started = self.batch.join(ticket.request), time.perf_counter()
+            try:
+                ticket.key, ticket.started = self.batch.join(ticket.request), time.perf_counter()
+            except Exception as e:  # this request alone is refused; the batch goes on
+                ticket.error = e
+                ticket.ready.set()
+                continue
             self._decoding[ticket.key] = ticket
         rows = len(self.batch)
         for ticket in self._decoding.values():

@@ -30,6 +30,11 @@ from imoe_ray.experts.mixture import mix_logprobs
 from imoe_ray.serving.lora_bank import BASE, AdapterBank
 
 
+# below MIN_TEMPERATURE, logprobs / temperature overflows to inf and the probabilities to NaN
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 2.0
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1   # what torch.Generator.manual_seed takes
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -50,6 +55,11 @@ class GenerationRequest:
             raise ValueError(f"need at least one expert with a positive weight, got {self.experts}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 or within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                             f"got {self.temperature}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a signed 64-bit integer, got {self.seed}")
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Generated:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None          # "stop" (a stop token), "stop_string" (its last token is kept) or "length"
     logprobs: list[dict] = field(default_factory=list)  # per token, when asked: {"token", "logprob", "top": [[id, lp]]}
+    error: str | None = None                  # finish_reason "error": why this request alone failed
 
 
 def _biased(logprobs: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
@@ -82,7 +93,8 @@ def _pick(logprobs: torch.Tensor, request: GenerationRequest, rng: torch.Generat
 
 
 # (token, finish reason): "stop" (the token is the stop token, not text), "stop_string" (the token completed
-# a stop string; it is text), "length", or "cancelled" (`leave`)
+# a stop string; it is text), "length", "cancelled" (`leave`) or "error" (this request's own decoding
+# failed, `DecodeBatch.errors` says why; the others go on)
 Step = tuple[int, "str | None"]
 
 
@@ -104,6 +116,7 @@ class DecodeBatch:
         self.capacity, self.ensure = capacity, ensure
         self._text: dict[int, list[int]] = {}  # tokens so far of the requests with stop strings
         self.token_logprobs: dict[int, dict] = {}  # the last step's, for requests that asked
+        self.errors: dict[int, Exception] = {}     # the last step's, for requests whose own decoding failed
         self.requests: dict[int, GenerationRequest] = {}   # request key → request, decoding or joining
         self._joining: list[int] = []
         self._leaving: set[int] = set()
@@ -118,14 +131,15 @@ class DecodeBatch:
 
     def join(self, request: GenerationRequest) -> int:
         """Add a request; it is prefilled with the next step. Returns its key in `step`'s results."""
-        key, self._next_key = self._next_key, self._next_key + 1
+        if request.stop and self.decode is None:
+            raise ValueError("stop strings need a batch that can decode text (DecodeBatch(decode=...))")
+        rng = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        key, self._next_key = self._next_key, self._next_key + 1  # nothing changes before this point
         self.requests[key] = request
         self._joining.append(key)
-        self._rngs[key] = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        self._rngs[key] = rng
         self._produced[key] = 0
         if request.stop:
-            if self.decode is None:
-                raise ValueError("stop strings need a batch that can decode text (DecodeBatch(decode=...))")
             self._text[key] = []
         return key
 
@@ -158,12 +172,17 @@ class DecodeBatch:
             return {}
         logprobs = torch.cat(logprobs) if len(logprobs) > 1 else logprobs[0]
         out: dict[int, Step] = {}
-        self.token_logprobs = {}
+        self.token_logprobs, self.errors = {}, {}
         for key, rows in self._rows_by_request().items():
             r = self.requests[key]
-            mixed = logprobs[rows[0]] if len(rows) == 1 else mix_logprobs([logprobs[i] for i in rows], list(r.experts.values()))
-            mixed = _biased(mixed, r.logit_bias)
-            token = _pick(mixed, r, self._rngs[key])
+            try:
+                mixed = logprobs[rows[0]] if len(rows) == 1 else mix_logprobs([logprobs[i] for i in rows], list(r.experts.values()))
+                mixed = _biased(mixed, r.logit_bias)
+                token = _pick(mixed, r, self._rngs[key])
+            except Exception as e:  # this request's own numbers: it fails alone, the others go on
+                self.errors[key] = e
+                out[key] = (self.pad_id, "error")
+                continue
             if r.logprobs is not None:
                 top = mixed.topk(r.logprobs) if r.logprobs else None
                 self.token_logprobs[key] = {"token": token, "logprob": float(mixed[token]),
@@ -319,13 +338,14 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 def decode_steps(model, bank: AdapterBank, requests: list[GenerationRequest], pad_id: int = 0,
                  batch: DecodeBatch | None = None) -> Iterator[list[Step | None]]:
     """Decode every request together; yields, after each step, each request's (token, finish reason,
-    log-probabilities or None), or None for a request that finished earlier. The caller may stop
-    iterating at any time."""
+    log-probabilities or None — or, when the finish reason is "error", the exception), or None for a
+    request that finished earlier. The caller may stop iterating at any time."""
     batch = batch if batch is not None else DecodeBatch(model, bank, pad_id)
     keys = [batch.join(r) for r in requests]
     while batch.requests:
         out = batch.step()
-        yield [(*out[k], batch.token_logprobs.get(k)) if k in out else None for k in keys]
+        yield [(*out[k], batch.errors.get(k) if out[k][1] == "error" else batch.token_logprobs.get(k))
+               if k in out else None for k in keys]
 
 
 def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None = None) -> tuple[list[Generated], bool]:
@@ -338,6 +358,9 @@ def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None =
             if item is None:
                 continue
             token, finish, logprobs = item
+            if finish == "error":
+                out[i].finish_reason, out[i].error = finish, str(logprobs)
+                continue
             if finish != "stop":
                 out[i].token_ids.append(token)
                 if logprobs is not None:

@@ -1,0 +1,110 @@
+"""What a request may ask for, checked before any expensive work (tokenisation, routing, retrieval,
+compression, decoding), and the one error shape every failure is answered with.
+
+    HTTP body ──► BodyLimit (413 past serve.max_body_bytes, before the JSON is parsed)
+              ──► pydantic (types, ranges: temperature 0 or [1e-3, 2], seed a signed 64-bit integer)
+              ──► check_request (counts and lengths from the config: messages, prompt characters,
+                  stop strings, max_tokens)
+              ──► tokenise off the event loop ──► check_prompt_tokens (the model's context)
+              ──► route, retrieve, compress, decode
+
+Every non-2xx answer is OpenAI's `{"error": {"message", "type", "param", "code"}}`; an error that is
+not an `ApiError` becomes a 500 carrying a request id (logged with the stack trace, never sent).
+Plain Python and ASGI: the Serve ingress (`serve_apps/imoe.py`) installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+from imoe_ray.config import ServeConfig
+from imoe_ray.serving.openai_api import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def check_request(body, settings: ServeConfig) -> None:
+    """Counts and lengths of a chat or completion request, against the server's limits (400 naming the parameter)."""
+    messages = getattr(body, "messages", None)
+    if messages is not None and len(messages) > settings.max_messages:
+        raise ApiError(400, f"messages: {len(messages)} messages; this server takes at most {settings.max_messages}",
+                       param="messages", code="invalid_value")
+    chars = sum(len(m.text()) for m in messages) if messages is not None else len(body.prompt)
+    if chars > settings.max_prompt_chars:
+        param = "messages" if messages is not None else "prompt"
+        raise ApiError(400, f"{param}: the prompt has {chars} characters; this server takes at most "
+                            f"{settings.max_prompt_chars}", param=param, code="context_length_exceeded")
+    for stop in body.stop:
+        if len(stop) > settings.max_stop_chars:
+            raise ApiError(400, f"stop: a stop string of {len(stop)} characters; at most {settings.max_stop_chars}",
+                           param="stop", code="invalid_value")
+    asked = body.max_completion_tokens or body.max_tokens
+    if asked is not None and asked > settings.max_tokens_limit:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{param} is {asked}; this server allows at most {settings.max_tokens_limit}",
+                       param=param, code="invalid_value")
+
+
+def check_prompt_tokens(prompt_tokens: int, context: int, param: str) -> None:
+    """A prompt that alone fills the model's context is refused before routing, retrieval or compression."""
+    if prompt_tokens >= context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
+                            f"{prompt_tokens} tokens. Please reduce the prompt.", param=param,
+                       code="context_length_exceeded")
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    """An unexpected failure, answered as OpenAI does; the request id ties the answer to the log line."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s failed: %r", request_id, exc, exc_info=exc)
+    return ApiError(500, f"internal error (request id {request_id}); the server log has the details",
+                    code="internal_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is answered 413 at once, whether it declares
+    its length or streams it in chunks; the body is read (up to the limit, never past it) before the
+    application sees the request, then handed on unchanged. The limit is `max_bytes`, or the
+    application's `state.max_body_bytes` once the server has set it from its config."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.default_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        state = getattr(scope.get("app"), "state", None)
+        limit = getattr(state, "max_body_bytes", None) or self.default_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(send, limit)
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await self._too_large(send, limit)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send, limit: int) -> None:
+        body = json.dumps(ApiError(413, f"the request body is larger than this server's limit of {limit} "
+                                        "bytes (serve.max_body_bytes)", code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
