@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 import yaml
 from rich.console import Console
@@ -42,6 +43,9 @@ eval_app.command("encoder")(_encoders_cli.eval_encoder)
 from imoe_ray.packaging import cli as _packaging_cli  # noqa: E402 - .expert packages and the registry
 
 app.add_typer(_packaging_cli.keys_app, name="keys")
+from imoe_ray.serving import cli as _serving_cli  # noqa: E402 - API keys of the served API
+
+app.add_typer(_serving_cli.keys_app, name="api-keys")
 app.add_typer(_packaging_cli.experts_app, name="experts")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file.")
@@ -309,12 +313,16 @@ def serve(
     host: Optional[str] = typer.Option(None, "--host", help="HTTP host (default: serve.host, 127.0.0.1)."),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the `serve deploy` YAML for "
                                                 "this store (as `serve build` makes it) and exit."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve on an address other than the loopback with "
+                                  "no API keys (everyone who reaches the port may call the API)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve a built store on this machine: the OpenAI-compatible API at http://HOST:PORT/v1 (ready
-    when GET /healthz answers 200), until Ctrl-C or SIGTERM."""
+    when GET /healthz answers 200), until Ctrl-C or SIGTERM. Once `imoe api-keys create` made a key,
+    every endpoint but /healthz needs `Authorization: Bearer KEY`."""
     cfg = resolve_config(store, config, overrides)
+    _check_exposure(store, host or cfg.serve.host, insecure)
     if write_config:
         from serve_apps.imoe import deploy_config
 
@@ -324,6 +332,26 @@ def serve(
         return
     url = _start_serving(cfg, store, config, overrides, port, host)
     _serve_until_signal(url)
+
+
+def _check_exposure(store: str, host: str, insecure: bool) -> None:
+    """No keys: serve on the loopback only (and say that the API is open), unless --insecure."""
+    import ipaddress
+
+    from imoe_ray.serving.auth import load_keys
+    from imoe_ray.store import Store
+
+    if load_keys(Store(store, create=False)).keys:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not insecure:
+        raise click.UsageError(f"refusing to serve on {host} with no API keys: create one with "
+                               f"`imoe api-keys create NAME --store {store}`, or pass --insecure")
+    console.print("[yellow]no API keys in this store: the API is open to every caller that reaches "
+                  f"{host}[/] (imoe api-keys create NAME --store {store} turns authentication on)")
 
 
 def _start_serving(cfg: Config, store: str, config: Optional[Path], overrides: Optional[list[str]],

@@ -339,6 +339,8 @@ class JobsConfig(_Section):
     per_agent_limit: int = Field(0, ge=0, description="jobs one agent may have running at once; 0: no limit")
     max_queued: int = Field(10_000, ge=1, description="unfinished jobs the queue accepts")
     retention_s: float = Field(7 * 86400, gt=0, description="finished job records older than this are deleted at start")
+    max_queued_per_key: int | None = Field(1000, ge=1, description="unfinished jobs one API key (or, without "
+                                           "keys, one agent) may have; null: only max_queued applies")
     step_timeout_s: float = Field(300.0, gt=0, description="longest one generation step may take; beyond it the job fails")
     max_experts: int = Field(16, ge=1, description="most experts a job may name")
 

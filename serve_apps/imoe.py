@@ -37,6 +37,7 @@ from ray.util import metrics
 from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
+from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of
 from imoe_ray.serving.generation import GenerationRequest
 from imoe_ray.serving.limits import BodyLimit, check_prompt_tokens, check_request, internal_error
 from imoe_ray.serving.lora_bank import BASE
@@ -157,6 +158,7 @@ api = FastAPI(title="IMoE-Ray", description="A served mixture of independently t
 
 
 api.add_middleware(BodyLimit, max_bytes=Config().serve.max_body_bytes)  # the Router sets its config's
+api.add_middleware(Authenticate)  # outermost: an unknown caller is refused before its body is read
 
 
 @api.exception_handler(oa.ApiError)
@@ -218,11 +220,11 @@ def _read_json(path: Path) -> dict:
 add_job_routes(api)  # /v1/jobs: forwarded to the JobQueue deployment (serve_apps/job_queue.py)
 
 
-def _caller(request: Request) -> str | None:
-    """Who sent a request, for learning's provenance and caps: the client address (API keys later).
-    A FastAPI dependency; `Request` is named in the body too, so that the deployment class, pickled
-    by value with the globals its code uses, still resolves the annotation."""
-    return request.client.host if isinstance(request, Request) and request.client else None
+def _caller(request: Request) -> Caller:
+    """Who sent a request: its API key (set by the `Authenticate` middleware), or the client address
+    on a server without keys. A FastAPI dependency; `Request` is named in the body too, so that the
+    deployment class, pickled by value with the globals its code uses, still resolves the annotation."""
+    return caller_of(request) if isinstance(request, Request) else Caller(None)
 
 
 @serve.deployment(name="Router")
@@ -237,6 +239,7 @@ class Router:
         cfg = Config.model_validate(config)
         self.settings = cfg.serve
         self.app.state.max_body_bytes = cfg.serve.max_body_bytes  # read by the BodyLimit middleware
+        self.app.state.keys = KeyRing(Store(store, create=False))   # read by the Authenticate middleware
         self.mirror = StoreMirror(store, cfg.cache_dir)
         self.store = self.mirror.root  # files read by path: the store, or this node's copy of a URI store
         self.experts = experts
@@ -356,7 +359,7 @@ class Router:
         return route.to_json()
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: oa.ChatRequest, caller: str | None = Depends(_caller)):
+    async def chat(self, body: oa.ChatRequest, caller: Caller = Depends(_caller)):
         check_request(body, self.settings)
         try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
             prompt, query = await asyncio.to_thread(chat_prompt, body.messages, self.tokenizer)
@@ -365,12 +368,12 @@ class Router:
         return await self._complete(body, prompt, query, chat=True, caller=caller)
 
     @api.post("/v1/completions")
-    async def completions(self, body: oa.CompletionRequest, caller: str | None = Depends(_caller)):
+    async def completions(self, body: oa.CompletionRequest, caller: Caller = Depends(_caller)):
         check_request(body, self.settings)
         return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
 
     # ---- the pipeline ----
-    async def _complete(self, body, prompt: str, query: str, chat: bool, caller: str | None = None):
+    async def _complete(self, body, prompt: str, query: str, chat: bool, caller: Caller):
         self._refresh()
         arrived = time.perf_counter()
         prompt_tokens = await asyncio.to_thread(self._count_tokens, prompt)
@@ -414,13 +417,15 @@ class Router:
         if installed is not None:
             self.installed = installed
 
-    def _learn(self, question: str, answer: str, plan: Plan, request_id: str, caller: str | None = None) -> None:
+    def _learn(self, question: str, answer: str, plan: Plan, request_id: str, caller: Caller) -> None:
         """Learning from answers (`optimized`): queued in the background, after the response, with the
-        caller's identity (the client address until API keys exist)."""
+        caller's identity (its API key's name, or its address on a server without keys); never for a
+        key created with --no-learn."""
         experts = [e for e in plan.experts if e not in (BASE, SUMMARIZER)]
-        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip():
+        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip() or not caller.learn:
             return
-        task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id, caller))
+        task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id,
+                                                     caller.name))
         self._learning.add(task)
         task.add_done_callback(lambda t: self._learning.discard(t) or (
             not t.cancelled() and t.exception() and log.warning("learning from request %s failed: %r", request_id,
@@ -481,7 +486,7 @@ class Router:
             finish = part["finish_reason"] or finish
         return self._returned(tokens, finish, body.stop)[0]
 
-    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: str | None = None) -> AsyncIterator[str]:
+    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: Caller) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import AsyncIterator
 
 import ray
-from fastapi import FastAPI
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -30,6 +30,7 @@ from imoe_ray.job_queue.preemption import step_request
 from imoe_ray.job_queue.queue import FINISHED, JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.serving import openai_api as oa
+from imoe_ray.serving.auth import ApiKey, agent_of, caller_of, owns
 
 log = logging.getLogger("ray.serve")
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -46,7 +47,8 @@ class JobQueue:
         self.cfg, self.store_dir, self.settings, self.experts = cfg, store, cfg.jobs, experts
         from imoe_ray.store.mirror import StoreMirror
 
-        root = StoreMirror(store, cfg.cache_dir).root  # files read by path; job records go to the store itself
+        self.mirror = StoreMirror(store, cfg.cache_dir)
+        root = self.mirror.root  # files read by path; job records go to the store itself
         self.tokenizer = AutoTokenizer.from_pretrained(root / "base")
         self.context = int(json.loads((root / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = set(installed_experts(root))
@@ -80,30 +82,64 @@ class JobQueue:
         log.info("job queue stopped: %d unfinished jobs saved for the next start", self.core.unfinished())
 
     # ---- the API (called by the Router's /v1/jobs routes) ----
-    async def submit(self, body: dict) -> dict:
+    async def submit(self, body: dict, key: ApiKey | None = None, idempotency_key: str | None = None) -> dict:
+        """A new job for the caller (`key`: its API key, None on a server without keys); a repeated
+        `idempotency_key` of the same agent returns the job it created."""
         if self.stopping:
             e = oa.ApiError(503, "the job queue is shutting down; retry once the application is back", code="stopping")
             return {"status": e.status, "error": e.body()}
         try:
-            record = await asyncio.to_thread(self._record, JobRequest.model_validate(body))
+            request = JobRequest.model_validate(body)
+            agent = agent_of(key, request.agent)
+            if idempotency_key is not None:
+                for r in self.core.jobs.values():
+                    if r.idempotency_key == idempotency_key and r.agent == agent:
+                        return {"id": r.id, "state": r.state}
+            self._check_quota(key, agent)
+            await asyncio.to_thread(self._follow_experts)
+            record = await asyncio.to_thread(self._record, request, key, agent)
         except oa.ApiError as e:
             return {"status": e.status, "error": e.body()}
-        if self.core.unfinished() >= self.settings.max_queued:
-            e = oa.ApiError(429, f"the job queue is full ({self.settings.max_queued} unfinished jobs); retry later",
-                            code="queue_full")
-            return {"status": e.status, "error": e.body()}
+        record.idempotency_key = idempotency_key
         self.core.submit(record)
         self.submitted.inc(tags={"priority": str(record.priority)})
         self._schedule()
         return {"id": record.id, "state": record.state}
 
-    async def get(self, job_id: str) -> dict | None:
-        return self.core.view(job_id)
+    def _check_quota(self, key: ApiKey | None, agent: str) -> None:
+        if self.core.unfinished() >= self.settings.max_queued:
+            raise oa.ApiError(429, f"the job queue is full ({self.settings.max_queued} unfinished jobs); retry later",
+                              code="queue_full", kind="rate_limit_error")
+        quota = self.settings.max_queued_per_key
+        if quota is not None:
+            mine = sum(1 for r in self.core.jobs.values() if not r.finished and
+                       (owns(key, r.agent) if key is not None else r.agent == agent))
+            if mine >= quota:
+                raise oa.ApiError(429, f"{key.name if key else agent!r} has {mine} unfinished jobs, its quota "
+                                       "(jobs.max_queued_per_key); retry once some finish",
+                                  code="quota_exceeded", kind="rate_limit_error")
 
-    async def list(self, agent: str | None = None, state: str | None = None) -> list[dict]:
-        return self.core.list(agent, state)
+    def _follow_experts(self) -> None:
+        """Experts installed or removed since the last job: a new router view with the new set."""
+        from imoe_ray.serving.model import installed_experts
 
-    async def cancel(self, job_id: str) -> dict | None:
+        if self.mirror.refresh():
+            installed = set(installed_experts(self.mirror.root))
+            if installed != self.installed:
+                self.installed, self._planner = installed, None
+
+    async def get(self, job_id: str, key: ApiKey | None = None) -> dict | None:
+        """The job's view, or None when there is none or it is another key's (the caller learns nothing)."""
+        record = self.core.jobs.get(job_id)
+        return self.core.view(job_id) if record is not None and owns(key, record.agent) else None
+
+    async def list(self, agent: str | None = None, state: str | None = None, key: ApiKey | None = None) -> list[dict]:
+        return [view for view in self.core.list(agent, state) if owns(key, view["agent"])]
+
+    async def cancel(self, job_id: str, key: ApiKey | None = None) -> dict | None:
+        record = self.core.jobs.get(job_id)
+        if record is None or not owns(key, record.agent):
+            return None
         record = self.core.cancel(job_id)
         if record is not None and record.state == "cancelled":
             self.finished.inc(tags={"state": "cancelled"})
@@ -111,7 +147,7 @@ class JobQueue:
         return None if record is None else self.core.view(job_id)
 
     # ---- submissions ----
-    def _record(self, body: JobRequest) -> JobRecord:
+    def _record(self, body: JobRequest, key: ApiKey | None, agent: str) -> JobRecord:
         from imoe_ray.serving.openai_api import ImoeOptions
         from imoe_ray.serving.pipeline import chat_prompt
 
@@ -122,6 +158,9 @@ class JobQueue:
         if body.priority > s.max_priority:
             raise oa.ApiError(400, f"priority is {body.priority}; priorities run from 0 to {s.max_priority}",
                               param="priority", code="invalid_value")
+        if key is not None and key.max_priority is not None and body.priority > key.max_priority:
+            raise oa.ApiError(403, f"priority is {body.priority}; key {key.name!r} may use at most {key.max_priority}",
+                              param="priority", code="priority_not_allowed", kind="permission_error")
         if body.experts and len(body.experts) > s.max_experts:
             raise oa.ApiError(400, f"experts: {len(body.experts)} named; a job may mix at most {s.max_experts} "
                                    "(jobs.max_experts)", param="experts", code="invalid_value")
@@ -143,7 +182,7 @@ class JobQueue:
         if len(ids) + limit > self.context:
             raise oa.ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({limit}) exceed the model's "
                                    f"context of {self.context} tokens", param="prompt", code="context_length_exceeded")
-        return JobRecord(agent=body.agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
+        return JobRecord(agent=agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
                          temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                          stop_ids=[self.tokenizer.eos_token_id],
                          deadline=None if body.deadline_s is None else time.time() + body.deadline_s)
@@ -266,34 +305,41 @@ def add_job_routes(api: FastAPI) -> None:
     """POST/GET /v1/jobs, GET/DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/events (server-sent events)."""
 
     @api.post("/v1/jobs")
-    async def submit_job(body: JobRequest) -> dict:
-        out = await _jobs().submit.remote(body.model_dump(mode="json", exclude_unset=True))
+    async def submit_job(body: JobRequest, request: Request,
+                         idempotency_key: str | None = Header(None, max_length=256)) -> dict:
+        out = await _jobs().submit.remote(body.model_dump(mode="json", exclude_unset=True), _key(request),
+                                          idempotency_key)
         if "error" in out:
             e = out["error"]["error"]
-            raise oa.ApiError(out["status"], e["message"], param=e["param"], code=e["code"])
+            raise oa.ApiError(out["status"], e["message"], param=e["param"], code=e["code"], kind=e["type"])
         return out
 
     @api.get("/v1/jobs")
-    async def list_jobs(agent: str | None = None, state: str | None = None) -> dict:
-        return {"object": "list", "data": await _jobs().list.remote(agent, state)}
+    async def list_jobs(request: Request, agent: str | None = None, state: str | None = None) -> dict:
+        return {"object": "list", "data": await _jobs().list.remote(agent, state, _key(request))}
 
     @api.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str) -> dict:
-        return _found(await _jobs().get.remote(job_id), job_id)
+    async def get_job(job_id: str, request: Request) -> dict:
+        return _found(await _jobs().get.remote(job_id, _key(request)), job_id)
 
     @api.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str) -> dict:
-        return _found(await _jobs().cancel.remote(job_id), job_id)
+    async def cancel_job(job_id: str, request: Request) -> dict:
+        return _found(await _jobs().cancel.remote(job_id, _key(request)), job_id)
 
     @api.get("/v1/jobs/{job_id}/events")
-    async def job_events(job_id: str):
-        first = await _jobs().get.remote(job_id)
+    async def job_events(job_id: str, request: Request):
+        key = _key(request)
+        first = await _jobs().get.remote(job_id, key)
         if first is None:
             raise _not_found(job_id)
-        return StreamingResponse(_events(job_id, first), media_type="text/event-stream")
+        return StreamingResponse(_events(job_id, first, key), media_type="text/event-stream")
 
 
-async def _events(job_id: str, view: dict, every_s: float = 0.05) -> AsyncIterator[str]:
+def _key(request: Request) -> ApiKey | None:
+    return caller_of(request).key
+
+
+async def _events(job_id: str, view: dict, key: ApiKey | None, every_s: float = 0.05) -> AsyncIterator[str]:
     """An event whenever the job's state or token count changes; the last one is its final state."""
     last = None
     while True:
@@ -305,4 +351,4 @@ async def _events(job_id: str, view: dict, every_s: float = 0.05) -> AsyncIterat
             yield "data: [DONE]\n\n"
             return
         await asyncio.sleep(every_s)
-        view = await _jobs().get.remote(job_id) or view
+        view = await _jobs().get.remote(job_id, key) or view

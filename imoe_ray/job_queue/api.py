@@ -17,7 +17,9 @@ MAX_MESSAGES = 1024
 
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    agent: str = Field(min_length=1, max_length=128, description="who submits: fairness and limits are per agent")
+    agent: str | None = Field(None, min_length=1, max_length=128,
+                              description="who submits: fairness and limits are per agent; with API keys, a sub-agent "
+                                          "inside the key's namespace (the key's name when not given)")
     priority: int = Field(0, ge=0, description="higher runs first; a higher one preempts a lower running job")
     prompt: str | None = None
     messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES)

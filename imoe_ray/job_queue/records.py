@@ -32,6 +32,7 @@ class JobRecord(BaseModel):
     id: str = Field(default_factory=lambda: f"job-{uuid.uuid4().hex[:20]}")
     agent: str
     priority: int
+    idempotency_key: str | None = None   # a retried POST with the same key (and agent) gets this job back
     seq: int = 0                    # submission order: FIFO within a priority class
     state: State = "queued"
     prompt_ids: list[int]

@@ -18,6 +18,7 @@
       registry/                        installed `.expert` package versions
       runs/                            Ray Train/Tune run directories (checkpoints) of every training stage
       jobs/                            the job queue's durable records
+      auth/keys.json                   API keys: names, roles, limits and SHA-256 digests (never the keys)
 
 Every path is relative to the store's root, as a tuple of parts for `Store` methods.
 """
@@ -51,6 +52,7 @@ FUSION = "fusion"
 REGISTRY = "registry"
 RUNS = "runs"
 JOBS = "jobs"
+API_KEYS = ("auth", "keys.json")
 
 
 # ---- records -----------------------------------------------------------------------------------
