@@ -3,8 +3,9 @@
 The 1x corpus is the sample corpus (`imoe sample-corpus`), the kx corpus the same rows replicated
 k times with new ids. Each build is a driver in its own subprocess that joins one Ray head node
 started for the benchmark (`ray start --head`, `--cpus` CPUs, as on a cluster) and stops after
-`--until` (ingest by default; embed is affordable only for a small corpus on a CPU-only machine). The driver's peak RSS is the kernel's high-water mark (VmHWM in
-/proc/PID/status), read every 20 ms while it runs: the last reading before it exits is its peak.
+`--until` (ingest by default; embed is affordable only for a small corpus on a CPU-only machine).
+The driver's peak RSS is the kernel's high-water mark (VmHWM in /proc/PID/status), read every 20 ms
+while it runs: the last reading before it exits is its peak.
 
     python benchmarks/bench_driver_memory.py                      # 1x = 150 passages per domain, 10x
     python benchmarks/bench_driver_memory.py --per-domain 10 --until embed

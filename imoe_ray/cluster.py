@@ -39,12 +39,17 @@ def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
     env = worker_env()
     runtime_env = {"env_vars": env} if env else None
     if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address, runtime_env=runtime_env)
+        context = ray.init(address=cfg.address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard or dashboard, runtime_env=runtime_env)
+        context = ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard or dashboard,
+                           runtime_env=runtime_env)
+    _context["dashboard_url"] = context.dashboard_url
+
+
+_context: dict[str, str | None] = {}
 
 
 def dashboard_url() -> str | None:
-    """The Ray dashboard's URL, when this cluster runs one."""
-    url = ray._private.worker.get_dashboard_url()
+    """The Ray dashboard's URL, when the cluster `init_ray` joined runs one."""
+    url = _context.get("dashboard_url")
     return f"http://{url}" if url and not url.startswith("http") else (url or None)

@@ -226,9 +226,9 @@ class ServeConfig(_Section):
     top_k: int | None = Field(None, ge=1, description="experts of an ensemble request; default: experts.top_k")
     retry_s: float = Field(60.0, ge=0, description="how long a request is retried while a dead replica is replaced")
     request_timeout_s: float = Field(120.0, gt=0, description="HTTP request timeout of the Serve proxy")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica of each deployment works on at once")
-    max_queued_requests: int = Field(256, ge=0, description="requests waiting for a replica per caller of a deployment; "
-                                     "beyond it the client gets 429 at once")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one expert replica works on at once")
+    max_queued_requests: int = Field(256, ge=0, description="requests waiting for an expert replica; beyond it, and "
+                                     "beyond max_ongoing + max_queued in the router, the client gets 429 at once")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body (413 beyond)")
     max_messages: int = Field(256, ge=1, description="most chat messages in one request")
     max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt (all messages), in characters, "

@@ -361,32 +361,39 @@ class Router:
     @api.post("/v1/chat/completions")
     async def chat(self, body: oa.ChatRequest, caller: Caller = Depends(_caller)):
         check_request(body, self.settings)
+        self._admit()
         try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
             prompt, query = await asyncio.to_thread(chat_prompt, body.messages, self.tokenizer)
         except ValueError as e:
+            self._queue(-1)
             raise oa.ApiError(400, str(e), param="messages") from None
+        except BaseException:
+            self._queue(-1)
+            raise
         return await self._complete(body, prompt, query, chat=True, caller=caller)
 
     @api.post("/v1/completions")
     async def completions(self, body: oa.CompletionRequest, caller: Caller = Depends(_caller)):
         check_request(body, self.settings)
+        self._admit()
         return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
 
     # ---- the pipeline ----
     async def _complete(self, body, prompt: str, query: str, chat: bool, caller: Caller):
-        self._refresh()
+        """An admitted request (counted in flight by `_admit`) to its answer, or to its stream (which
+        ends the count when it ends)."""
         arrived = time.perf_counter()
-        prompt_tokens = await asyncio.to_thread(self._count_tokens, prompt)
-        check_prompt_tokens(prompt_tokens, self.context, "messages" if chat else "prompt")
-        self._queue(+1)
         try:
+            self._refresh()
+            prompt_tokens = await asyncio.to_thread(self._count_tokens, prompt)
+            check_prompt_tokens(prompt_tokens, self.context, "messages" if chat else "prompt")
             plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
             if plan.fusion != SUMMARIZER and len(plan.experts) > self.settings.max_batch_size:
                 raise oa.ApiError(400, f"this request mixes {len(plan.experts)} experts, one batch row each; the "
                                        f"server decodes at most {self.settings.max_batch_size} rows together "
                                        f"(serve.max_batch_size): ask for a smaller imoe.top_k",
                                   param="imoe.top_k", code="invalid_value")
-        except Exception:
+        except BaseException:
             self._queue(-1)
             raise
         self.route_ms.observe(plan.timings_ms["route"])
@@ -594,6 +601,15 @@ class Router:
                               code="context_length_exceeded")
         return ids, limit
 
+    def _admit(self) -> None:
+        """Backpressure: past `max_ongoing_requests + max_queued_requests` requests in flight, a 429
+        now; else the request counts as in flight until its answer or stream ends."""
+        bound = self.settings.max_ongoing_requests + self.settings.max_queued_requests
+        if self.in_flight >= bound:
+            raise oa.ApiError(429, f"the server is at capacity ({bound} requests in flight); retry shortly",
+                              code="rate_limit_exceeded", kind="rate_limit_error")
+        self._queue(+1)
+
     def _queue(self, delta: int) -> None:
         self.in_flight += delta
         self.queue.set(self.in_flight, tags={"deployment": "Router"})
@@ -633,12 +649,15 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0, logging_config=_LOGGING,
     ).bind(store_dir, cfg.model_dump(mode="json"))
+    # the Router takes in far more than it admits: a request past its own bound gets a JSON 429 at once
+    # (`Router._admit`) instead of waiting in the proxy's queue or getting the proxy's plain-text 503
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus} | _resources(cfg),
-                          max_ongoing_requests=4 * s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+                          max_ongoing_requests=max(1024, 4 * (s.max_ongoing_requests + s.max_queued_requests)),
                           graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,
                           logging_config=_LOGGING).bind(
         experts, store_dir, cfg.model_dump(mode="json"),
-        jobs=JobQueue.options(ray_actor_options={"num_cpus": 0} | _resources(cfg), logging_config=_LOGGING).bind(experts, store_dir, cfg.model_dump(mode="json")))
+        jobs=JobQueue.options(ray_actor_options={"num_cpus": 0} | _resources(cfg), logging_config=_LOGGING).bind(
+            experts, store_dir, cfg.model_dump(mode="json")))
 
 
 def app(args: dict[str, str]):

@@ -255,10 +255,10 @@ def test_bad_corpora_fail_before_ray_starts(tmp_path, corpus, needle):
 
 
 def test_pools_are_sized_from_the_cluster():
-    from imoe_ray.corpus.stage import chunk_actors
+    from imoe_ray.corpus.stage import chunk_plan
 
-    assert chunk_actors({"CPU": 16.0, "GPU": 2.0}) == 16
-    assert chunk_actors({"CPU": 2.0}) == 2 and chunk_actors({}) == 1
+    assert chunk_plan({"CPU": 16.0, "GPU": 2.0}) == (15, 1.0)
+    assert chunk_plan({"CPU": 2.0}) == (1, 1.0) and chunk_plan({"CPU": 1.0}) == (1, 0.5)
 
 
 @pytest.fixture(scope="module")

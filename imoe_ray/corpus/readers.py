@@ -38,6 +38,10 @@ PEEK_BYTES = 1 << 20  # how much of the first JSON / text file the driver reads 
 PEEK_ROWS = 1000  # rows of the first Parquet file the driver reads to check it
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
+# Reading and parsing the corpus take half a CPU each: they must find room next to the chunking actors
+# (`corpus.stage.chunk_plan` leaves them at least that much), or the pipeline waits on itself.
+PARSE_TASKS = {"num_cpus": 0.5}
+
 
 class CorpusError(ValueError):
     """The corpus cannot be read; the message names the file, line or column at fault."""
@@ -500,17 +504,20 @@ def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
         if kind == "json":
             ds = ray.data.read_json(paths, filesystem=source.fs, file_extensions=None,
                                     parse_options=pajson.ParseOptions(explicit_schema=plan.schemas["json"],
-                                                                      unexpected_field_behavior="ignore"))
+                                                                      unexpected_field_behavior="ignore"),
+                                    ray_remote_args=PARSE_TASKS)
         elif kind == "parquet":
-            ds = ray.data.read_parquet(paths, filesystem=source.fs, file_extensions=None)
+            ds = ray.data.read_parquet(paths, filesystem=source.fs, file_extensions=None, ray_remote_args=PARSE_TASKS)
         else:
-            ds = ray.data.read_binary_files(paths, filesystem=source.fs, include_paths=True).map_batches(
-                _txt_batch, fn_kwargs=dict(root=source.root, whole_file=source.is_dir), batch_format="pyarrow")
+            ds = ray.data.read_binary_files(paths, filesystem=source.fs, include_paths=True,
+                                            ray_remote_args=PARSE_TASKS).map_batches(
+                _txt_batch, fn_kwargs=dict(root=source.root, whole_file=source.is_dir), batch_format="pyarrow",
+                **PARSE_TASKS)
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     normalise = functools.partial(normalise_batch, text_column=plan.text_column, id_column=plan.id_column,
                                   where=where, schema=plan.schema, number_repeats=False)
-    ds = ds.map_batches(normalise, batch_format="pyarrow")
+    ds = ds.map_batches(normalise, batch_format="pyarrow", **PARSE_TASKS)
     return ds.map_batches(UniqueIds, fn_constructor_kwargs=dict(id_column=plan.id_column, generated=plan.generated_ids,
                                                                 where=where),
                           batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,

@@ -37,9 +37,13 @@ def corpus_fingerprint(cfg: Config) -> str:
     return listing_fingerprint(source, cfg.corpus.split, hf_dataset)
 
 
-def chunk_actors(cluster: dict[str, float]) -> int:
-    """As many chunking actors as the cluster has CPUs (each takes one)."""
-    return max(1, int(cluster.get("CPU", 1)))
+def chunk_plan(cluster: dict[str, float]) -> tuple[int, float]:
+    """(chunking actors at most, CPUs each): one CPU each, leaving one of the cluster's CPUs to the
+    read and parse tasks that feed them (`readers.PARSE_TASKS`); on a one-CPU cluster, half of it."""
+    cpus = cluster.get("CPU", 1.0)
+    if cpus >= 2:
+        return max(1, int(cpus) - 1), 1.0
+    return 1, max(0.1, cpus / 2)
 
 
 @contextmanager
@@ -68,7 +72,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     init_ray(cfg.ray)
     store.clean_temps(*CHUNKS[:1])
     temp = store.temp_path(*CHUNKS)
-    actors = chunk_actors(ray.cluster_resources())
+    actors, actor_cpus = chunk_plan(ray.cluster_resources())
     with ordered_execution():
         chunked = corpus_dataset(plan).map_batches(
             Chunker,
@@ -77,7 +81,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
                                        overlap=c.chunk_overlap, min_chunk_tokens=c.min_chunk_tokens),
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-            num_cpus=1,
+            num_cpus=actor_cpus,
         )
         try:
             chunked.write_parquet(temp, filesystem=store.fs, ray_remote_args=WRITE_TASKS)

@@ -291,7 +291,8 @@ def _job(name: str, key: str, inputs: np.ndarray, labels: np.ndarray, epochs: fl
         "kind": "adapter", "base": base_source(store, cfg), "experts": e.model_dump(mode="json"),
         "blocks": ray.put((inputs, labels)), "epochs": epochs, "lr": e.lr, "batch_size": e.batch_size,
         "weight_decay": 0.0, "seed": e.seed, "threads": e.cpus_per_worker, "strategy": e.strategy,
-        "zero_stage": e.zero_stage, "reports": 10, "min_report_s": e.checkpoint_s, "training_key": key, "expert": name, "tokens": count_tokens(labels),
+        "zero_stage": e.zero_stage, "reports": 10, "min_report_s": e.checkpoint_s, "training_key": key, "expert": name,
+        "tokens": count_tokens(labels),
     }, workers=e.workers_per_expert, cpus_per_worker=e.cpus_per_worker, gpus_per_worker=gpus,
         resources=cfg.ray.resources)
 

@@ -1,8 +1,9 @@
 """The Ray Train worker loop: ordinary PyTorch over token blocks, for pre-training and adapters.
 
 Runs on every worker of a `TorchTrainer`. Each report carries a checkpoint (the trainable weights,
-the optimizer — with DeepSpeed, each rank's ZeRO partition in safetensors — and the step), so a restarted worker group (FailureConfig) or a re-run of a killed
-build continues from the last report instead of starting over. The final report's checkpoint also
+the optimizer — with DeepSpeed, each rank's ZeRO partition in safetensors — and the step), so a
+restarted worker group (FailureConfig) or a re-run of a killed build continues from the last report
+instead of starting over. The final report's checkpoint also
 holds `model/`: the Hugging Face model (pre-training) or the PEFT adapter directory (experts).
 """
 

@@ -117,7 +117,8 @@ class PackageManifest(_Strict):
                                    "weights only")
             if (not path.startswith(f"{ADAPTER_DIR}/") or not _FILE.match(file) or not _is_sha256(digest)
                     or not (file == "adapter_config.json" or file.endswith(".safetensors"))):
-                raise PackageError(f"{where}: file entry {short(path)} must be adapter/adapter_config.json or adapter/<file>.safetensors with a sha256 hex digest")
+                raise PackageError(f"{where}: file entry {short(path)} must be adapter/adapter_config.json or "
+                                   "adapter/<file>.safetensors with a sha256 hex digest")
         return manifest
 
 
