@@ -270,6 +270,10 @@ def quickstart(
                   f"{scores['noise_fraction']:.1%} in no category")
     url = _start_serving(cfg, store, config, settings, port, None)
     console.print(_ask(url, QUICKSTART_QUESTIONS), crop=False)
+    if cfg.experts.base_model is None:
+        console.print("[yellow]The answers come from the embedded base LM, a tiny model pre-trained on this corpus in a "
+                      "minute: read the routing and the citations, not the prose.[/] For real answers, build on a real "
+                      "base model: --set experts.base_model=Qwen/Qwen2.5-0.5B (any Hugging Face causal LM id or directory).")
     console.print(f"quickstart took {_time.perf_counter() - started:.0f}s; try: curl {url}/chat/completions "
                   f"-H 'Content-Type: application/json' -d '{{\"model\": \"imoe\", \"messages\": "
                   f"[{{\"role\": \"user\", \"content\": \"How do I read a CSV file?\"}}]}}'")
@@ -282,28 +286,42 @@ def quickstart(
 
 
 def _ask(url: str, questions: list[str]) -> Table:
-    """Send each question to the routed model with the official openai client; one table row each."""
+    """Send each question to the routed model (`optimized`: retrieval and citations) with the official
+    openai client; one table row each: the router's categories with their probabilities, the experts
+    with their weights, the best cited passage and the answer."""
     import time as _time
 
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="unused", max_retries=1)
     table = Table(title=f"sample questions → {url}", show_lines=True,
-                  width=None if console.is_terminal else 150)  # a log file gets the whole table
-    for column, ratio in (("question", 3), ("categories", 2), ("experts", 2), ("latency", 1), ("answer", 4)):
+                  width=None if console.is_terminal else 170)  # a log file gets the whole table
+    for column, ratio in (("question", 3), ("categories (p)", 2), ("experts (weight)", 2), ("best cited passage", 4),
+                          ("latency", 1), ("answer", 3)):
         table.add_column(column, overflow="fold", ratio=ratio)
     for question in questions:
         started = _time.perf_counter()
         reply = client.chat.completions.create(model="imoe", max_tokens=40, temperature=0.8, top_p=0.9, seed=0,
-                                               messages=[{"role": "user", "content": question}])
+                                               messages=[{"role": "user", "content": question}],
+                                               extra_body={"imoe": {"mode": "optimized"}})
         ms = (_time.perf_counter() - started) * 1000
         imoe = reply.model_extra["imoe"]
-        categories = ", ".join(imoe["categories"]) or "-"
+        categories = ", ".join(f"{c} {p:.2f}" for c, p in zip(imoe["categories"], imoe["probabilities"])) or "-"
         if imoe.get("fallback"):
             categories += f" [dim](fallback: {imoe['fallback']})[/]"
         experts = ", ".join(f"{e} {w:.2f}" for e, w in imoe["weights"].items())
-        table.add_row(question, categories, experts, f"{ms:.0f} ms", (reply.choices[0].message.content or "").strip())
+        cited = imoe.get("citations") or []
+        passage = f"[dim]{cited[0]['table']}:[/] {_shorten(cited[0].get('text', ''), 160)}" if cited else "-"
+        table.add_row(question, categories, experts, passage, f"{ms:.0f} ms",
+                      (reply.choices[0].message.content or "").strip())
     return table
+
+
+def _shorten(text: str, limit: int) -> str:
+    from rich.markup import escape
+
+    text = " ".join(text.split())
+    return escape(text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…")
 
 
 @app.command()
@@ -430,8 +448,8 @@ def show_config(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Print the resolved configuration as YAML (a starting point for --config)."""
-    typer.echo(resolve_config(store, config, overrides).to_yaml())
+    """Print the resolved configuration as YAML, each field with its description (a starting point for --config)."""
+    typer.echo(resolve_config(store, config, overrides).to_yaml(comments=True))
 
 
 @eval_app.command("discovery")

@@ -388,8 +388,28 @@ class Config(_Section):
             payload[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, comments: bool = False) -> str:
+        """The settings as YAML; with `comments`, each field's description after it (`imoe config`)."""
+        if not comments:
+            return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return "\n".join(_commented(self, indent=0)) + "\n"
+
+
+def _commented(model: BaseModel, indent: int) -> list[str]:
+    """YAML lines of a settings object: sections as blocks under their docstring, fields in flow style
+    followed by their description."""
+    lines, pad = [], " " * indent
+    data = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            lines += ([f"{pad}# {doc[0]}"] if doc else []) + [f"{pad}{name}:"] + _commented(value, indent + 2)
+            continue
+        text = yaml.safe_dump(data[name], default_flow_style=True, width=10**6).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"{pad}{name}: {text}" + (f"  # {field.description}" if field.description else ""))
+    return lines
 
 
 def _parse_scalar(text: str) -> Any:

@@ -1,4 +1,10 @@
-"""One real local Ray cluster (`ray start --head`, with its dashboard) for the whole test session.
+"""One real local Ray cluster (`ray start --head`, with its dashboard) for the whole test session,
+and the lanes.
+
+Lanes: a test that uses the cluster, the built store or the S3 server (the fixtures below) is marked
+`ray` here; the others are unit tests and run first (`pytest -m "not ray"` runs only them, in
+under two minutes). Multi-node and fault-injection runs are marked `slow` in their modules and are
+left out of the README's test command (`pytest -m slow` runs them).
 
 Tests join it through RAY_ADDRESS, the same way a `ray job submit` driver does; it is stopped
 at the end by terminating the blocking `ray start` process, so other Ray instances on the machine
@@ -35,6 +41,18 @@ def _session_auth() -> dict[str, str]:
 
 AUTH = _session_auth()
 os.environ.update(AUTH)
+
+
+INTEGRATION_FIXTURES = {"ray_cluster", "ray_session", "built", "s3", "remote_node", "seaweed_s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that need the cluster or a server `ray`, and run the unit tests first (a stable
+    sort: each module's tests keep their order, so module fixtures are set up once)."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
 def free_port() -> int:

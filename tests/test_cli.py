@@ -33,8 +33,14 @@ def test_help_lists_every_stage_command():
 
 
 def test_config_prints_valid_yaml_with_defaults(tmp_path):
+    import yaml
+
+    from imoe_ray.config import Config
+
     out = imoe("config", "--store", str(tmp_path / "s"), "--set", "discovery.threshold=0.3")
     assert out.returncode == 0 and "threshold: 0.3" in out.stdout and "all-MiniLM-L6-v2" in out.stdout
+    assert "# t_C: membership above which a chunk belongs to a category" in out.stdout  # the field's description
+    assert Config.model_validate(yaml.safe_load(out.stdout)).discovery.threshold == 0.3  # usable as --config
 
 
 @pytest.fixture()

@@ -60,6 +60,7 @@ def test_the_private_tmp_shows_only_the_paths_bound_into_it(tmp_path):
     assert out.stdout.split() == ["True", "True", "False"]
 
 
+@pytest.mark.slow
 def test_a_task_on_the_remote_node_runs_there_and_shares_no_tmp_with_the_driver(remote_node, tmp_path):
     secret = tmp_path / "driver-only.txt"
     secret.write_text("the driver's local file")
@@ -78,6 +79,7 @@ def test_a_task_on_the_remote_node_runs_there_and_shares_no_tmp_with_the_driver(
     Path(here["probe"]).unlink()
 
 
+@pytest.mark.slow
 def test_the_remote_node_reads_parquet_from_the_s3_server(remote_node, s3):
     key = f"infra-{uuid.uuid4().hex}/table.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"]}), f"imoe-test/{key}", filesystem=s3.filesystem())
@@ -119,6 +121,7 @@ def test_pyarrow_and_lancedb_open_s3_uris_from_the_aws_variables(s3, monkeypatch
     assert fs.get_file_info(f"{path.rsplit('/', 1)[0]}/kb/chunks.lance").type.name == "Directory"
 
 
+@pytest.mark.slow
 def test_a_killed_remote_node_is_marked_dead_and_a_fresh_one_takes_work(remote_node):
     """The fault tests' tools: the raylet killed, Ray marks the node dead; a fresh node joins."""
     dead = remote_node.kill_raylet()

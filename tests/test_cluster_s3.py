@@ -19,6 +19,8 @@ import pytest
 
 from conftest import BIN, REPO, TINY_LM, start_imoe_serve, stop_imoe_serve
 
+pytestmark = pytest.mark.slow  # a second build, on S3, with a second node: `pytest -m slow`
+
 BUCKET = "imoe-cluster"
 PLACE_REMOTE = 'ray.resources={"imoe_remote": 1}'
 # What a local store's assignments.parquet holds (tests/test_discovery.py checks the local store's).

@@ -60,7 +60,7 @@ def test_search_modes_find_the_source_chunk(kb):
         assert [p.score for p in hits] == sorted([p.score for p in hits], reverse=True)
     one_table = kb.search(query, [table], k=3)
     assert {p.table for p in one_table} == {table} and one_table[0].citation()["chunk_id"]
-    assert "text" not in one_table[0].citation()
+    assert one_table[0].citation()["text"] == one_table[0].text  # citations carry the passage
 
 
 def test_relevance_floor_and_filters(kb):

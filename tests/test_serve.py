@@ -312,7 +312,7 @@ def test_optimized_request_cites_passages_and_learns(client, served_store):
     imoe = reply.model_extra["imoe"]
     assert imoe["mode"] == "optimized" and imoe["passages"] == len(imoe["citations"]) > 0
     assert {c["table"] for c in imoe["citations"]} <= set(expert_categories(served_store)[name])
-    assert all(c["chunk_id"] and c["score"] > 0 for c in imoe["citations"])
+    assert all(c["chunk_id"] and c["score"] > 0 and c["text"].strip() for c in imoe["citations"])
     assert imoe["timings_ms"]["retrieval"] > 0 and imoe["compression_ratio"] >= 1.0
     streamed = list(client.chat.completions.create(
         model=name, temperature=0, stream=True, max_tokens=12, extra_body={"imoe": {"mode": "optimized"}},

@@ -10,8 +10,7 @@
    (so no UMAP model has to be kept), and categories it leaves nearly empty are dropped.
 5. A chunk belongs to every category whose membership is above t_C; none above → every expert.
 
-Measured on two labelled 12-domain documentation corpora this gives NMI 0.77 and 0.83, where
-k-means given the true k reaches 0.62 and 0.67 and plain HDBSCAN 0.61 and 0.79 (see the issue notes).
+How well the categories agree with known labels is measured by `imoe eval discovery` (NMI, ARI).
 """
 
 from __future__ import annotations

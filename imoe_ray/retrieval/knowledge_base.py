@@ -44,8 +44,8 @@ class Passage:
     source: str = "corpus"  # "learned": appended from an answer
 
     def citation(self) -> dict:
+        """What a response cites: the passage's ids, scores and its text."""
         out = asdict(self)
-        del out["text"]
         out["score"], out["similarity"] = round(self.score, 5), round(self.similarity, 4)
         return out
 
