@@ -28,7 +28,7 @@ from typing import AsyncIterator
 import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -37,9 +37,10 @@ from ray.util import metrics
 from imoe_ray.config import Config, store_config
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
-from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of
+from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of, check_keys_in_this_process
 from imoe_ray.serving.generation import GenerationRequest
-from imoe_ray.serving.limits import BodyLimit, check_prompt_tokens, check_request, internal_error
+from imoe_ray.serving.limits import (BodyLimit, check_prompt_tokens, check_request, internal_error,
+                                     limit_bodies_in_this_process)
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
@@ -219,6 +220,28 @@ def _read_json(path: Path) -> dict:
 
 add_job_routes(api)  # /v1/jobs: forwarded to the JobQueue deployment (serve_apps/job_queue.py)
 
+# The web console: static files shipped with this package (no build step, nothing from a CDN).
+CONSOLE_FILES = {"index.html": "text/html", "console.js": "text/javascript", "console.css": "text/css"}
+
+
+@api.get("/", include_in_schema=False)
+async def console_page() -> Response:
+    return _console_file("index.html")
+
+
+@api.get("/console/{name}", include_in_schema=False)
+async def console_asset(name: str) -> Response:
+    if name not in CONSOLE_FILES:
+        raise oa.ApiError(404, f"no console file {name!r}", code="not_found")
+    return _console_file(name)
+
+
+def _console_file(name: str) -> Response:
+    from importlib.resources import files
+
+    return Response((files("serve_apps") / "console" / name).read_bytes(), media_type=CONSOLE_FILES[name],
+                    headers={"Cache-Control": "no-cache"})
+
 
 def _caller(request: Request) -> Caller:
     """Who sent a request: its API key (set by the `Authenticate` middleware), or the client address
@@ -238,8 +261,8 @@ class Router:
 
         cfg = Config.model_validate(config)
         self.settings = cfg.serve
-        self.app.state.max_body_bytes = cfg.serve.max_body_bytes  # read by the BodyLimit middleware
-        self.app.state.keys = KeyRing(Store(store, create=False))   # read by the Authenticate middleware
+        limit_bodies_in_this_process(cfg.serve.max_body_bytes)     # the BodyLimit and Authenticate middlewares
+        check_keys_in_this_process(KeyRing(Store(store, create=False)))
         self.mirror = StoreMirror(store, cfg.cache_dir)
         self.store = self.mirror.root  # files read by path: the store, or this node's copy of a URI store
         self.experts = experts
@@ -283,7 +306,7 @@ class Router:
             manifest = _read_json(self.store / "experts" / e["name"] / "manifest.json")
             rows.append({"name": e["name"], "categories": e.get("categories", [e["name"]]), "rows": e.get("rows"),
                          "keywords": manifest.get("routing", {}).get("keywords", []),
-                         "training": manifest.get("training", {})})
+                         "adapter": manifest.get("adapter", {}), "training": manifest.get("training", {})})
         extra = [n for n in self.installed if n not in {r["name"] for r in rows}]
         return {"object": "list", "data": rows, "other_adapters": extra, "aliases": index.get("aliases", {})}
 

@@ -20,6 +20,7 @@ from imoe_ray.serving.model import ServingModel
 from conftest import launch_imoe_serve, start_imoe_serve, stop_imoe_serve
 
 REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +340,49 @@ def test_route_experts_models_endpoints(server, client, served_store):
     assert [e["name"] for e in experts["data"]] == _expert_names(served_store)
     assert "dense" in experts["other_adapters"]
     assert {m.id for m in client.models.list()} >= {"imoe", "base", *_expert_names(served_store)}
+
+
+def test_the_web_console_streams_an_answer_and_shows_the_routing(server, served_store):
+    """The console at `/` in headless Chromium (Debian's chromium + chromium-driver, driven by
+    Selenium): it lists the store's experts, streams an answer to a question and fills the routing
+    panel and the citations; the screenshot is left in test-artifacts/console.png."""
+    import shutil
+
+    chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        assert requests.get(f"{server['base']}/", timeout=30).headers["content-type"].startswith("text/html")
+        browser.get(f"{server['base']}/")
+        WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#experts-list li.expert"))
+        listed = {e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "#experts-list li.expert")}
+        assert listed == set(_expert_names(served_store))
+        browser.find_element(By.ID, "question").send_keys("How do I sort the rows of a numpy array?")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 300).until(
+            lambda b: b.find_elements(By.ID, "answer-latest") and
+            b.find_element(By.ID, "answer-latest").get_attribute("data-done") == "true")
+        answer = browser.find_element(By.ID, "answer-latest")
+        assert "error" not in answer.get_attribute("class"), answer.text
+        assert " ms" in answer.find_element(By.CSS_SELECTOR, ".meta").text
+        assert browser.find_element(By.ID, "route-experts").text.strip()
+        assert browser.find_element(By.ID, "route-timings").text.strip() not in ("", "–")
+        cited = browser.find_elements(By.CSS_SELECTOR, "#citations li .text")
+        assert cited and cited[0].text.strip(), "optimized mode cites passages with their text"
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "console.png"))
+        browser.quit()
 
 
 @pytest.mark.parametrize("body, status, param", [

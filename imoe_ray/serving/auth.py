@@ -181,13 +181,25 @@ def owns(key: ApiKey | None, agent: str) -> bool:
     return key is None or key.role == "admin" or agent == key.name or agent.startswith(key.name + "/")
 
 
+_PROCESS_KEYS: dict[str, KeyRing] = {}
+
+
+def check_keys_in_this_process(ring: KeyRing) -> None:
+    """The key ring `Authenticate` checks in this process when the application's state names none
+    (a Serve replica: its ASGI app is built after the deployment's constructor runs)."""
+    _PROCESS_KEYS["keys"] = ring
+
+
 class Authenticate:
-    """ASGI middleware: once the application's `state.keys` (a `KeyRing`) holds any key, a request
-    other than `GET /healthz` needs a known key (401 otherwise) within its rate (429 with
+    """ASGI middleware: once the application's `state.keys` (a `KeyRing`; else the one given to
+    `check_keys_in_this_process`) holds any key, a request
+    other than the health check, the console's files and the API description needs a known key (401 otherwise) within its rate (429 with
     Retry-After otherwise); the key is left in the request's state as `api_key` (None when the
     server is open)."""
 
-    OPEN_PATHS = frozenset({"/healthz"})
+    # the health check, the console's static page and the API's own description hold no data
+    OPEN_PATHS = frozenset({"/healthz", "/", "/docs", "/openapi.json"})
+    OPEN_PREFIXES = ("/console/",)
 
     def __init__(self, app):
         self.app = app
@@ -197,9 +209,11 @@ class Authenticate:
             return await self.app(scope, receive, send)
         import asyncio
 
-        ring: KeyRing | None = getattr(getattr(scope.get("app"), "state", None), "keys", None)
+        ring: KeyRing | None = getattr(getattr(scope.get("app"), "state", None), "keys", None) \
+            or _PROCESS_KEYS.get("keys")
         key = None
-        if ring is not None and scope.get("path") not in self.OPEN_PATHS:
+        path = scope.get("path", "")
+        if ring is not None and path not in self.OPEN_PATHS and not path.startswith(self.OPEN_PREFIXES):
             if ring.due():
                 await asyncio.to_thread(ring.refresh)  # the keys file may live on an object store
             if ring.has_keys:

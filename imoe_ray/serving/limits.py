@@ -63,11 +63,20 @@ def internal_error(exc: BaseException) -> ApiError:
                     code="internal_error")
 
 
+_PROCESS_LIMIT: dict[str, int] = {}
+
+
+def limit_bodies_in_this_process(max_bytes: int) -> None:
+    """The body limit `BodyLimit` applies in this process when the application's state sets none (a
+    Serve replica: its ASGI app is built after the deployment's constructor runs)."""
+    _PROCESS_LIMIT["bytes"] = max_bytes
+
+
 class BodyLimit:
     """ASGI middleware: a request body over the limit is answered 413 at once, whether it declares
     its length or streams it in chunks; the body is read (up to the limit, never past it) before the
-    application sees the request, then handed on unchanged. The limit is `max_bytes`, or the
-    application's `state.max_body_bytes` once the server has set it from its config."""
+    application sees the request, then handed on unchanged. The limit is the application's
+    `state.max_body_bytes`, else the process's (`limit_bodies_in_this_process`), else `max_bytes`."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.default_bytes = app, max_bytes
@@ -76,7 +85,7 @@ class BodyLimit:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         state = getattr(scope.get("app"), "state", None)
-        limit = getattr(state, "max_body_bytes", None) or self.default_bytes
+        limit = getattr(state, "max_body_bytes", None) or _PROCESS_LIMIT.get("bytes") or self.default_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._too_large(send, limit)
