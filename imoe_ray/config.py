@@ -290,7 +290,7 @@ class MoeEncoderConfig(_Section):
     cpus: int | None = Field(None, ge=1, description="CPUs of the training worker; default: every CPU of the cluster")
     seed: int = 0
 
-    # what a null steps / batch_size / lr becomes (a CPU step at 256 tokens takes ~15 s on 2 cores)
+    # what a null steps / batch_size / lr becomes (CPU steps are slow: fewer of them)
     BY_HARDWARE: ClassVar[dict[str, dict[str, int]]] = {
         "gpu": {"steps": 200, "batch_size": 32, "lr": 3e-5},
         "cpu": {"steps": 50, "batch_size": 32, "lr": 1e-4},
@@ -300,8 +300,7 @@ class MoeEncoderConfig(_Section):
         """The settings as a plain dict, null steps / batch_size / lr filled in for a cluster with (`gpu`)
         or without GPUs and a null max_tokens with `passage_tokens`; resolved where training starts,
         recorded in the model's manifest. Training on the whole passage matters: a query view taken from
-        a chunk's tail cannot match a positive truncated before it (64 tokens of the sample corpus's
-        ~225-token chunks: +1.8 MRR points; the whole chunk: +11.1)."""
+        a chunk's tail cannot match a positive truncated before it (`imoe eval encoder` measures it)."""
         settings = self.model_dump(mode="json")
         for name, value in self.BY_HARDWARE["gpu" if gpu else "cpu"].items():
             if settings[name] is None:

@@ -290,6 +290,12 @@ class Router:
         self.route_ms = metrics.Histogram("imoe_routing_latency_ms", "routing latency (ms)",
                                           boundaries=[0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200])
         self.queue = metrics.Gauge("imoe_queue_depth", "requests waiting or running", tag_keys=("deployment",))
+        self.ttft_ms = metrics.Histogram("imoe_ttft_ms", "time to first token on the HTTP path (ms)", tag_keys=("mode",),
+                                         boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000])
+        self.tokens_per_s = metrics.Histogram("imoe_tokens_per_s", "completion tokens per second of decoding, per request",
+                                              boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
+        self.tokens = metrics.Counter("imoe_completion_tokens", "completion tokens, per expert that took part",
+                                      tag_keys=("expert",))
         self.in_flight = 0
 
     # ---- endpoints ----
@@ -423,12 +429,14 @@ class Router:
         for expert in plan.experts:
             self.requests.inc(tags={"expert": expert, "mode": plan.mode})
         if body.stream:
-            return StreamingResponse(self._stream(body, plan, chat, query, caller), media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, plan, chat, query, caller, arrived),
+                                     media_type="text/event-stream")
         try:
             text, finish, prompt_tokens, completion_tokens, logprobs = await self._answer(body, plan)
         finally:
             self._queue(-1)
         plan.server_ms = (time.perf_counter() - arrived) * 1000
+        self._observe(plan, completion_tokens, first_token_ms=plan.server_ms)
         asked = body.logprob_count()
         if chat:
             response = oa.chat_response(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe(),
@@ -516,12 +524,15 @@ class Router:
             finish = part["finish_reason"] or finish
         return self._returned(tokens, finish, body.stop)[0]
 
-    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: Caller) -> AsyncIterator[str]:
+    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: Caller,
+                      arrived: float) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
+        first_token_ms = None
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
             if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
                 text, finish, prompt_tokens, kept, _ = await self._summarize(body, plan)
+                self._observe(plan, kept, first_token_ms=(time.perf_counter() - arrived) * 1000)
                 first = {"role": "assistant", "content": text} if chat else text
                 yield _sse(make(chunk_id, body.model, first, None, imoe=plan.imoe()))
                 yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
@@ -554,12 +565,15 @@ class Router:
                         extra = {"logprobs": oa.chat_logprobs(new, self._token_text) if chat
                                  else oa.completion_logprobs(new, self._token_text, len(sent))}
                     sent = text
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - arrived) * 1000
                     chunk = make(chunk_id, body.model, {"content": delta} if chat else delta)
                     chunk["choices"][0].update(extra)
                     yield _sse(chunk)
                 if stopped:
                     break
             _, kept, finish = self._returned(tokens, finish, body.stop)
+            self._observe(plan, kept, first_token_ms)
             yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
             if body.include_usage():
                 yield _sse(oa.usage_chunk(chunk_id, body.model, chat, len(ids), kept))
@@ -623,6 +637,16 @@ class Router:
                                    f"Please reduce the prompt or max_tokens.", param="messages",
                               code="context_length_exceeded")
         return ids, limit
+
+    def _observe(self, plan: Plan, completion_tokens: int, first_token_ms: float | None) -> None:
+        """The HTTP path's metrics of one answered request (a whole answer's first token is its end)."""
+        if first_token_ms is not None:
+            self.ttft_ms.observe(first_token_ms, tags={"mode": plan.mode})
+        seconds = plan.timings_ms["generate"] / 1000
+        if completion_tokens and seconds > 0:
+            self.tokens_per_s.observe(completion_tokens / seconds)
+        for expert in plan.experts:
+            self.tokens.inc(completion_tokens, tags={"expert": expert})
 
     def _admit(self) -> None:
         """Backpressure: past `max_ongoing_requests + max_queued_requests` requests in flight, a 429

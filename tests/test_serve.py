@@ -385,6 +385,38 @@ def test_the_web_console_streams_an_answer_and_shows_the_routing(server, served_
         browser.quit()
 
 
+def test_every_metric_of_the_grafana_dashboard_is_exported(ray_session, client):
+    """deploy/grafana/imoe-dashboard.json queries only metrics the deployments export: after a streamed
+    and a whole answer, each one it names is on the node's Prometheus endpoint (Ray exports every few
+    seconds; polled)."""
+    import re
+
+    import ray
+
+    names = set(re.findall(r"ray_imoe_[a-z_]+", (REPO / "deploy" / "grafana" / "imoe-dashboard.json").read_text()))
+    assert {"ray_imoe_ttft_ms_bucket", "ray_imoe_tokens_per_s_bucket", "ray_imoe_completion_tokens_total"} <= names
+    defined = set(re.findall(r'metrics\.\w+\(\s*"(imoe_\w+)"', "".join(
+        p.read_text() for p in (REPO / "serve_apps").glob("*.py"))))
+    bases = {re.sub(r"_(bucket|sum|count|total)$", "", n.removeprefix("ray_")) for n in names}
+    assert bases <= defined, f"the dashboard names metrics no deployment defines: {sorted(bases - defined)}"
+    for stream in (True, False):
+        reply = client.chat.completions.create(model="imoe", stream=stream, max_tokens=4,
+                                               messages=[{"role": "user", "content": "numpy arrays"}])
+        list(reply) if stream else reply
+    ports = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
+    deadline, missing = time.time() + 180, names
+    while missing and time.time() < deadline:
+        exported = set()
+        for port in ports:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+            exported |= set(re.findall(r"^(\w+)[{ ]", text, flags=re.M))
+        missing = {n for n in names if n not in exported and not n.endswith(("_evictions_total", "_preemptions_total",
+                                                                              "_jobs_submitted_total", "_jobs_finished_total",
+                                                                              "_job_queued_ms_bucket"))}
+        time.sleep(2)
+    assert not missing, f"named by the dashboard, not exported: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("body, status, param", [
     ('{"model": "imoe", "messages": [', 400, None),
     ('[1, 2]', 400, None),

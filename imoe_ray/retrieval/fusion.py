@@ -6,8 +6,8 @@ missing from a list that was cut at `depth` scores at most that list's last scor
 missing from a shorter list (a full-text list that ran out of matches), it gets 0. `rrf`: reciprocal-rank fusion,
 1 / (k + rank) per list, also weighted.
 
-Equal weights let the weaker list pull the stronger one's good hits down: on the sample corpus's
-short views plain RRF scored MRR@10 0.85 where text alone scored 0.88. So the weight is calibrated
+Equal weights let the weaker list pull the stronger one's good hits down, below the better list
+alone (`imoe eval retrieval` compares the modes on a store). So the weight is calibrated
 per store, at shard time, on query-like views of the router's *calibration* chunks (never the
 test chunks that `imoe eval retrieval` reads): the weight with the best MRR@10 on a grid, saved in
 `kb/fusion.json` with what it was tuned on. A configured `retrieval.vector_weight` overrides it.

@@ -1,6 +1,6 @@
 """The router: fast path → DACT cascade, calibrated multi-label decisions with t_C, and fallbacks.
 
-    fast path (hashed n-grams, ~0.1 ms) ── sure? ──> probabilities, exit_layer 0
+    fast path (hashed n-grams) ── sure? ──> probabilities, exit_layer 0
           │ unsure
           ▼
     DACT over the encoder's layers, stopping per sample once the decision is final ──> exit_layer n

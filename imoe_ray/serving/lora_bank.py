@@ -1,7 +1,8 @@
 """LoRA experts resident next to one base model, mixed freely inside a batch.
 
-PEFT switches adapters for the whole model (`set_adapter`, ~4 ms here) and loads them through its
-tuner machinery (`load_adapter`, 55-120 ms). Serving many small experts wants neither: the bank
+PEFT switches adapters for the whole model (`set_adapter`) and loads them through its tuner
+machinery (`load_adapter`), both far slower than a batch step (`benchmarks/bench_serve.py` times an
+adapter switch both ways). Serving many small experts wants neither: the bank
 reads an adapter's two low-rank matrices per layer straight from its safetensors file, keeps them
 as plain tensors, and every wrapped linear layer adds
 
