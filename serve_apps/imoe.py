@@ -610,6 +610,8 @@ class Router:
                         plan.timings_ms["generate"] = part["generate_ms"]
                     yield part
                 return
+            except BackPressureError:  # the expert replicas' queues are full: the client retries, at once told so
+                raise _as_api_error(BackPressureError()) from None
             except _REPLICA_GONE as e:
                 if received or time.monotonic() > deadline:
                     raise oa.ApiError(503, f"an expert replica died during the request: {type(e).__name__}; retry",

@@ -21,6 +21,7 @@ import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
@@ -260,6 +261,10 @@ class JobQueue:
             except asyncio.TimeoutError:
                 raise TimeoutError(f"a generation step took longer than {self.settings.step_timeout_s} s "
                                    "(jobs.step_timeout_s)") from None
+            except BackPressureError:  # the expert replicas are full: the job waits its turn, it does not fail
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
             except _REPLICA_GONE:
                 if time.monotonic() > deadline:
                     raise
