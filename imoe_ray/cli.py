@@ -495,6 +495,40 @@ def eval_lm(
     _publish_eval(result, output, plot_lm, _lm_table, quiet)
 
 
+@eval_app.command("route")
+def eval_route(
+    store: str = StoreOpt,
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out corpus file; default: the store's own "
+                                          "held-out split (the router's test rows, which it never trained on)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --heldout (default: the corpus's)."),
+    category_column: Optional[str] = typer.Option(None, "--category-column",
+                                                  help="Column of --heldout holding each text's category name."),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", min=1, help="Evaluate only the first N texts."),
+    output: Path = typer.Option(Path("eval-route.json"), "--output", "-o", help="Where the JSON goes; the plot goes beside it (.png)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="Print the table only, not the JSON."),
+) -> None:
+    """Routing accuracy by query length, the confusion matrix and the calibration of the router's
+    probabilities: JSON on stdout and in --output (`accuracy` per length), a PNG beside it."""
+    from imoe_ray.evaluation.routing import evaluate_routing, plot_routing
+    from imoe_ray.store import Store
+
+    cfg = resolve_config(store, config, overrides)
+    result = evaluate_routing(Store(store, cache_dir=cfg.cache_dir), cfg, heldout, text_column, category_column,
+                              max_texts=max_texts, report=lambda m: console.print(m, highlight=False, markup=False))
+    _publish_eval(result, output, plot_routing, _route_table, quiet)
+
+
+def _route_table(result: dict) -> Table:
+    table = Table(title=f"routing on {result['texts']} held-out texts (calibration ECE {result['calibration']['ece']:.3f})")
+    for col in ("query length (tokens)", "accuracy", "mean exit layer", "p50 latency ms"):
+        table.add_column(col, justify="right")
+    for length, row in result["by_length"].items():
+        table.add_row(length, f"{row['accuracy']:.3f}", f"{row['mean_exit_layer']:.2f}", f"{row['p50_latency_ms']:.2f}")
+    return table
+
+
 def _publish_eval(result: dict, output: Path, plot, table, quiet: bool) -> None:
     """An evaluation's JSON written to `output` (atomically), its PNG beside it, its table on the
     console, and the JSON on stdout unless `quiet`."""

@@ -259,6 +259,23 @@ def test_route_cli_single_and_batch(built, tmp_path):
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and all("experts" in r for r in rows)
 
 
+def test_eval_route_writes_accuracy_by_length_a_confusion_matrix_and_a_plot(built, tmp_path):
+    cfg, store, _ = built
+    out_json = tmp_path / "route.json"
+    out = subprocess.run([*IMOE, "eval", "route", "--store", str(store.uri), "-o", str(out_json)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result == json.loads(out_json.read_text())
+    assert set(result["accuracy"]) == {"8", "16", "24", "32", "64", "whole"}
+    assert all(0 <= a <= 1 for a in result["accuracy"].values())
+    counts = np.array(result["confusion"]["counts"])
+    assert counts.shape == (len(result["categories"]), len(result["categories"]) + 1) and counts.sum() == result["texts"]
+    assert np.trace(counts) / counts.sum() == pytest.approx(result["accuracy"]["whole"], abs=1e-3)
+    assert 0 <= result["calibration"]["ece"] <= 1 and sum(b["n"] for b in result["calibration"]["bins"]) == result["texts"]
+    assert out_json.with_suffix(".png").stat().st_size > 10_000
+
+
 def test_route_cli_bad_input_is_a_clear_error(built, tmp_path):
     cfg, store, _ = built
     bad = tmp_path / "bad.jsonl"

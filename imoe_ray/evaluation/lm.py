@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from imoe_ray.config import Config
-from imoe_ray.corpus.readers import CorpusError, read_corpus_table
+from imoe_ray.corpus.readers import CorpusError
+from imoe_ray.evaluation.heldout import file_heldout, store_heldout
 from imoe_ray.experts.mixture import (BASE, ExpertLM, Window, expert_prior, mix_logprobs, posterior_weights,
                                       top_k_weights, windows)
 from imoe_ray.store import Store
@@ -27,27 +28,6 @@ LABELS = {"base": "base model", "dense": "dense baseline", "top1": "routed top-1
           "mixture_router": "top-k mixture (router weights)", "mixture": "top-k mixture (router x context)"}
 
 
-def _store_heldout(store: Store, cfg: Config) -> tuple[list[str], list[str]]:
-    """The store's held-out chunks with the discovered category of each."""
-    from imoe_ray.discovery.stage import ASSIGNMENTS, load_model
-    from imoe_ray.experts.stage import heldout_texts
-
-    texts, chunk_ids = heldout_texts(store, cfg)
-    names = {c.id: c.name for c in load_model(store).categories}
-    table = store.read_table(*ASSIGNMENTS, columns=["chunk_id", "top_category"])
-    top = dict(zip(table.column("chunk_id").to_pylist(), table.column("top_category").to_pylist()))
-    return texts, [names.get(top.get(c, -1), "none") for c in chunk_ids]
-
-
-def _file_heldout(path: str, text_column: str, category_column: str | None) -> tuple[list[str], list[str] | None]:
-    table = read_corpus_table(path, text_column=text_column, id_column=None)
-    if category_column and category_column not in table.column_names:
-        raise CorpusError(f"category column {category_column!r} not in {path}; columns: {', '.join(table.column_names)}")
-    texts = [t or "" for t in table.column(text_column).to_pylist()]
-    cats = [str(c) for c in table.column(category_column).to_pylist()] if category_column else None
-    return texts, cats
-
-
 def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_column: str | None = None,
                 category_column: str | None = None, route_tokens: int = 32, top_k: int | None = None,
                 max_texts: int | None = None, report=print) -> dict:
@@ -57,9 +37,9 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
         raise StoreError(f"no experts in {store.uri}: run `imoe build --store {store.uri} --until experts` first")
     top_k = top_k or cfg.experts.top_k
     if heldout:
-        texts, categories = _file_heldout(heldout, text_column or cfg.corpus.text_column, category_column)
+        texts, categories = file_heldout(heldout, text_column or cfg.corpus.text_column, category_column)
     else:
-        texts, categories = _store_heldout(store, cfg)
+        texts, categories = store_heldout(store, cfg)
     if max_texts:
         texts, categories = texts[:max_texts], (categories[:max_texts] if categories else None)
     index = store.read_json("experts", "index.json")
