@@ -110,12 +110,21 @@ def build(
 def discover(
     store: str = StoreOpt,
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus, if the store has not read one yet."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a 2-D map of the chunks coloured by "
+                                        "category, with the categories' names, into this PNG."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Discover the corpus's categories (runs what discovery needs first) and show them as a table."""
     build(corpus=corpus, store=store, text_column=None, id_column=None, until="discover", force=False,
           config=config, overrides=overrides)
+    if plot is not None:
+        from imoe_ray.discovery.plot import plot_categories
+        from imoe_ray.store import Store
+
+        cfg = resolve_config(store, config, overrides)
+        drawn = plot_categories(Store(cfg.store, cache_dir=cfg.cache_dir), cfg, plot)
+        console.print(f"wrote {plot}: {drawn['points']} chunks, {drawn['categories']} categories")
 
 
 @app.command("train-router")

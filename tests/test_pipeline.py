@@ -78,6 +78,16 @@ def test_shards_and_knowledge_bases(built):
     assert sorted(names) == sorted(set(names))
 
 
+def test_the_categories_map_is_drawn(built, tmp_path):
+    from imoe_ray.discovery.plot import plot_categories
+    from imoe_ray.discovery.stage import load_model
+
+    cfg, store, _ = built
+    drawn = plot_categories(store, cfg, tmp_path / "categories.png")
+    assert drawn["categories"] == len(load_model(store).categories) and drawn["points"] > 0
+    assert (tmp_path / "categories.png").stat().st_size > 10_000
+
+
 def test_rerun_skips_up_to_date_stages(built):
     cfg, store, first = built
     build(cfg, report=lambda m: None)  # other tests may have re-run a stage since, which makes the later ones stale

@@ -201,12 +201,14 @@ def test_score_fusion_weights_and_calibration():
     assert configured(fusion, RetrievalConfig(fusion="rrf")).vector_weight == 0.5  # tuned for another method
 
 
-def test_eval_retrieval_cli_json(built):
+def test_eval_retrieval_cli_json(built, tmp_path):
     _, store, _ = built
     run = subprocess.run([IMOE, "eval", "retrieval", "--store", str(store.root), "--text-column", "text",
-                          "--max-queries", "12", "--compression-queries", "3"], capture_output=True, text=True)
+                          "--max-queries", "12", "--compression-queries", "3", "-o", str(tmp_path / "r.json")],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
+    assert json.loads((tmp_path / "r.json").read_text()) == result and (tmp_path / "r.png").stat().st_size > 10_000
     for mode in ("vector", "text", "hybrid"):
         assert set(result[mode]) == {"p@1", "r@1", "p@5", "r@5", "p@10", "r@10", "mrr@10", "map"}
         assert all(0.0 <= v <= 1.0 for v in result[mode].values())

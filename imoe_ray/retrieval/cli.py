@@ -159,20 +159,23 @@ def eval_retrieval(
                                           "is embedded again with it. Default: the store's encoder."),
     max_queries: int = typer.Option(300, "--max-queries", min=1, help="Held-out query views evaluated."),
     compression_queries: int = typer.Option(100, "--compression-queries", min=0, help="Prompts compressed (0: skip)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON here."),
+    output: Path = typer.Option(Path("eval-retrieval.json"), "--output", "-o",
+                                help="Where the JSON goes; the plot goes beside it (.png)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML configuration file."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override one setting (repeatable)."),
 ) -> None:
     """Retrieval quality (P@K, R@K, MRR@10, MAP for vector, text, hybrid) on held-out query views whose
-    relevant item is their source chunk, and compression (selective vs filler baseline): ratio and R@5 kept."""
+    relevant item is their source chunk, and compression (selective vs filler baseline): ratio and R@5 kept.
+    JSON on stdout and in --output, a PNG beside it."""
     from imoe_ray.config import store_config
-    from imoe_ray.retrieval.evaluate import evaluate_retrieval
+    from imoe_ray.retrieval.evaluate import evaluate_retrieval, plot_retrieval
     from imoe_ray.store import Store
 
     cfg = store_config(store, config, overrides)
     result = evaluate_retrieval(Store(store), cfg, heldout, text_column, encoder, max_queries, compression_queries,
                                 report=lambda m: console.print(m, highlight=False, markup=False))
     text = json.dumps(result, indent=2)
-    if output:
-        write_text_atomic(output, text)
+    write_text_atomic(output, text)
+    plot_retrieval(result, output.with_suffix(".png"))
+    console.print(f"wrote {output} and {output.with_suffix('.png')}")
     typer.echo(text)

@@ -233,3 +233,42 @@ def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed,
     ranked = [[p.chunk_id for p in kb.search(q, k=5, mode="hybrid", where=f"pool = {i}", vector=v)]
               for i, ((q, _, _), v) in enumerate(zip(prompts, query_vectors))]
     return ranking_metrics(ranked, relevant)["r@5"]
+
+
+def plot_retrieval(result: dict, path: str | Path) -> None:
+    """Retrieval quality per search mode (grouped bars per metric) and compression, ours against the
+    filler-word baseline (ratio reached and R@5 of the source chunk kept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("vector", "text", "hybrid") if m in result]
+    metrics = list(result[modes[0]]) if modes else []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [2.4, 1]})
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        a.bar(np.arange(len(metrics)) + i * width, [result[mode][m] for m in metrics], width, label=mode)
+    a.set_xticks(np.arange(len(metrics)) + width * (len(modes) - 1) / 2, metrics)
+    a.set_ylim(0, 1.18)
+    a.set_title(f"Retrieval of the source chunk ({result.get('queries', '?')} held-out query views)")
+    a.legend(frameon=False, ncol=len(modes), loc="upper center")
+    a.grid(axis="y", alpha=0.3)
+    rows = [(k, result[k]) for k in ("compression", "compression_baseline") if result.get(k)]
+    if rows:
+        labels = ["selective (ours)" if k == "compression" else "filler words" for k, _ in rows]
+        b.bar(np.arange(len(rows)) - 0.2, [r["ratio"] for _, r in rows], 0.4, label="ratio (tokens before / after)")
+        twin = b.twinx()
+        twin.bar(np.arange(len(rows)) + 0.2, [r["r@5_retained"] or 0 for _, r in rows], 0.4, color="tab:green",
+                 label="R@5 kept")
+        twin.set_ylim(0, 1.3)
+        b.set_ylim(0, max(r["ratio"] for _, r in rows) * 1.3)
+        b.set_xticks(np.arange(len(rows)), labels)
+        b.set_title("Prompt compression")
+        b.legend(loc="upper left", frameon=False, fontsize=8)
+        twin.legend(loc="upper right", frameon=False, fontsize=8)
+    else:
+        b.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
