@@ -39,7 +39,7 @@ from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
 from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of, check_keys_in_this_process
 from imoe_ray.serving.generation import GenerationRequest
-from imoe_ray.serving.limits import (BodyLimit, check_prompt_tokens, check_request, internal_error,
+from imoe_ray.serving.limits import (BodyLimit, TokenBudget, check_prompt_tokens, check_request, internal_error,
                                      limit_bodies_in_this_process)
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
@@ -269,6 +269,7 @@ class Router:
         self._stream_handle = experts.stream.options(stream=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
         self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
+        self.budget = TokenBudget(self.context, cfg.serve.max_tokens, cfg.serve.max_tokens_limit)
         self.installed = installed_experts(self.store)
         from imoe_ray.retrieval.serving import build_components
 
@@ -624,21 +625,8 @@ class Router:
         return 1 + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _tokens(self, prompt: str, body, truncate: bool = False) -> tuple[list[int], int]:
-        """The prompt's token ids (after the EOS the models were trained with) and the completion length."""
-        ids = [self.tokenizer.eos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        asked = body.max_completion_tokens or body.max_tokens
-        if asked is not None and asked > self.settings.max_tokens_limit:
-            raise oa.ApiError(400, f"max_tokens is {asked}; this server allows at most {self.settings.max_tokens_limit}",
-                              param="max_tokens", code="invalid_value")
-        limit = asked or min(self.settings.max_tokens, max(1, self.context - len(ids)))
-        if truncate and len(ids) + limit > self.context:
-            ids = ids[: 1] + ids[len(ids) + limit - self.context + 1:]
-        if len(ids) + limit > self.context:
-            raise oa.ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
-                                   f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} for the completion). "
-                                   f"Please reduce the prompt or max_tokens.", param="messages",
-                              code="context_length_exceeded")
-        return ids, limit
+        """The prompt's token ids and the completion length (`limits.TokenBudget`)."""
+        return self.budget.encode(self.tokenizer, prompt, body.max_completion_tokens or body.max_tokens, truncate)
 
     def _observe(self, plan: Plan, completion_tokens: int, first_token_ms: float | None) -> None:
         """The HTTP path's metrics of one answered request (a whole answer's first token is its end)."""

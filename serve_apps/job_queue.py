@@ -32,6 +32,7 @@ from imoe_ray.job_queue.queue import FINISHED, JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.auth import ApiKey, agent_of, caller_of, owns
+from imoe_ray.serving.limits import TokenBudget
 
 log = logging.getLogger("ray.serve")
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -153,9 +154,8 @@ class JobQueue:
         from imoe_ray.serving.pipeline import chat_prompt
 
         s = self.settings
-        if body.max_tokens is not None and body.max_tokens > s.max_tokens_limit:
-            raise oa.ApiError(400, f"max_tokens is {body.max_tokens}; this server allows at most {s.max_tokens_limit}",
-                              param="max_tokens", code="invalid_value")
+        budget = TokenBudget(self.context, s.max_tokens, s.max_tokens_limit)
+        budget.check_asked(body.max_tokens)
         if body.priority > s.max_priority:
             raise oa.ApiError(400, f"priority is {body.priority}; priorities run from 0 to {s.max_priority}",
                               param="priority", code="invalid_value")
@@ -165,6 +165,11 @@ class JobQueue:
         if body.experts and len(body.experts) > s.max_experts:
             raise oa.ApiError(400, f"experts: {len(body.experts)} named; a job may mix at most {s.max_experts} "
                                    "(jobs.max_experts)", param="experts", code="invalid_value")
+        chars = len(body.prompt) if body.prompt is not None else sum(len(m.text()) for m in body.messages)
+        if chars > self.cfg.serve.max_prompt_chars:
+            param = "prompt" if body.prompt is not None else "messages"
+            raise oa.ApiError(400, f"{param}: the prompt has {chars} characters; this server takes at most "
+                                   f"{self.cfg.serve.max_prompt_chars}", param=param, code="context_length_exceeded")
         if body.messages is not None:
             prompt, query = chat_prompt(body.messages, self.tokenizer)
         else:
@@ -178,11 +183,8 @@ class JobQueue:
         else:
             plan = self._plan().plan(body.model, query, prompt, ImoeOptions(mode=body.mode, fusion="mixture"))
             experts, prompt = plan.experts, plan.prompt
-        ids = [self.tokenizer.eos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        limit = body.max_tokens or min(s.max_tokens, max(1, self.context - len(ids)))
-        if len(ids) + limit > self.context:
-            raise oa.ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({limit}) exceed the model's "
-                                   f"context of {self.context} tokens", param="prompt", code="context_length_exceeded")
+        ids, limit = budget.encode(self.tokenizer, prompt, body.max_tokens,
+                                   param="prompt" if body.prompt is not None else "messages")
         return JobRecord(agent=agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
                          temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                          stop_ids=[self.tokenizer.eos_token_id],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 
 from imoe_ray.config import ServeConfig
 from imoe_ray.serving.openai_api import ApiError
@@ -53,6 +54,36 @@ def check_prompt_tokens(prompt_tokens: int, context: int, param: str) -> None:
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
                             f"{prompt_tokens} tokens. Please reduce the prompt.", param=param,
                        code="context_length_exceeded")
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Prompt tokens + completion tokens within the model's context, the completion within the
+    server's limit: the one check the chat/completions endpoints and the job queue share."""
+    context: int
+    default_max_tokens: int
+    max_tokens_limit: int
+
+    def check_asked(self, asked: int | None) -> None:
+        """A completion length over the server's limit is refused (before any work, when called first)."""
+        if asked is not None and asked > self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {asked}; this server allows at most {self.max_tokens_limit}",
+                           param="max_tokens", code="invalid_value")
+
+    def encode(self, tokenizer, prompt: str, asked: int | None, truncate: bool = False,
+               param: str = "messages") -> tuple[list[int], int]:
+        """The prompt's token ids (after the EOS the models were trained with) and the completion
+        length; `truncate` drops the prompt's oldest tokens (after the EOS) to fit instead of refusing."""
+        self.check_asked(asked)
+        ids = [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        limit = asked or min(self.default_max_tokens, max(1, self.context - len(ids)))
+        if truncate and len(ids) + limit > self.context:
+            ids = ids[:1] + ids[len(ids) + limit - self.context + 1:]
+        if len(ids) + limit > self.context:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                                f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} for the completion). "
+                                f"Please reduce the prompt or max_tokens.", param=param, code="context_length_exceeded")
+        return ids, limit
 
 
 def internal_error(exc: BaseException) -> ApiError:
