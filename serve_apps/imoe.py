@@ -698,9 +698,18 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
 
 
 def app(args: dict[str, str]):
-    """Application builder: `serve run serve_apps.imoe:app store=DIR [config=FILE] [set=a.b=1,c.d=2]`."""
+    """Application builder: `serve run serve_apps.imoe:app store=DIR [config=FILE] [set=a.b=1,c.d=2]
+    [insecure=true]`. A deployed application answers on every node's address: a store without API keys
+    is refused unless `insecure` says it may be open."""
+    from imoe_ray.serving.auth import load_keys
+
     if "store" not in args:
         raise ValueError("serve_apps.imoe:app needs store=DIR (a store built through the experts stage)")
+    insecure = str(args.get("insecure", "")).lower() in ("true", "1", "yes")
+    if not insecure and not load_keys(Store(args["store"], create=False)).keys:
+        raise ValueError(f"serve_apps.imoe:app: {args['store']} has no API keys and a deployed application answers "
+                         f"on every node's address: create one (imoe api-keys create NAME --store {args['store']}) "
+                         "or set args.insecure: true")
     overrides = [o for o in str(args.get("set", "")).split(",") if o.strip()]
     return build_app(args["store"], args.get("config"), overrides)
 

@@ -158,6 +158,10 @@ def test_serve_deploy_of_the_serve_config_serves_the_s3_store(s3_store, cluster,
     (app,) = config["applications"]
     app["args"] = {"store": store, "set": f"{PLACE_REMOTE},cache_dir={cache},serve.min_replicas=1,serve.max_replicas=1"}
     app["runtime_env"] = {"env_vars": s3.env()}  # the nodes' S3 settings (on a real cluster: the image or role)
+    made = subprocess.run([str(BIN / "imoe"), "api-keys", "create", "deployer", "--store", store], env=env,
+                          capture_output=True, text=True, timeout=300)  # a deployed app refuses a store without keys
+    assert made.returncode == 0, made.stderr[-2000:]
+    key = json.loads(made.stdout)["key"]
     deployed = tmp_path / "serve_config.yaml"
     deployed.write_text(yaml.safe_dump(config))
     _serve_cli(["deploy", str(deployed), "--address", ray_cluster["dashboard_url"]], env)
@@ -169,7 +173,8 @@ def test_serve_deploy_of_the_serve_config_serves_the_s3_store(s3_store, cluster,
             except requests.RequestException:
                 time.sleep(2)
         assert status == 200, _serve_cli(["status", "--address", ray_cluster["dashboard_url"]], env).stdout[-3000:]
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=300)
         reply = client.chat.completions.create(model="imoe", max_tokens=8,
                                                messages=[{"role": "user", "content": "how do I plot a histogram"}])
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
