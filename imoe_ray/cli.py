@@ -530,11 +530,14 @@ def eval_route(
 
 
 def _route_table(result: dict) -> Table:
-    table = Table(title=f"routing on {result['texts']} held-out texts (calibration ECE {result['calibration']['ece']:.3f})")
-    for col in ("query length (tokens)", "accuracy", "mean exit layer", "p50 latency ms"):
+    table = Table(title=f"routing on {result['texts']} held-out texts (t_C {result['threshold_policy']}; "
+                        f"calibration ECE {result['calibration']['ece']:.3f})")
+    for col in ("query length (tokens)", "accuracy", "experts / request", "category's expert served",
+                "mean exit layer", "p50 latency ms"):
         table.add_column(col, justify="right")
     for length, row in result["by_length"].items():
-        table.add_row(length, f"{row['accuracy']:.3f}", f"{row['mean_exit_layer']:.2f}", f"{row['p50_latency_ms']:.2f}")
+        table.add_row(length, f"{row['accuracy']:.3f}", f"{row['mean_experts']:.2f}", f"{row['gold_served']:.3f}",
+                      f"{row['mean_exit_layer']:.2f}", f"{row['p50_latency_ms']:.2f}")
     return table
 
 

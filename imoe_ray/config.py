@@ -96,6 +96,13 @@ class RouterConfig(_Section):
     min_known_fraction: float = Field(0.34, ge=0, le=1, description="queries with fewer known content words are out of domain")
     keyword_boost: float = Field(1.0, ge=0, description="prior weight of an expert's routing keywords found in a query")
     centroid_temperature: float = Field(0.1, gt=0, description="T of softmax(cos/T) for experts joined by centroid")
+    threshold_policy: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="t_C per request: 'fixed' (threshold) or 'adaptive' (from the query's complexity: "
+                             "imoe_ray/routing/threshold.py)")
+    adaptive_range: list[float] = Field([0.1, 0.6], min_length=2, max_length=2,
+                                        description="adaptive t_C of the most complex and of the simplest query")
+    complexity_words: int = Field(12, ge=1, description="content words at which a query counts as long (adaptive t_C)")
+    close_margin: float = Field(0.1, ge=0, le=1, description="categories this close to the top count as rivals (adaptive t_C)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -104,11 +111,15 @@ class RouterConfig(_Section):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be a range [low, high] with 1 <= low <= high, not {[lo, hi]}")
+        lo, hi = self.adaptive_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"adaptive_range must be [t_complex, t_simple] with 0 < t_complex <= t_simple < 1, not {[lo, hi]}")
         return self
 
 
 # Router settings read at request time (changing them needs no retraining), and the ones training reads.
-ROUTER_RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature")
+ROUTER_RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature",
+                         "threshold_policy", "adaptive_range", "complexity_words", "close_margin")
 ROUTER_TRAINING_FIELDS = tuple(f"router.{k}" for k in RouterConfig.model_fields if k not in ROUTER_RUNTIME_FIELDS)
 
 

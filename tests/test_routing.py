@@ -306,3 +306,15 @@ def test_train_router_cli_retrains_in_place(built, tmp_path):
     after = StageManifest.load(store, "router")
     # Retrained on purpose: the stages after it (the shards, routed by the old router) re-run on the next build.
     assert after.finished_at != before.finished_at and after.fingerprint() != before.fingerprint()
+
+
+def test_adaptive_t_c_falls_with_the_query_complexity():
+    from imoe_ray.routing.threshold import AdaptiveThreshold
+
+    adaptive = AdaptiveThreshold(t_complex=0.1, t_simple=0.6, complexity_words=12, close_margin=0.1)
+    simple = adaptive.complexity(2, np.array([0.9, 0.05, 0.05]))
+    complex_ = adaptive.complexity(20, np.array([0.36, 0.33, 0.31]))
+    assert 0 <= simple < complex_ <= 1
+    assert adaptive.threshold(0.0) == 0.6 and adaptive.threshold(1.0) == 0.1
+    assert adaptive.threshold(complex_) < 0.2 < adaptive.threshold(simple)  # several experts vs one
+    assert adaptive.complexity(5, np.array([1.0])) == 0.0  # one category: nothing to choose between

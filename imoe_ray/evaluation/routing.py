@@ -3,6 +3,8 @@ calibration of its probabilities, on held-out texts it never trained on.
 
     held-out text ──► its first L encoder tokens (L = 8, 16, 24, 32, 64, whole) ──► Router.route
                   ──► top category == the text's category?   (accuracy per L)
+        experts the request is served by, and whether its category's expert is among them (per L: the
+        cost and the coverage of the t_C policy, `router.threshold_policy`)
     at the longest L: confusion[gold, predicted]; reliability: accuracy per bin of the top
     probability, and the expected calibration error ECE = Σ_b (n_b / n) · |acc_b − conf_b|
 
@@ -56,7 +58,12 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
         top_p = [r.probabilities[0] if r.probabilities else 0.0 for r in routes]
         correct = [p == g for p, g in zip(predicted, gold)]
         key = "whole" if length is None else str(length)
+        served = [router.served_by.get(g, g) in r.experts for g, r in zip(gold, routes)]
         by_length[key] = {"accuracy": round(float(np.mean(correct)), 4), "n": len(correct),
+                          "mean_experts": round(float(np.mean([len(r.experts) for r in routes])), 3),
+                          "gold_served": round(float(np.mean(served)), 4),
+                          "mean_t_c": round(float(np.mean([r.t_c if r.t_c is not None else np.nan for r in routes])), 4)
+                          if any(r.t_c is not None for r in routes) else None,
                           "mean_exit_layer": round(float(np.mean([r.exit_layer for r in routes])), 3),
                           "p50_latency_ms": round(float(np.median([r.latency_ms for r in routes])), 3)}
         last = (key, predicted, top_p, correct)
@@ -67,6 +74,7 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
     for g, p in zip(gold, predicted):
         confusion[index[g], index.get(p, len(names))] += 1
     return {"texts": len(texts), "source": heldout or "store held-out split", "categories": names,
+            "threshold_policy": router.settings.get("threshold_policy", "fixed"),
             "accuracy": {k: v["accuracy"] for k, v in by_length.items()}, "by_length": by_length,
             "confusion": {"length": key, "rows": names, "columns": names + ["none"], "counts": confusion.tolist()},
             "calibration": reliability(np.array(top_p), np.array(correct, dtype=float))}

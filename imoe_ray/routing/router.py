@@ -28,6 +28,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from imoe_ray.discovery.features import TextFeatures
 from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
 from imoe_ray.routing.fastpath import FastPath, tokens
+from imoe_ray.routing.threshold import AdaptiveThreshold
 
 BASE_MODEL = "base"
 _GENERIC = re.compile(r"^\s*(what\s+(is|are|was|were)|what's|explain|define|describe|tell\s+me\s+about|who\s+(is|was)|"
@@ -54,6 +55,8 @@ class Route:
     latency_ms: float
     fallback: str | None = None    # why the request did not go to the chosen categories alone
     all_probabilities: dict[str, float] = field(default_factory=dict)
+    t_c: float | None = None       # the threshold categories after the top one had to clear
+    complexity: float | None = None  # the query's complexity score (adaptive t_C only)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,6 +85,9 @@ class Router:
         self.text_features = text_features
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
         self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
+        self.adaptive = AdaptiveThreshold(*settings["adaptive_range"], settings["complexity_words"],
+                                          settings["close_margin"]) \
+            if settings.get("threshold_policy") == "adaptive" else None
 
     # ---- probabilities -------------------------------------------------------------------
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
@@ -175,7 +181,13 @@ class Router:
         names = [p.name for p in self.profiles]
         scores = self._with_profiles(text, probs)
         order = np.argsort(-scores)
-        chosen = [int(i) for i in order if scores[i] >= self.threshold]
+        t_c, complexity = self.threshold, None
+        if self.adaptive is not None:
+            complexity = self.adaptive.complexity(sum(w not in ENGLISH_STOP_WORDS for w in tokens(text)), scores)
+            t_c = self.adaptive.threshold(complexity)
+        # the top category clears the store's t_C; the others the request's (the same one when fixed)
+        chosen = [int(order[0])] + [int(i) for i in order[1:] if scores[i] >= t_c] \
+            if scores[order[0]] >= self.threshold else []
         fallback = None
         if chosen and self._out_of_domain(text):
             fallback = "outside the corpus's vocabulary"
@@ -189,7 +201,8 @@ class Router:
         return Route(categories=chosen, names=[names[i] for i in chosen],
                      probabilities=[round(float(scores[i]), 4) for i in chosen], experts=experts,
                      exit_layer=exit_layer, latency_ms=round((time.perf_counter() - started) * 1000, 3),
-                     fallback=fallback, all_probabilities={names[i]: round(float(scores[i]), 4) for i in order})
+                     fallback=fallback, all_probabilities={names[i]: round(float(scores[i]), 4) for i in order},
+                     t_c=t_c, complexity=complexity)
 
     def _fallback_only(self, started: float, why: str) -> Route:
         return Route([], [], [], self._fallback_experts(""), 0, round((time.perf_counter() - started) * 1000, 3), why)

@@ -46,6 +46,8 @@ class Plan:
     probabilities: list[float] = field(default_factory=list)
     fallback: str | None = None
     exit_layer: int | None = None
+    t_c: float | None = None                   # the effective t_C of this request (adaptive: from its complexity)
+    complexity: float | None = None            # the query's complexity score (adaptive t_C only)
     passages: int = 0
     citations: list[dict] = field(default_factory=list)   # retrieved passages: chunk_id, table, score, ...
     compression_ratio: float | None = None     # prompt tokens before / after compression
@@ -124,7 +126,7 @@ class Planner:
         total = sum(weights.values())
         plan = Plan(ROUTED_MODEL, mode, prompt, {e: w / total for e, w in weights.items()},
                     categories=route.names, probabilities=route.probabilities, fallback=route.fallback,
-                    exit_layer=route.exit_layer)
+                    exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity)
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 
