@@ -635,8 +635,9 @@ class Router:
         seconds = plan.timings_ms["generate"] / 1000
         if completion_tokens and seconds > 0:
             self.tokens_per_s.observe(completion_tokens / seconds)
-        for expert in plan.experts:
-            self.tokens.inc(completion_tokens, tags={"expert": expert})
+        if completion_tokens > 0:  # a Ray counter takes positive increments only
+            for expert in plan.experts:
+                self.tokens.inc(completion_tokens, tags={"expert": expert})
 
     def _admit(self) -> None:
         """Backpressure: past `max_ongoing_requests + max_queued_requests` requests in flight, a 429

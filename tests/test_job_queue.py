@@ -243,7 +243,6 @@ def _ray_metrics(ready, timeout: float = 60) -> dict[str, float]:
 
 def test_jobs_survive_killing_the_job_queue_replica(ray_session, jobs_server, served_store):
     import ray
-    from ray import serve
 
     url = jobs_server["url"]
     expert = json.loads((served_store / "experts" / "index.json").read_text())["experts"][0]["name"]
@@ -256,7 +255,8 @@ def test_jobs_survive_killing_the_job_queue_replica(ray_session, jobs_server, se
     views = [_wait(url, i, timeout=180) for i in ids]
     assert [v["state"] for v in views] == ["succeeded", "succeeded"], views
     assert views[0]["output"] == views[1]["output"], "the same greedy job: the same output, restart or not"
-    assert serve.status().applications["imoe"].status in ("RUNNING", "DEPLOYING")
+    # the application still answers (asked over HTTP: this process's Serve client may be stale)
+    assert requests.get(url.removesuffix("/v1") + "/healthz", timeout=60).status_code == 200
 
 
 def test_jobs_survive_restarting_the_whole_application(ray_cluster, jobs_server, served_store):

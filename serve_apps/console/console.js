@@ -65,7 +65,8 @@ $("ask").addEventListener("submit", async (event) => {
   answer.append(text);
   $("messages").append(answer);
   const body = { model: "imoe", stream: true, messages: [{ role: "user", content: question }],
-                 max_tokens: Number($("max-tokens").value) || 64, temperature: Number($("temperature").value) || 0 };
+                 temperature: Number($("temperature").value) || 0 };
+  if (Number($("max-tokens").value) > 0) body.max_tokens = Number($("max-tokens").value);
   if ($("mode").value) body.imoe = { mode: $("mode").value };
   const started = performance.now();
   let first = null;
