@@ -350,9 +350,9 @@ async def _events(job_id: str, view: dict, key: ApiKey | None, every_s: float = 
     """An event whenever the job's state or token count changes; the last one is its final state."""
     last = None
     while True:
-        key = (view["state"], view["tokens"])
-        if key != last:
-            last = key
+        seen = (view["state"], view["tokens"])
+        if seen != last:
+            last = seen
             yield f"event: {view['state']}\ndata: {json.dumps(view)}\n\n"
         if view["state"] in FINISHED:
             yield "data: [DONE]\n\n"
