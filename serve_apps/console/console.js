@@ -57,6 +57,7 @@ $("ask").addEventListener("submit", async (event) => {
   const question = $("question").value.trim();
   if (!question) return;
   $("send").disabled = true;
+  $("question").value = "";
   $("messages").append(el("div", { class: "message user" }, question));
   const previous = $("answer-latest");
   if (previous) previous.removeAttribute("id");
