@@ -8,8 +8,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from imoe_ray.serving.generation import MIN_TEMPERATURE
-from imoe_ray.serving.openai_api import ROUTED_MODEL, Message
+from imoe_ray.serving.openai_api import ROUTED_MODEL, Message, Seed, Temperature
 
 MAX_EXPERTS = 64          # a hard ceiling; jobs.max_experts (config) is usually lower
 MAX_MESSAGES = 1024
@@ -28,18 +27,11 @@ class JobRequest(BaseModel):
                                       description="experts to mix (equal weights); default: routed")
     mode: Literal["basic", "fast", "optimized"] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2, description="0 (the default for jobs): greedy, else within [0.001, 2]")
+    temperature: Temperature = 0.0  # jobs decode greedily unless asked
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer")
+    seed: Seed | None = None
     deadline_s: float | None = Field(None, gt=0, le=365 * 86400,
                                      description="seconds from submission within which the job must finish")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v):
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return v
 
     @field_validator("deadline_s")
     @classmethod

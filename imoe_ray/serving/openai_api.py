@@ -13,9 +13,23 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from typing import Annotated
 
-from imoe_ray.serving.generation import MIN_TEMPERATURE
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from imoe_ray.serving.generation import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
+
+
+def _sampling_temperature(v: float) -> float:
+    if 0 < v < MIN_TEMPERATURE:  # logprobs / temperature would overflow to inf, the probabilities to NaN
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return v
+
+
+# What sampling takes, for requests and jobs alike.
+Temperature = Annotated[float, Field(ge=0, le=2, description="0 (greedy) or within [0.001, 2]"),
+                        AfterValidator(_sampling_temperature)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, description="a signed 64-bit integer")]
 
 ROUTED_MODEL = "imoe"
 
@@ -56,13 +70,13 @@ class _Sampling(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, description="0 (greedy) or within [0.001, 2]")
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request (send several requests for more)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer")
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: leave at 0")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: leave at 0")
     logit_bias: dict[int, float] | None = None
@@ -80,13 +94,6 @@ class _Sampling(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v):
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
