@@ -611,8 +611,8 @@ class Router:
                         plan.timings_ms["generate"] = part["generate_ms"]
                     yield part
                 return
-            except BackPressureError:  # the expert replicas' queues are full: the client retries, at once told so
-                raise _as_api_error(BackPressureError()) from None
+            except BackPressureError as e:  # the expert replicas' queues are full: the client retries, at once told so
+                raise _as_api_error(e) from None
             except _REPLICA_GONE as e:
                 if received or time.monotonic() > deadline:
                     raise oa.ApiError(503, f"an expert replica died during the request: {type(e).__name__}; retry",
