@@ -217,6 +217,7 @@ def test_rebuild_retrains_only_the_missing_expert(built, index):
     assert any("training 1 job(s)" in m and gone in m for m in messages)
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_deepspeed_zero2_trains_an_adapter_on_two_cpu_workers(built, tmp_path):
     """`experts.strategy: deepspeed` through Ray Train: DeepSpeed's CPU accelerator, gloo, ZeRO stage 2."""
     from peft import PeftModel

@@ -259,6 +259,7 @@ def test_jobs_survive_killing_the_job_queue_replica(ray_session, jobs_server, se
     assert requests.get(url.removesuffix("/v1") + "/healthz", timeout=60).status_code == 200
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_jobs_survive_restarting_the_whole_application(ray_cluster, jobs_server, served_store):
     """The module's `imoe serve` stopped (SIGTERM: the Serve application is deleted) while one job
     runs and others wait, then started again on the same store: the jobs finish with the same

@@ -159,6 +159,7 @@ def test_save_load_round_trip_through_encoder(tokenizer, tmp_path):
         Encoder(str(tmp_path / "moe"))
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_train_encoder_cli_on_a_store_copy(built, ray_session, tmp_path):
     """One real `imoe train-encoder` (Ray Train, the embedded MiniLM upcycled) with tiny settings."""
     _, store, _ = built

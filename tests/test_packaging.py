@@ -458,6 +458,7 @@ def test_rebuilding_the_experts_keeps_installed_packages(ray_session, built, tmp
     assert (store / "experts" / "kept" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_hot_add_and_drain_on_a_running_server(ray_cluster, built, tmp_path):
     from imoe_ray.retrieval.knowledge_base import KnowledgeBase
     from imoe_ray.retrieval.learning import list_learned

@@ -105,6 +105,7 @@ def test_changed_setting_reruns_from_that_stage(built):
     assert again["shard"].finished_at != first["shard"].finished_at
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_killed_embed_resumes_without_redoing_parts(ray_session, small_corpus, tmp_path):
     store = tmp_path / "store"
     args = [*IMOE, "build", "--corpus", str(small_corpus), "--store", str(store), "--until", "embed",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_ray_job_submit_builds_the_store(ray_cluster, built, tmp_path):
     """The session's store without its shard stage: the job skips what is current and shards again
     on the cluster (the whole build from scratch is what `built` does in-process)."""

@@ -506,6 +506,7 @@ def test_sigterm_stops_the_server_cleanly(server):
         requests.get(f"{server['base']}/healthz", timeout=3)
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_sigterm_while_starting_removes_what_was_deployed(ray_session, served_store, tmp_path):
     """SIGTERM before the server is ready (a supervisor giving up, a test ending early) still stops
     cleanly: exit 0, and no half-deployed replica is left on the cluster."""

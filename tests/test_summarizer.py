@@ -147,6 +147,7 @@ def fused(built, tmp_path_factory):
     return cfg, store, messages
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_summarizer_stage_stores_a_peft_adapter_with_its_manifest(built, fused):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -165,6 +166,7 @@ def test_summarizer_stage_stores_a_peft_adapter_with_its_manifest(built, fused):
     assert summary["complete"] and summary["metrics"]["trained"] and summary["metrics"]["cases"] == manifest["training"]["cases"]
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_summarize_answers_from_drafts_and_a_rebuild_retrains_nothing(fused):
     from imoe_ray.build import build
     from imoe_ray.fusion.summarizer import load_summarizer, summarize
@@ -181,6 +183,7 @@ def test_summarize_answers_from_drafts_and_a_rebuild_retrains_nothing(fused):
     assert (Path(store.uri) / "fusion" / "summarizer" / "manifest.json").read_text() == before
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_eval_summarizer_cli_writes_json_and_plot(fused, ray_session):
     cfg, store, _ = fused
     # The tiny LM reads 64 tokens and the expert names take ~15 each: the shortest drafts fit.
@@ -206,6 +209,7 @@ def test_eval_summarizer_without_a_summarizer_is_a_clear_error(built, ray_sessio
     assert done.returncode == 2 and "no summarizer" in done.stderr
 
 
+@pytest.mark.slow  # end to end, tens of seconds: `pytest -m slow`
 def test_disabling_the_summarizer_removes_it(fused, tmp_path):
     from imoe_ray.fusion import stage
     from imoe_ray.store import Store
