@@ -38,9 +38,10 @@ PEEK_BYTES = 1 << 20  # how much of the first JSON / text file the driver reads 
 PEEK_ROWS = 1000  # rows of the first Parquet file the driver reads to check it
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
-# Reading and parsing the corpus take half a CPU each: they must find room next to the chunking actors
-# (`corpus.stage.chunk_plan` leaves them at least that much), or the pipeline waits on itself.
-PARSE_TASKS = {"num_cpus": 0.5}
+# Reading and parsing the corpus claim no CPU: they must run whatever the chunking actors hold (actors
+# of a failed run linger until their dataset is collected), or the pipeline waits on itself. The
+# chunking pool leaves a CPU free for them (`corpus.stage.chunk_plan`).
+PARSE_TASKS = {"num_cpus": 0}
 
 
 class CorpusError(ValueError):

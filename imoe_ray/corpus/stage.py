@@ -83,6 +83,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
             num_cpus=actor_cpus,
         )
+        error = None
         try:
             chunked.write_parquet(temp, filesystem=store.fs, ray_remote_args=WRITE_TASKS)
         except Exception as e:  # noqa: BLE001 - a bad row found by a worker comes back wrapped by Ray
@@ -90,7 +91,9 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
             error = corpus_error_in(e, c.path)
             if error is None:
                 raise
-            raise error from None
+        if error is not None:  # raised outside the handler: no chain back to the executor and its actors
+            del chunked
+            raise error
     written = None
     if store.fs.get_file_info(temp).type == pafs.FileType.Directory:
         written = pads.dataset(temp, filesystem=store.fs, format="parquet")
