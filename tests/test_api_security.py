@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 import schemathesis
+import schemathesis.specs.openapi._hypothesis  # noqa: F401 - imported at collection, not deep inside a test
 from hypothesis import HealthCheck, settings
 
 from conftest import start_imoe_serve, stop_imoe_serve
