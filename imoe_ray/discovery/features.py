@@ -45,9 +45,11 @@ class TextFeatures:
 
     def _prepare(self) -> None:
         if self._vectorizer is None:  # built once: checking the vocabulary costs milliseconds per call
-            self._vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
-            self._vectorizer.idf_ = self.idf.astype(np.float64)
+            # the projection first, the vectorizer (what other threads test) last: requests route concurrently
             self._projection = np.ascontiguousarray(self.components.T)
+            vectorizer = TfidfVectorizer(vocabulary=self.vocabulary, **_VECTORIZER)
+            vectorizer.idf_ = self.idf.astype(np.float64)
+            self._vectorizer = vectorizer
 
     def transform(self, texts: list[str]) -> np.ndarray:
         if len(texts) == 1:  # one request: without the vectorizer's fixed cost
