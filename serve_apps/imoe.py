@@ -39,12 +39,12 @@ from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
 from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of, check_keys_in_this_process
 from imoe_ray.serving.generation import GenerationRequest
-from imoe_ray.serving.limits import (BodyLimit, TokenBudget, check_prompt_tokens, check_request, internal_error,
-                                     limit_bodies_in_this_process)
+from imoe_ray.serving.limits import Admission, BodyLimit, admit_in_this_process, internal_error, limit_bodies_in_this_process
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
-from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
+from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, cut_at_stop
+from imoe_ray.serving.requests import REPLICA_GONE, Answer, Decode, RequestPath, Sampling, experts_call, one_part
 from imoe_ray.store import Store
 from imoe_ray.store.layout import EXPERTS_INDEX
 from imoe_ray.store.mirror import StoreMirror
@@ -53,7 +53,6 @@ from serve_apps.job_queue import JobQueue, add_job_routes
 
 log = logging.getLogger("ray.serve")
 STREAM_EVERY_S = 0.03          # how often a streaming request is handed its new tokens
-_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 # ---- expert replicas -------------------------------------------------------------------------
@@ -112,19 +111,19 @@ class Experts:
                                                tokenizer=self.model.tokenizer, guard=self.model.bank.use)
         return self._scorer
 
-    async def generate(self, job: dict) -> dict:
+    async def generate(self, request: GenerationRequest) -> dict:
         """One request decoded to the end: {"tokens", "finish_reason", "load_ms", "generate_ms", "batch_rows"}."""
-        return [part async for part in self._parts(job, every_s=None)][-1]  # one part: the whole answer
+        return [part async for part in self._parts(request, every_s=None)][-1]  # one part: the whole answer
 
-    async def stream(self, job: dict) -> AsyncIterator[dict]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[dict]:
         """The same as a stream of parts, new tokens every ~30 ms (called with stream=True)."""
-        async for part in self._parts(job, every_s=STREAM_EVERY_S):
+        async for part in self._parts(request, every_s=STREAM_EVERY_S):
             yield part
 
-    async def _parts(self, job: dict, every_s: float | None) -> AsyncIterator[dict]:
+    async def _parts(self, request: GenerationRequest, every_s: float | None) -> AsyncIterator[dict]:
         self._pending(+1)
         try:
-            ticket = await self._enqueue(GenerationRequest(**job["request"]))
+            ticket = await self._enqueue(request)
             async for part in self.batcher.parts(ticket, every_s):
                 if part.finish_reason is not None:
                     self.batch_rows.observe(part.batch_rows)
@@ -159,7 +158,9 @@ api = FastAPI(title="IMoE-Ray", description="A served mixture of independently t
 
 
 api.add_middleware(BodyLimit, max_bytes=Config().serve.max_body_bytes)  # the Router sets its config's
-api.add_middleware(Authenticate)  # outermost: an unknown caller is refused before its body is read
+api.add_middleware(Authenticate)  # an unknown caller is refused before its body is read
+# outermost: past the bound of requests in flight, a 429 before anything is read (the Router sets its config's)
+api.add_middleware(Admission, bound=Config().serve.max_ongoing_requests + Config().serve.max_queued_requests)
 
 
 @api.exception_handler(oa.ApiError)
@@ -185,7 +186,7 @@ def _as_api_error(exc: BaseException) -> oa.ApiError:
     if isinstance(exc, BackPressureError):
         return oa.ApiError(429, "the server is at capacity; retry shortly", code="rate_limit_exceeded",
                            kind="rate_limit_error")
-    if isinstance(exc, _REPLICA_GONE):
+    if isinstance(exc, REPLICA_GONE):
         return oa.ApiError(503, f"an expert replica is unavailable ({type(exc).__name__}); retry",
                            code="replica_unavailable")
     return internal_error(exc)
@@ -203,10 +204,6 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 # Defined before the ingress: `serve.ingress` serializes the FastAPI app when the class is defined.
-async def _once(part: dict) -> AsyncIterator[dict]:
-    yield part
-
-
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -269,11 +266,10 @@ class Router:
         self._stream_handle = experts.stream.options(stream=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
         self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
-        self.budget = TokenBudget(self.context, cfg.serve.max_tokens, cfg.serve.max_tokens_limit)
         self.installed = installed_experts(self.store)
         from imoe_ray.retrieval.serving import build_components
 
-        self.stop_ids = stop_token_ids(self.store / "base", self.tokenizer)
+        self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_token_ids(self.store / "base", self.tokenizer))
         self.embedding = cfg.embedding
         self._encoders: dict[str, object] = {}
 
@@ -297,7 +293,7 @@ class Router:
                                               boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self.tokens = metrics.Counter("imoe_completion_tokens", "completion tokens, per expert that took part",
                                       tag_keys=("expert",))
-        self.in_flight = 0
+        admit_in_this_process(cfg.serve.max_ongoing_requests + cfg.serve.max_queued_requests, self._in_flight)
 
     # ---- endpoints ----
     @api.get("/healthz")
@@ -390,65 +386,61 @@ class Router:
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: oa.ChatRequest, caller: Caller = Depends(_caller)):
-        check_request(body, self.settings)
-        self._admit()
-        try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
-            prompt, query = await asyncio.to_thread(chat_prompt, body.messages, self.tokenizer)
-        except ValueError as e:
-            self._queue(-1)
-            raise oa.ApiError(400, str(e), param="messages") from None
-        except BaseException:
-            self._queue(-1)
-            raise
-        return await self._complete(body, prompt, query, chat=True, caller=caller)
+        return await self._complete(body, chat=True, caller=caller)
 
     @api.post("/v1/completions")
     async def completions(self, body: oa.CompletionRequest, caller: Caller = Depends(_caller)):
-        check_request(body, self.settings)
-        self._admit()
-        return await self._complete(body, body.prompt, body.prompt, chat=False, caller=caller)
+        return await self._complete(body, chat=False, caller=caller)
 
-    # ---- the pipeline ----
-    async def _complete(self, body, prompt: str, query: str, chat: bool, caller: Caller):
-        """An admitted request (counted in flight by `_admit`) to its answer, or to its stream (which
-        ends the count when it ends)."""
+    # ---- the pipeline (its steps: `imoe_ray.serving.requests.RequestPath`) ----
+    async def _complete(self, body, chat: bool, caller: Caller):
+        """A request (counted in flight by the `Admission` middleware) to its answer, or to its stream."""
         arrived = time.perf_counter()
-        try:
-            self._refresh()
-            prompt_tokens = await asyncio.to_thread(self._count_tokens, prompt)
-            check_prompt_tokens(prompt_tokens, self.context, "messages" if chat else "prompt")
-            plan = await asyncio.to_thread(self.planner.plan, body.model, query, prompt, body.imoe)
-            if plan.fusion != SUMMARIZER and len(plan.experts) > self.settings.max_batch_size:
-                raise oa.ApiError(400, f"this request mixes {len(plan.experts)} experts, one batch row each; the "
-                                       f"server decodes at most {self.settings.max_batch_size} rows together "
-                                       f"(serve.max_batch_size): ask for a smaller imoe.top_k",
-                                  param="imoe.top_k", code="invalid_value")
-        except BaseException:
-            self._queue(-1)
-            raise
+        self.path.check(body)
+        self._refresh()
+        # the chat template, the tokenizer and the router run off the event loop: streams go on meanwhile
+        prompt = await asyncio.to_thread(self.path.prompt, body)
+        plan = await asyncio.to_thread(self.path.plan, self.planner, body.model, prompt, body.imoe)
         self.route_ms.observe(plan.timings_ms["route"])
         for expert in plan.experts:
             self.requests.inc(tags={"expert": expert, "mode": plan.mode})
+        sampling = Sampling.of(body)
         if body.stream:
-            return StreamingResponse(self._stream(body, plan, chat, query, caller, arrived),
+            return StreamingResponse(self._stream(body, plan, sampling, chat, prompt.query, caller, arrived),
                                      media_type="text/event-stream")
-        try:
-            text, finish, prompt_tokens, completion_tokens, logprobs = await self._answer(body, plan)
-        finally:
-            self._queue(-1)
+        answer = await self._answer(body, plan, sampling)
         plan.server_ms = (time.perf_counter() - arrived) * 1000
-        self._observe(plan, completion_tokens, first_token_ms=plan.server_ms)
-        asked = body.logprob_count()
+        self._observe(plan, answer.completion_tokens, first_token_ms=plan.server_ms)
+        logprobs = answer.logprobs if body.logprob_count() is not None else None
         if chat:
-            response = oa.chat_response(body.model, text, finish, prompt_tokens, completion_tokens, plan.imoe(),
-                                        oa.chat_logprobs(logprobs, self._token_text) if asked is not None else None)
+            response = oa.chat_response(body.model, answer.text, answer.finish_reason, answer.prompt_tokens,
+                                        answer.completion_tokens, plan.imoe(),
+                                        None if logprobs is None else oa.chat_logprobs(logprobs, self._token_text))
         else:
-            echo = query if body.echo else ""
             response = oa.completion_response(
-                body.model, echo + text, finish, prompt_tokens, completion_tokens, plan.imoe(),
-                oa.completion_logprobs(logprobs, self._token_text) if asked is not None else None)
-        self._learn(query, text, plan, response["id"], caller)
+                body.model, (prompt.query if body.echo else "") + answer.text, answer.finish_reason,
+                answer.prompt_tokens, answer.completion_tokens, plan.imoe(),
+                None if logprobs is None else oa.completion_logprobs(logprobs, self._token_text))
+        self._learn(prompt.query, answer.text, plan, response["id"], caller)
         return response
+
+    async def _answer(self, body, plan: Plan, sampling: Sampling) -> Answer:
+        ids, limit = await asyncio.to_thread(self.path.encode, plan.prompt, body.max_completion_tokens or body.max_tokens)
+        decode = self._decoder(stream=False)
+        if plan.fusion == SUMMARIZER:
+            return await self.path.summarize(plan, ids, limit, sampling, decode)
+        return await self.path.answer(plan, ids, limit, sampling, decode)
+
+    def _decoder(self, stream: bool) -> Decode:
+        """How this ingress has the expert replicas decode one request: streamed or whole, sent again
+        on a live replica while a dead one is replaced."""
+        def decode(request: GenerationRequest, plan: Plan) -> AsyncIterator[dict]:
+            if stream:
+                send = lambda: self._stream_handle.remote(request)
+            else:
+                send = lambda: one_part(self.experts.generate.remote(request))
+            return experts_call(send, self.settings.retry_s, on_retry=lambda e: plan.count_retry())
+        return decode
 
     def _refresh(self) -> None:
         self.mirror.refresh()
@@ -470,88 +462,39 @@ class Router:
             not t.cancelled() and t.exception() and log.warning("learning from request %s failed: %r", request_id,
                                                                 t.exception())))
 
-    async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
-        if plan.fusion == SUMMARIZER:
-            return await self._summarize(body, plan)
-        ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
-        tokens, finish, logprobs = [], "length", []
-        async for part in self._generate(plan, ids, limit, body, stream=False):
-            tokens += part["tokens"]
-            logprobs += part.get("logprobs", [])
-            finish = part["finish_reason"] or finish
-        text, kept, finish = self._returned(tokens, finish, body.stop)
-        return text, finish, len(ids), kept, logprobs[:kept]
-
-    def _returned(self, tokens: list[int], finish: str, stops: list[str]) -> tuple[str, int, str]:
-        """The text up to the first stop string, how many tokens it took (the token a stop string
-        begins in counts when part of it is returned), and the OpenAI finish reason."""
-        full = self.tokenizer.decode(tokens)
-        text, stopped = cut_at_stop(full, stops)
-        if not stopped:
-            return text, len(tokens), "stop" if finish == "stop_string" else finish
-        kept = next(n for n in range(len(tokens) + 1) if len(self.tokenizer.decode(tokens[:n])) >= len(text))
-        return text, kept, "stop"
-
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
-        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
-        from imoe_ray.fusion.summarizer import summarizer_prompt
-
-        if len(plan.experts) > self.settings.max_batch_size:
-            raise oa.ApiError(400, f"this request drafts with {len(plan.experts)} experts; the server takes at most "
-                                   f"{self.settings.max_batch_size} (serve.max_batch_size): ask for a smaller imoe.top_k",
-                              param="imoe.top_k", code="invalid_value")
-        ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
-        drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
-        started = time.perf_counter()
-        fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))
-        fused_ids, fused_limit = await asyncio.to_thread(self._tokens, fused, body, True)
-        single = Plan(plan.model, plan.mode, fused, {SUMMARIZER: 1.0}, timings_ms=plan.timings_ms)
-        tokens, finish = [], "length"
-        async for part in self._generate(single, fused_ids, fused_limit, body, stream=False, timing="fuse"):
-            tokens += part["tokens"]
-            finish = part["finish_reason"] or finish
-        plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
-        text, kept, finish = self._returned(tokens, finish, body.stop)
-        return text, finish, len(ids), kept, []
-
-    async def _draft(self, name: str, ids: list[int], limit: int, body, plan: Plan) -> str:
-        one = Plan(plan.model, plan.mode, plan.prompt, {name: 1.0}, timings_ms=plan.timings_ms)
-        tokens, finish = [], "length"
-        async for part in self._generate(one, ids, limit, body, stream=False):
-            tokens += part["tokens"]
-            finish = part["finish_reason"] or finish
-        return self._returned(tokens, finish, body.stop)[0]
-
-    async def _stream(self, body, plan: Plan, chat: bool, query: str, caller: Caller,
+    async def _stream(self, body, plan: Plan, sampling: Sampling, chat: bool, query: str, caller: Caller,
                       arrived: float) -> AsyncIterator[str]:
         chunk_id = oa.new_id("chatcmpl" if chat else "cmpl")
         first_token_ms = None
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
             if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
-                text, finish, prompt_tokens, kept, _ = await self._summarize(body, plan)
-                self._observe(plan, kept, first_token_ms=(time.perf_counter() - arrived) * 1000)
-                first = {"role": "assistant", "content": text} if chat else text
+                answer = await self._answer(body, plan, sampling)
+                self._observe(plan, answer.completion_tokens, first_token_ms=(time.perf_counter() - arrived) * 1000)
+                first = {"role": "assistant", "content": answer.text} if chat else answer.text
                 yield _sse(make(chunk_id, body.model, first, None, imoe=plan.imoe()))
-                yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
+                yield _sse(make(chunk_id, body.model, {} if chat else "", answer.finish_reason, imoe=plan.imoe()))
                 if body.include_usage():
-                    yield _sse(oa.usage_chunk(chunk_id, body.model, chat, prompt_tokens, kept))
+                    yield _sse(oa.usage_chunk(chunk_id, body.model, chat, answer.prompt_tokens,
+                                              answer.completion_tokens))
                 yield "data: [DONE]\n\n"
-                self._learn(query, text, plan, chunk_id, caller)
+                self._learn(query, answer.text, plan, chunk_id, caller)
                 return
-            ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
+            ids, limit = await asyncio.to_thread(self.path.encode, plan.prompt,
+                                                 body.max_completion_tokens or body.max_tokens)
             if chat:
                 yield _sse(make(chunk_id, body.model, {"role": "assistant", "content": ""}, imoe=plan.imoe()))
             elif body.echo:
                 yield _sse(make(chunk_id, body.model, query))
             tokens, sent, finish, logprobs, sent_logprobs = [], "", "length", [], 0
             asked = body.logprob_count()
-            async for part in self._generate(plan, ids, limit, body, stream=True):
+            async for part in self._decoder(stream=True)(self.path.generation(plan.experts, ids, limit, sampling), plan):
+                plan.took(part)
                 tokens += part["tokens"]
-                logprobs += part.get("logprobs", [])
+                logprobs += part.get("logprobs") or []
                 finish = part["finish_reason"] or finish
                 text, stopped = cut_at_stop(self.tokenizer.decode(tokens), body.stop)
                 if text.endswith("\ufffd") and not part["finish_reason"] and not stopped:
@@ -560,7 +503,7 @@ class Router:
                     delta = text[len(sent):]
                     extra = {}
                     if asked is not None:
-                        _, kept, _ = self._returned(tokens, finish, body.stop)
+                        _, kept, _ = self.path.returned(tokens, finish, body.stop)
                         new = logprobs[sent_logprobs:kept]
                         sent_logprobs = kept
                         extra = {"logprobs": oa.chat_logprobs(new, self._token_text) if chat
@@ -573,7 +516,7 @@ class Router:
                     yield _sse(chunk)
                 if stopped:
                     break
-            _, kept, finish = self._returned(tokens, finish, body.stop)
+            _, kept, finish = self.path.returned(tokens, finish, body.stop)
             self._observe(plan, kept, first_token_ms)
             yield _sse(make(chunk_id, body.model, {} if chat else "", finish, imoe=plan.imoe()))
             if body.include_usage():
@@ -583,50 +526,6 @@ class Router:
         except Exception as e:  # after the first byte the status is sent: an error event, then the end
             yield _sse(_as_api_error(e).body())
             yield "data: [DONE]\n\n"
-        finally:
-            self._queue(-1)
-
-    async def _generate(self, plan: Plan, ids: list[int], limit: int, body, stream: bool,
-                        timing: str = "generate") -> AsyncIterator[dict]:
-        """The expert replicas' token stream for one request; retried on another replica while a dead
-        one is replaced, as long as nothing was handed to the client yet."""
-        job = {"request": {"prompt_ids": ids, "experts": plan.experts, "max_new_tokens": limit,
-                           "temperature": body.temperature, "top_p": body.top_p, "stop_ids": self.stop_ids,
-                           "seed": body.seed, "stop": tuple(body.stop), "logit_bias": body.logit_bias,
-                           "logprobs": body.logprob_count()},
-               "stream": stream}
-        deadline = time.monotonic() + self.settings.retry_s
-        while True:
-            received = False
-            try:
-                if stream:
-                    parts = self._stream_handle.remote(job)
-                else:
-                    parts = _once(await self.experts.generate.remote(job))
-                async for part in parts:
-                    received = True
-                    plan.timings_ms["load"] = max(plan.timings_ms["load"], part["load_ms"])
-                    plan.batch_rows = max(plan.batch_rows, part["batch_rows"])
-                    if timing == "generate":
-                        plan.timings_ms["generate"] = part["generate_ms"]
-                    yield part
-                return
-            except BackPressureError as e:  # the expert replicas' queues are full: the client retries, at once told so
-                raise _as_api_error(e) from None
-            except _REPLICA_GONE as e:
-                if received or time.monotonic() > deadline:
-                    raise oa.ApiError(503, f"an expert replica died during the request: {type(e).__name__}; retry",
-                                      code="replica_unavailable") from None
-                log.warning("expert replica gone (%s); retrying the request", type(e).__name__)
-                plan.retries += 1
-                await asyncio.sleep(0.5)
-
-    def _count_tokens(self, text: str) -> int:
-        return 1 + len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _tokens(self, prompt: str, body, truncate: bool = False) -> tuple[list[int], int]:
-        """The prompt's token ids and the completion length (`limits.TokenBudget`)."""
-        return self.budget.encode(self.tokenizer, prompt, body.max_completion_tokens or body.max_tokens, truncate)
 
     def _observe(self, plan: Plan, completion_tokens: int, first_token_ms: float | None) -> None:
         """The HTTP path's metrics of one answered request (a whole answer's first token is its end)."""
@@ -639,18 +538,8 @@ class Router:
             for expert in plan.experts:
                 self.tokens.inc(completion_tokens, tags={"expert": expert})
 
-    def _admit(self) -> None:
-        """Backpressure: past `max_ongoing_requests + max_queued_requests` requests in flight, a 429
-        now; else the request counts as in flight until its answer or stream ends."""
-        bound = self.settings.max_ongoing_requests + self.settings.max_queued_requests
-        if self.in_flight >= bound:
-            raise oa.ApiError(429, f"the server is at capacity ({bound} requests in flight); retry shortly",
-                              code="rate_limit_exceeded", kind="rate_limit_error")
-        self._queue(+1)
-
-    def _queue(self, delta: int) -> None:
-        self.in_flight += delta
-        self.queue.set(self.in_flight, tags={"deployment": "Router"})
+    def _in_flight(self, count: int) -> None:
+        self.queue.set(count, tags={"deployment": "Router"})
 
 
 # ---- the application -------------------------------------------------------------------------
@@ -688,7 +577,7 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0, logging_config=_LOGGING,
     ).bind(store_dir, cfg.model_dump(mode="json"))
     # the Router takes in far more than it admits: a request past its own bound gets a JSON 429 at once
-    # (`Router._admit`) instead of waiting in the proxy's queue or getting the proxy's plain-text 503
+    # (the `Admission` middleware) instead of waiting in the proxy's queue or getting the proxy's plain-text 503
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus} | _resources(cfg),
                           max_ongoing_requests=max(1024, 4 * (s.max_ongoing_requests + s.max_queued_requests)),
                           graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=10.0,

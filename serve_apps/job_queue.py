@@ -14,14 +14,11 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict
 from typing import AsyncIterator
 
-import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
@@ -32,10 +29,11 @@ from imoe_ray.job_queue.queue import FINISHED, JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.auth import ApiKey, agent_of, caller_of, owns
+from imoe_ray.serving.generation import GenerationRequest
 from imoe_ray.serving.limits import TokenBudget
+from imoe_ray.serving.requests import RequestPath, experts_call, one_part
 
 log = logging.getLogger("ray.serve")
-_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 @serve.deployment(name="JobQueue", num_replicas=1, max_ongoing_requests=1000)
@@ -43,7 +41,7 @@ class JobQueue:
     async def __init__(self, experts: DeploymentHandle, store: str, config: dict):
         from transformers import AutoTokenizer
 
-        from imoe_ray.serving.model import installed_experts
+        from imoe_ray.serving.model import installed_experts, stop_token_ids
 
         cfg = Config.model_validate(config)
         self.cfg, self.store_dir, self.settings, self.experts = cfg, store, cfg.jobs, experts
@@ -55,6 +53,8 @@ class JobQueue:
         self.context = int(json.loads((root / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = set(installed_experts(root))
         self._planner = None  # the router, loaded with the first job that asks to be routed
+        self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_token_ids(root / "base", self.tokenizer),
+                                budget=TokenBudget(self.context, cfg.jobs.max_tokens, cfg.jobs.max_tokens_limit))
         self.core = JobQueueCore(store, self.settings.slots, self.settings.per_agent_limit,
                                  self.settings.retention_s, decode=self.tokenizer.decode)
         self.submitted = metrics.Counter("imoe_jobs_submitted", "jobs submitted", tag_keys=("priority",))
@@ -150,12 +150,10 @@ class JobQueue:
 
     # ---- submissions ----
     def _record(self, body: JobRequest, key: ApiKey | None, agent: str) -> JobRecord:
+        """The job's record, checked and routed on the request path the HTTP endpoints use."""
         from imoe_ray.serving.openai_api import ImoeOptions
-        from imoe_ray.serving.pipeline import chat_prompt
 
         s = self.settings
-        budget = TokenBudget(self.context, s.max_tokens, s.max_tokens_limit)
-        budget.check_asked(body.max_tokens)
         if body.priority > s.max_priority:
             raise oa.ApiError(400, f"priority is {body.priority}; priorities run from 0 to {s.max_priority}",
                               param="priority", code="invalid_value")
@@ -165,29 +163,21 @@ class JobQueue:
         if body.experts and len(body.experts) > s.max_experts:
             raise oa.ApiError(400, f"experts: {len(body.experts)} named; a job may mix at most {s.max_experts} "
                                    "(jobs.max_experts)", param="experts", code="invalid_value")
-        chars = len(body.prompt) if body.prompt is not None else sum(len(m.text()) for m in body.messages)
-        if chars > self.cfg.serve.max_prompt_chars:
-            param = "prompt" if body.prompt is not None else "messages"
-            raise oa.ApiError(400, f"{param}: the prompt has {chars} characters; this server takes at most "
-                                   f"{self.cfg.serve.max_prompt_chars}", param=param, code="context_length_exceeded")
-        if body.messages is not None:
-            prompt, query = chat_prompt(body.messages, self.tokenizer)
-        else:
-            prompt = query = body.prompt
+        self.path.check(body)
+        prompt = self.path.prompt(body)
         if body.experts:
             unknown = [e for e in body.experts if e != "base" and e not in self.installed]
             if unknown:
                 raise oa.ApiError(404, f"no expert named {unknown[0]!r}; see GET /v1/experts", param="experts",
                                   code="model_not_found")
-            experts = {e: 1.0 / len(body.experts) for e in body.experts}
+            experts, text = {e: 1.0 / len(body.experts) for e in body.experts}, prompt.text
         else:
-            plan = self._plan().plan(body.model, query, prompt, ImoeOptions(mode=body.mode, fusion="mixture"))
-            experts, prompt = plan.experts, plan.prompt
-        ids, limit = budget.encode(self.tokenizer, prompt, body.max_tokens,
-                                   param="prompt" if body.prompt is not None else "messages")
+            plan = self.path.plan(self._plan(), body.model, prompt, ImoeOptions(mode=body.mode, fusion="mixture"))
+            experts, text = plan.experts, plan.prompt
+        ids, limit = self.path.encode(text, body.max_tokens, param=prompt.param)
         return JobRecord(agent=agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
                          temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                         stop_ids=[self.tokenizer.eos_token_id],
+                         stop_ids=list(self.path.stop_ids),
                          deadline=None if body.deadline_s is None else time.time() + body.deadline_s)
 
     def _plan(self):
@@ -234,8 +224,7 @@ class JobQueue:
         try:
             while True:
                 step = 1 if not record.generated else self.settings.step_tokens  # the first token comes fast
-                request = asdict(step_request(record, step))
-                out = await self._step(request)
+                out = await self._step(step_request(record, step))
                 outcome = self.core.stepped(record, out["tokens"], out["finish_reason"])
                 if outcome == "preempted":
                     self.preemptions.inc()
@@ -252,25 +241,20 @@ class JobQueue:
         finally:
             self._schedule()
 
-    async def _step(self, request: dict) -> dict:
-        """One generation step on the expert replicas; sent again while a dead replica is replaced
-        (nothing of a failed step was kept, so nothing is duplicated)."""
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return await asyncio.wait_for(self.experts.generate.remote({"request": request, "stream": False}),
-                                              self.settings.step_timeout_s)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"a generation step took longer than {self.settings.step_timeout_s} s "
-                                   "(jobs.step_timeout_s)") from None
-            except BackPressureError:  # the expert replicas are full: the job waits its turn, it does not fail
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-            except _REPLICA_GONE:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+    async def _step(self, request: GenerationRequest) -> dict:
+        """One generation step on the expert replicas, on the request path's retry policy: sent again
+        while a dead replica is replaced (nothing of a failed step was kept, so nothing is duplicated),
+        waiting its turn while the replicas' queues are full; the whole step within `jobs.step_timeout_s`."""
+        async def whole() -> dict:
+            parts = experts_call(lambda: one_part(self.experts.generate.remote(request)), self.cfg.serve.retry_s,
+                                 on_backpressure="wait")
+            return [part async for part in parts][-1]
+
+        try:
+            return await asyncio.wait_for(whole(), self.settings.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"a generation step took longer than {self.settings.step_timeout_s} s "
+                               "(jobs.step_timeout_s)") from None
 
     def _gauges(self) -> None:
         waiting: dict[int, int] = {}

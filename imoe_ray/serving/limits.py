@@ -1,12 +1,13 @@
 """What a request may ask for, checked before any expensive work (tokenisation, routing, retrieval,
 compression, decoding), and the one error shape every failure is answered with.
 
-    HTTP body ──► BodyLimit (413 past serve.max_body_bytes, before the JSON is parsed)
-              ──► pydantic (types, ranges: temperature 0 or [1e-3, 2], seed a signed 64-bit integer)
-              ──► check_request (counts and lengths from the config: messages, prompt characters,
-                  stop strings, max_tokens)
-              ──► tokenise off the event loop ──► check_prompt_tokens (the model's context)
-              ──► route, retrieve, compress, decode
+    HTTP ──► Admission (429 past the bound of requests in flight, before anything is read)
+         ──► BodyLimit (413 past serve.max_body_bytes, before the JSON is parsed)
+         ──► pydantic (types, ranges: temperature 0 or [1e-3, 2], seed a signed 64-bit integer)
+         ──► check_request (counts and lengths from the config: messages, prompt characters,
+             stop strings, max_tokens)
+         ──► tokenise off the event loop ──► check_prompt_tokens (the model's context)
+         ──► route, retrieve, compress, decode
 
 Every non-2xx answer is OpenAI's `{"error": {"message", "type", "param", "code"}}`; an error that is
 not an `ApiError` becomes a 500 carrying a request id (logged with the stack trace, never sent).
@@ -19,6 +20,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from imoe_ray.config import ServeConfig
 from imoe_ray.serving.openai_api import ApiError
@@ -26,8 +28,10 @@ from imoe_ray.serving.openai_api import ApiError
 log = logging.getLogger(__name__)
 
 
-def check_request(body, settings: ServeConfig) -> None:
-    """Counts and lengths of a chat or completion request, against the server's limits (400 naming the parameter)."""
+def check_request(body, settings: ServeConfig, max_tokens_limit: int | None = None) -> None:
+    """Counts and lengths of a chat or completion request, or a job, against the server's limits (400
+    naming the parameter). `max_tokens_limit`: the endpoint's own (a job's), else `settings.max_tokens_limit`."""
+    limit = settings.max_tokens_limit if max_tokens_limit is None else max_tokens_limit
     messages = getattr(body, "messages", None)
     if messages is not None and len(messages) > settings.max_messages:
         raise ApiError(400, f"messages: {len(messages)} messages; this server takes at most {settings.max_messages}",
@@ -37,14 +41,15 @@ def check_request(body, settings: ServeConfig) -> None:
         param = "messages" if messages is not None else "prompt"
         raise ApiError(400, f"{param}: the prompt has {chars} characters; this server takes at most "
                             f"{settings.max_prompt_chars}", param=param, code="context_length_exceeded")
-    for stop in body.stop:
+    for stop in getattr(body, "stop", None) or ():
         if len(stop) > settings.max_stop_chars:
             raise ApiError(400, f"stop: a stop string of {len(stop)} characters; at most {settings.max_stop_chars}",
                            param="stop", code="invalid_value")
-    asked = body.max_completion_tokens or body.max_tokens
-    if asked is not None and asked > settings.max_tokens_limit:
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise ApiError(400, f"{param} is {asked}; this server allows at most {settings.max_tokens_limit}",
+    longer = getattr(body, "max_completion_tokens", None)
+    asked = longer or body.max_tokens
+    if asked is not None and asked > limit:
+        param = "max_completion_tokens" if longer else "max_tokens"
+        raise ApiError(400, f"{param} is {asked}; this server allows at most {limit}",
                        param=param, code="invalid_value")
 
 
@@ -148,3 +153,59 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class InFlight:
+    """The requests a process is working on, against its bound (`Admission`); `on_change` sees the
+    count (a gauge)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bound: int | None = None
+        self.on_change: Callable[[int], None] | None = None
+
+    def add(self, delta: int) -> None:
+        self.count += delta
+        if self.on_change is not None:
+            self.on_change(self.count)
+
+
+IN_FLIGHT = InFlight()
+WORK_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/route")
+
+
+def admit_in_this_process(bound: int, on_change: Callable[[int], None] | None = None) -> None:
+    """The bound `Admission` applies in this process (a Serve replica sets it in its constructor)."""
+    IN_FLIGHT.bound, IN_FLIGHT.on_change = bound, on_change
+
+
+class Admission:
+    """ASGI middleware, outermost: past the bound of requests in flight on the paths that do work, a
+    request is answered 429 with Retry-After at once, before its body is read, its caller checked or
+    anything parsed, so a burst is turned away at the cost of a few microseconds each instead of
+    queueing behind the work. A request counts until its answer (or its stream) ends. The bound is
+    the process's (`admit_in_this_process`), else `bound`."""
+
+    def __init__(self, app, bound: int, paths: tuple[str, ...] = WORK_PATHS):
+        self.app, self.default_bound, self.paths = app, bound, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            return await self.app(scope, receive, send)
+        bound = IN_FLIGHT.bound or self.default_bound
+        if IN_FLIGHT.count >= bound:
+            return await _at_capacity(send, bound)
+        IN_FLIGHT.add(+1)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            IN_FLIGHT.add(-1)
+
+
+async def _at_capacity(send, bound: int) -> None:
+    body = json.dumps(ApiError(429, f"the server is at capacity ({bound} requests in flight); retry shortly",
+                               code="rate_limit_exceeded", kind="rate_limit_error").body()).encode()
+    await send({"type": "http.response.start", "status": 429,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": body})

@@ -57,6 +57,21 @@ class Plan:
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("route", "retrieval", "compression", "load", "generate", "fuse"), 0.0))
 
+    def only(self, expert: str, prompt: str | None = None) -> Plan:
+        """One expert's pass of this plan (a draft, the summarizer's pass): the same timings."""
+        return Plan(self.model, self.mode, self.prompt if prompt is None else prompt, {expert: 1.0},
+                    timings_ms=self.timings_ms)
+
+    def took(self, part: dict, timing: str = "generate") -> None:
+        """What one part decoded by the expert replicas reports: load time, batch width, decoding time."""
+        self.timings_ms["load"] = max(self.timings_ms["load"], part["load_ms"])
+        self.batch_rows = max(self.batch_rows, part["batch_rows"])
+        if timing == "generate":
+            self.timings_ms["generate"] = part["generate_ms"]
+
+    def count_retry(self) -> None:
+        self.retries += 1
+
     def imoe(self) -> dict:
         out = asdict(self)
         del out["prompt"], out["model"]
