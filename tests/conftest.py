@@ -41,6 +41,9 @@ def _session_auth() -> dict[str, str]:
 
 AUTH = _session_auth()
 os.environ.update(AUTH)
+# This process never starts a Ray instance of its own: after the session's cluster is stopped, a
+# leftover Serve handle's metrics thread would otherwise start a fresh local one at exit (read at import).
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 
 INTEGRATION_FIXTURES = {"ray_cluster", "ray_session", "built", "s3", "remote_node", "seaweed_s3"}
@@ -122,6 +125,7 @@ def ray_cluster(tmp_path_factory):
     temp_dir = TEMP_DIR
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **AUTH)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_AUTO_CONNECT", None)  # the CLIs and drivers the tests start behave as a user's would
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--num-gpus=0",
