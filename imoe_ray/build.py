@@ -91,7 +91,7 @@ def _run_stage(stage: Stage, store: Store, cfg: Config, upstream: str, force: bo
     resume = bool(partial and partial.matches(config_hash, inputs) and not force)
     report(f"[{stage.name}] {'resuming' if resume else 'running'}: {stage.summary}")
     rerun = force and previous is not None and previous.matches(config_hash, inputs)
-    manifest = StageManifest(stage.name, config_hash, inputs, reruns=previous.reruns + 1 if rerun else 0)
+    manifest = StageManifest(stage.name, config_hash, inputs, reruns=previous.reruns + 1 if rerun and previous is not None else 0)
     if previous:  # its output is about to be overwritten: a kill from here on must not leave it "up to date"
         store.remove(*StageManifest.location(stage.name))
     if not stage.starts_ray:

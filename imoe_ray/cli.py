@@ -68,7 +68,7 @@ def _categories_table(store_uri: str) -> Table:
     table = Table(title=f"{len(model.categories)} categories discovered (t_C = {model.threshold:.2f})")
     for col, kw in (("id", {"justify": "right"}), ("name", {}), ("chunks", {"justify": "right"}),
                     ("share", {"justify": "right"}), ("top keywords", {})):
-        table.add_column(col, **kw)
+        table.add_column(col, **kw)  # type: ignore[arg-type]  # kw is {} or {"justify": "right"}
     for c in model.categories:
         n = int((top == c.id).sum())
         table.add_row(str(c.id), c.name, str(n), f"{n / max(1, len(top)):.1%}", ", ".join(c.keywords[:6]))
@@ -79,7 +79,7 @@ def _categories_table(store_uri: str) -> Table:
 
 from imoe_ray.build import STAGE_NAMES  # noqa: E402 - light: the stage list, no stage imported
 
-_Stage = enum.Enum("Stage", {name: name for name in STAGE_NAMES}, type=str)
+_Stage = enum.Enum("Stage", {name: name for name in STAGE_NAMES}, type=str)  # type: ignore[misc]  # members: STAGE_NAMES
 
 
 @app.command()
@@ -97,13 +97,13 @@ def build(
     → base LM → one expert adapter per category (and the dense baseline) → the summarizer (fusion.summarizer)."""
     from imoe_ray.build import build as run_build
 
-    until = getattr(until, "value", until)  # other commands call this function with a stage name
+    until_name = str(getattr(until, "value", until))  # other commands call this function with a stage name
     cfg = resolve_config(store, config, overrides, corpus__path=corpus, corpus__text_column=text_column,
                          corpus__id_column=id_column)
-    manifests = run_build(cfg, until=until, force=force, report=lambda m: console.print(m, highlight=False, markup=False))
+    manifests = run_build(cfg, until=until_name, force=force, report=lambda m: console.print(m, highlight=False, markup=False))
     if "discover" in manifests:
         console.print(_categories_table(cfg.store))
-    console.print(f"[green]build finished[/] up to '{until}' in store {cfg.store}")
+    console.print(f"[green]build finished[/] up to '{until_name}' in store {cfg.store}")
 
 
 @app.command()
@@ -116,7 +116,7 @@ def discover(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Discover the corpus's categories (runs what discovery needs first) and show them as a table."""
-    build(corpus=corpus, store=store, text_column=None, id_column=None, until="discover", force=False,
+    build(corpus=corpus, store=store, text_column=None, id_column=None, until=_Stage("discover"), force=False,
           config=config, overrides=overrides)
     if plot is not None:
         from imoe_ray.discovery.plot import plot_categories
@@ -270,7 +270,7 @@ def quickstart(
     if not corpus.exists():
         Path(store).mkdir(parents=True, exist_ok=True)
         sample_corpus(out=corpus, per_domain=per_domain, seed=0)
-    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until="experts", force=False,
+    build(corpus=str(corpus), store=store, text_column="text", id_column="id", until=_Stage("experts"), force=False,
           config=config, overrides=settings)
     cfg = resolve_config(store, config, settings)
     scores = evaluate_discovery(Store(store), cfg, str(corpus), "domain")

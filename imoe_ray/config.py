@@ -302,7 +302,7 @@ class MoeEncoderConfig(_Section):
     seed: int = 0
 
     # what a null steps / batch_size / lr becomes (CPU steps are slow: fewer of them)
-    BY_HARDWARE: ClassVar[dict[str, dict[str, int]]] = {
+    BY_HARDWARE: ClassVar[dict[str, dict[str, int | float]]] = {
         "gpu": {"steps": 200, "batch_size": 32, "lr": 3e-5},
         "cpu": {"steps": 50, "batch_size": 32, "lr": 1e-4},
     }

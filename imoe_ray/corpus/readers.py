@@ -25,12 +25,17 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import datasets
+    import ray
 
 SUPPORTED = (".txt", ".jsonl", ".json", ".parquet")
 KINDS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -302,7 +307,7 @@ def _empty_error(where: str, text_column: str) -> CorpusError:
 
 # ---------------------------------------------------------------------------------------------- in this process
 
-def load_hf_dataset(source: CorpusSource, split: str) -> "datasets.Dataset":  # noqa: F821
+def load_hf_dataset(source: CorpusSource, split: str) -> "datasets.Dataset":
     """A Hugging Face dataset (memory-mapped by `datasets`, not read into memory)."""
     import datasets
 
@@ -489,7 +494,7 @@ class UniqueIds:
         return batch.set_column(0, "id", pa.array(out, pa.string())) if self.generated else batch
 
 
-def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
+def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":
     """The corpus as a streaming Ray Dataset of normalised documents, read by the workers where it lies.
     Run it with `DataContext.execution_options.preserve_order` so ids and row order are deterministic.
     The one exception is a Hugging Face dataset that Ray Data cannot read from the Hub's Parquet files
@@ -527,7 +532,7 @@ def corpus_dataset(plan: CorpusPlan) -> "ray.data.Dataset":  # noqa: F821
 
 
 def read_corpus_dataset(path: str | Path, text_column: str = "text", id_column: str | None = "id",
-                        split: str = "train") -> "ray.data.Dataset":  # noqa: F821
+                        split: str = "train") -> "ray.data.Dataset":
     """The corpus as a streaming Ray Dataset (checked by `inspect_corpus` first, so errors are immediate)."""
     return corpus_dataset(inspect_corpus(path, text_column, id_column, split))
 
@@ -535,7 +540,7 @@ def read_corpus_dataset(path: str | Path, text_column: str = "text", id_column: 
 def corpus_error_in(error: BaseException, where: str) -> CorpusError | None:
     """The CorpusError (or file-reading error) behind an exception that came back from Ray workers, as one line."""
     seen = set()
-    stack = [error]
+    stack: list[BaseException | None] = [error]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:

@@ -95,7 +95,7 @@ def _prose_lines(doc: str) -> list[str]:
 
 def _sentences(doc: str) -> list[str]:
     paragraphs = " ".join(l if l else "\n" for l in _prose_lines(doc)).split("\n")
-    sentences = []
+    sentences: list[str] = []
     for para in paragraphs:
         para = re.sub(r"\s+", " ", para).strip()
         if len(para.split()) < 4:
@@ -106,7 +106,9 @@ def _sentences(doc: str) -> list[str]:
 
 def _pack(sentences: list[str], min_words: int, max_words: int) -> list[str]:
     """Greedy packing of consecutive sentences into passages of min..max words."""
-    passages, current, words = [], [], 0
+    passages: list[str] = []
+    current: list[str] = []
+    words = 0
     for s in sentences:
         n = len(s.split())
         if n > max_words:

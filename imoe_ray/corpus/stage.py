@@ -88,7 +88,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
             chunked.write_parquet(temp, filesystem=store.fs, ray_remote_args=WRITE_TASKS)
         except Exception as e:  # noqa: BLE001 - a bad row found by a worker comes back wrapped by Ray
             _discard(store, temp)
-            error = corpus_error_in(e, c.path)
+            error = corpus_error_in(e, plan.source.spec)
             if error is None:
                 raise
         if error is not None:  # raised outside the handler: no chain back to the executor and its actors
@@ -98,7 +98,7 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
     if store.fs.get_file_info(temp).type == pafs.FileType.Directory:
         written = pads.dataset(temp, filesystem=store.fs, format="parquet")
     documents = written.count_rows(filter=pc.field("chunk_index") == 0) if written is not None else 0
-    if documents == 0:
+    if written is None or documents == 0:
         _discard(store, temp)
         raise CorpusError(f"corpus is empty: every row of {c.path} has an empty {c.text_column!r}")
     chunks = written.count_rows()

@@ -64,7 +64,7 @@ class Discovery:
             return np.ones((len(embeddings), 1), np.float32)
         if self.text_features is not None and texts is None:
             raise ValueError("this discovery model uses text features: pass the texts with the embeddings")
-        text = self.text_features.transform(texts) if self.text_features is not None else None
+        text = self.text_features.transform(texts) if self.text_features is not None and texts is not None else None
         logits = combine(embeddings, text) @ self.coef.T + self.intercept
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)

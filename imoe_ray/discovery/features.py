@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-_VECTORIZER = dict(sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9_]+\b")
+_VECTORIZER: dict[str, Any] = dict(sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9_]+\b")
 _WORD = re.compile(_VECTORIZER["token_pattern"])
 
 
@@ -55,6 +56,7 @@ class TextFeatures:
         if len(texts) == 1:  # one request: without the vectorizer's fixed cost
             return self.transform_one(texts[0])[None]
         self._prepare()
+        assert self._vectorizer is not None and self._projection is not None  # set by _prepare
         reduced = self._vectorizer.transform(texts) @ self._projection
         return normalize(np.asarray(reduced, dtype=np.float32))
 
@@ -63,6 +65,7 @@ class TextFeatures:
         query's routing budget): the same lower-cased words, vocabulary (which holds no stop words),
         sublinear tf × idf, L2 norms and projection."""
         self._prepare()
+        assert self._projection is not None  # set by _prepare
         counts = Counter(i for w in _WORD.findall(text.lower()) if (i := self.vocabulary.get(w)) is not None)
         out = np.zeros(self.components.shape[0], np.float32)
         if not counts:

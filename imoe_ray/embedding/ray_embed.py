@@ -28,6 +28,7 @@ class EmbedBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
         vectors, layers = self.encoder.encode_with_layers(texts, batch_size=self.batch_size)
+        assert layers is not None  # with_layers is on
         flat = layers.reshape(len(texts), -1).astype(np.float16)
         return pa.table({
             "chunk_id": batch.column("chunk_id"),

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def train_loop(config: dict) -> None:
         print(f"[encoder] step {metrics['step']}/{metrics['steps']}: loss {metrics['loss']:.3f}, "
               f"balance loss {metrics['aux_loss']:.3f}", file=sys.stderr, flush=True)  # stdout: the CLI's JSON
 
-    metrics = fit(model, tokenizer, *config["pairs"], m, device, progress)
+    pairs = cast("tuple[list[str], list[str], list[str], list[int]]", config["pairs"])  # anchors, positives, groups, topics
+    metrics = fit(model, tokenizer, *pairs, m, device, progress)
     train_share = utilisation(model)
     reset_utilisation(model)
     with torch.inference_mode():  # inference utilisation: how the chunks themselves are routed

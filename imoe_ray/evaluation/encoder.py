@@ -107,7 +107,7 @@ def compare_encoders(store: Store, cfg: Config, moe: str, baseline: str | None =
     table = store.read_table("corpus", "chunks", columns=["chunk_id", "id", "n_tokens", column])
     chunk_texts, chunk_ids = table.column(column).to_pylist(), table.column("chunk_id").to_pylist()
     result: dict = {"chunks": len(chunk_ids), "encoders": {}}
-    on_passages = None
+    on_passages: Callable[[np.ndarray], dict] | None = None
     if label_column:
         labels = chunk_labels(store, cfg, label_column, labels_path)
         source = labels_path or f"{label_column} of the store's chunks"

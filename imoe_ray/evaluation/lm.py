@@ -58,13 +58,13 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
     router = load_router(store, cfg)
     routes = [router.route(lm.tokenizer.decode(ids[1:first])) for ids in encoded]
     if categories is None:
-        categories = [r.all_probabilities and max(r.all_probabilities, key=r.all_probabilities.get) or "none"
+        categories = [r.all_probabilities and max(r.all_probabilities, key=r.all_probabilities.__getitem__) or "none"
                       for r in (router.route(texts[i]) for i in keep)]
     else:
         categories = [categories[i] for i in keep]
     router_mixes = [top_k_weights(r.all_probabilities, expert_of, top_k) if r.all_probabilities else {BASE: 1.0}
                     for r in routes]
-    top1 = [max(m, key=m.get) for m in router_mixes]
+    top1 = [max(m, key=m.__getitem__) for m in router_mixes]
     mixes = _posterior_mixes(lm, encoded, first, routes, expert_of, top_k, report)
 
     wins = windows(encoded, first, lm.max_len)
@@ -77,7 +77,7 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
         report(f"[eval] {name}: {len(idx)} windows ({n_done + 1}/{len(needed)})")
         scores[name] = dict(zip(idx, lm.target_logprobs(name, [wins[i] for i in idx])))
 
-    per_text = [defaultdict(list) for _ in encoded]
+    per_text: list[dict[str, list[np.ndarray]]] = [defaultdict(list) for _ in encoded]
     for w_i, w in enumerate(wins):
         mix = mixes[w.text]
         per_text[w.text]["base"].append(scores[BASE][w_i])
@@ -111,7 +111,7 @@ def _summary(per_text: list[dict], categories: list[str], routes, top1, mixes, r
              n_texts: int, loaded: list[str]) -> dict:
     models = [m for m in MODELS if per_text[0].get(m)]
     overall = {m: _ppl([lp for t in per_text for lp in t[m]]) for m in models}
-    per_category = {}
+    per_category: dict[str, dict[str, float]] = {}
     for cat in sorted(set(categories)):
         rows = [t for t, c in zip(per_text, categories) if c == cat]
         per_category[cat] = {"texts": len(rows), "tokens": int(sum(lp.size for t in rows for lp in t["base"]))}

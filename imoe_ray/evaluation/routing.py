@@ -37,6 +37,7 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
         if not category_column:
             raise CorpusError("--heldout needs --category-column: the category (a name the store's router knows) of each text")
         texts, categories = file_heldout(heldout, text_column or cfg.corpus.text_column, category_column)
+        assert categories is not None  # category_column is given
     else:
         texts, categories = store_heldout(store, cfg)
     router = load_router(store, cfg)
@@ -50,7 +51,8 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
     texts, gold = [texts[i] for i in keep], [categories[i] for i in keep]
     report(f"[eval] routing {len(texts)} held-out texts at {len(lengths)} lengths")
     tokenizer = make_encoder(cfg).tokenizer  # the router's own encoder's: lengths are in its tokens
-    by_length, last = {}, None
+    by_length: dict[str, dict] = {}
+    last: tuple[str, list[str], list[float], list[bool]] | None = None
     for length in lengths:
         queries = texts if length is None else token_prefixes(texts, tokenizer, length)
         routes = [router.route(q) for q in queries]
@@ -67,6 +69,7 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
                           "mean_exit_layer": round(float(np.mean([r.exit_layer for r in routes])), 3),
                           "p50_latency_ms": round(float(np.median([r.latency_ms for r in routes])), 3)}
         last = (key, predicted, top_p, correct)
+    assert last is not None  # lengths is not empty
     key, predicted, top_p, correct = last
     names = list(router.names)
     index = {n: i for i, n in enumerate(names)}

@@ -72,8 +72,8 @@ def _combined(s: dict) -> float:
     return float(np.mean([v for v in s.values() if v is not None]))
 
 
-def aggregate(per_case: list[dict]) -> dict[str, float]:
-    out = {}
+def aggregate(per_case: list[dict]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
     for m in METRICS:
         values = [s[m] for s in per_case if s[m] is not None]
         out[m] = round(float(np.mean(values)), 4) if values else None

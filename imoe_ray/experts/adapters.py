@@ -33,7 +33,7 @@ def peft_config(cfg: ExpertsConfig, model=None):
 
 def describe(cfg: ExpertsConfig) -> dict:
     """The adapter's settings as the expert manifest records them."""
-    out = {"type": cfg.adapter, "target_modules": cfg.target_modules, "output_layer": cfg.output_layer}
+    out: dict[str, object] = {"type": cfg.adapter, "target_modules": cfg.target_modules, "output_layer": cfg.output_layer}
     if cfg.adapter != "ia3":
         out |= {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout}
     return out

@@ -65,7 +65,7 @@ def posterior_weights(prior: dict[str, float], context_logprob: dict[str, float]
     """Bayes' rule over the experts given the context the router saw (as in Branch-Train-Merge):
     w_j ∝ P_router(j) · p_j(context); the k largest, renormalised."""
     log_post = {e: math.log(max(prior.get(e, 0.0), floor)) + lp for e, lp in context_logprob.items()}
-    top = sorted(log_post, key=log_post.get, reverse=True)[:k]
+    top = sorted(log_post, key=log_post.__getitem__, reverse=True)[:k]
     peak = log_post[top[0]]
     w = {e: math.exp(log_post[e] - peak) for e in top}
     total = sum(w.values())
@@ -121,7 +121,7 @@ class ExpertLM:
         root = Path(store_dir)
         index = json.loads((root / "experts" / "index.json").read_text())
         names = names if names is not None else [e["name"] for e in index["experts"]]
-        adapters = {n: root / "experts" / n for n in names}
+        adapters: dict[str, str | Path] = {n: root / "experts" / n for n in names}
         if dense and (root / "baselines" / "dense" / "adapter_config.json").exists():
             adapters["dense"] = root / "baselines" / "dense"
         return cls(root / "base", adapters, **kw)

@@ -3,6 +3,7 @@ preemption decisions. The JobQueue Serve deployment drives it; the tests drive i
 
 from __future__ import annotations
 
+import builtins
 import time
 from typing import Callable
 
@@ -102,7 +103,7 @@ class JobQueueCore:
         self.store.save(best)
         return best
 
-    def stepped(self, record: JobRecord, tokens: list[int], finish: str | None) -> str:
+    def stepped(self, record: JobRecord, tokens: builtins.list[int], finish: str | None) -> str:
         """A step of a running job ended: keep its tokens; returns what happens to it now:
         "done", "preempted", "stopped" (cancelled or expired meanwhile) or "continue"."""
         if record.state != "running":

@@ -151,7 +151,7 @@ class Member:
 class _Counted:
     """The decompressed stream: every byte counted against the total and the expansion ratio."""
 
-    def __init__(self, raw: BinaryIO, packed_size: int, limits: Limits, where: str):
+    def __init__(self, raw: io.BufferedIOBase, packed_size: int, limits: Limits, where: str):
         self.raw, self.limits, self.where = raw, limits, where
         self.cap = limits.max_total_bytes + limits.max_members * (2 * BLOCK + limits.max_header_bytes) + 2 * BLOCK
         self.ratio_cap = max(1 << 20, int(limits.max_ratio * max(packed_size, 1)))
@@ -254,7 +254,7 @@ def _archive_members(package: Path, limits: Limits) -> Iterator[Member]:
     with open(package, "rb") as f:
         magic = f.read(2)
         f.seek(0)
-        raw: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if magic == b"\x1f\x8b" else f
+        raw: io.BufferedIOBase = gzip.GzipFile(fileobj=f, mode="rb") if magic == b"\x1f\x8b" else f
         try:
             yield from _tar_members(_Counted(raw, os.fstat(f.fileno()).st_size, limits, where), limits, where)
         except (OSError, EOFError, gzip.BadGzipFile) as e:

@@ -9,7 +9,7 @@ import json
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import click
 import typer
@@ -263,16 +263,16 @@ def export(name: str = typer.Argument(..., help="The expert in STORE/experts/NAM
     from imoe_ray.experts.export import ExportError, export_expert
     from imoe_ray.store import Store
 
-    fmt = _ExportFormat(fmt).value
+    kind: Literal["peft", "vllm"] = "peft" if _ExportFormat(fmt) is _ExportFormat.peft else "vllm"
     s = Store(store)
     if not name or "/" in name or name.startswith(".") or not s.exists("experts", name, "adapter_config.json"):
         raise Refused(f"no expert named {name!r} in {store} (see `imoe experts list --store {store}`)")
     base = s.local_dir("base") if s.is_local else None
     try:
-        summary = export_expert(s.local_dir("experts", name), out, fmt, store_base=base)
+        summary = export_expert(s.local_dir("experts", name), out, kind, store_base=base)
     except ExportError as e:
         raise Refused(str(e)) from None
     if summary["dropped"]:
         console.print(f"left out LoRA on {', '.join(summary['dropped'])} (not loadable by vLLM): the exported expert "
                       f"differs from the served one there", highlight=False)
-    console.print(f"[green]exported[/] {name} ({fmt}, r={summary['r']}) to {summary['out']}", highlight=False)
+    console.print(f"[green]exported[/] {name} ({kind}, r={summary['r']}) to {summary['out']}", highlight=False)

@@ -40,7 +40,7 @@ class ExpertsWatcher:
         self._checked = time.monotonic()
 
     def _stamp(self) -> tuple:
-        out = []
+        out: list[tuple[int, int, int] | None] = []
         for parts in WATCHED:
             try:
                 st = os.stat(self.store.joinpath(*parts))

@@ -13,14 +13,14 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imoe_ray.packaging import PackageError
 from imoe_ray.packaging.names import NAME_PATTERN, RESERVED, SEMVER_PATTERN, short
 
-FORMAT = "imoe-expert/1"
+FORMAT: Final = "imoe-expert/1"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "expert-manifest.schema.json"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ADAPTER_DIR = "adapter"

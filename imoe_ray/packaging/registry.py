@@ -221,7 +221,7 @@ class Registry:
         check_version(m.version)
         trust = trust_status(m, signature, self.trusted_keys())
         if trust != "trusted" and not allow_unsigned:
-            who = "is not signed" if trust == "unsigned" else f"is signed by key {signature.key} which is not trusted"
+            who = "is not signed" if trust == "unsigned" or signature is None else f"is signed by key {signature.key} which is not trusted"
             raise PackageError(f"{where} {who}; add the signer to packages.trusted_keys, or pass --allow-unsigned")
 
     def _check_downgrade(self, name: str, version: str, allow_downgrade: bool) -> None:
@@ -353,7 +353,7 @@ class Registry:
         return version if _is_version(version) else None
 
     def manifest(self, name: str, version: str | None = None) -> PackageManifest:
-        version = version or self.active_version(name) or (self.versions(name) or [None])[-1]
+        version = version or self.active_version(name) or next(reversed(self.versions(name)), None)
         if version is None or not (self._dir(name, version) / MANIFEST).is_file():
             raise PackageError(f"no package named {name!r}{f' version {version}' if version else ''} in {self.root}")
         return PackageManifest.parse((self._dir(name, version) / MANIFEST).read_bytes())

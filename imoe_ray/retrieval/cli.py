@@ -39,7 +39,7 @@ def _tables(store: str, kb, expert: str | None) -> list[str | None]:
 
     if expert is None:
         return [None]
-    tables = [t for t in expert_categories(store).get(expert, []) if t in kb.names()]
+    tables: list[str | None] = [t for t in expert_categories(store).get(expert, []) if t in kb.names()]
     if not tables:
         kb.table(expert)  # a category's table; raises when there is none, with the names there are
         tables = [expert]
@@ -115,6 +115,7 @@ def kb_remove(ids: Optional[list[str]] = typer.Argument(None, help="Learned row 
             console.print(f"removed {sum(removed.values())} learned row(s)"
                           + "".join(f"; {n} from {t}" for t, n in removed.items() if n))
             return
+        assert ids is not None  # not bulk: the ids were given (checked above)
         counts: dict[str, int] = dict.fromkeys(ids, 0)
         for table in _tables(store, kb, expert):
             for i, n in remove_learned(kb, ids, table).items():

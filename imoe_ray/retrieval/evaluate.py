@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ from imoe_ray.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
 from imoe_ray.store import Store
 
 KS = (1, 5, 10)
-MODES = ("vector", "text", "hybrid")
+MODES: tuple[Literal["vector", "text", "hybrid"], ...] = ("vector", "text", "hybrid")
 
 
 def ranking_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
@@ -215,7 +215,7 @@ def _pool_recall(original: list, prompts: list, relevant: list[set[str]], embed,
     """R@5 of hybrid search, within each query's own pool of (possibly compressed) passages."""
     import lancedb
 
-    rows = {"chunk_id": [], "id": [], "text": [], "pool": []}
+    rows: dict[str, list] = {"chunk_id": [], "id": [], "text": [], "pool": []}
     for i, (_, passages, ids) in enumerate(prompts):
         for text, cid in zip(passages, ids):
             rows["chunk_id"].append(cid)

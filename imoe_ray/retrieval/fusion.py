@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -47,11 +47,11 @@ def fuse(by_vector: Sequence, by_text: Sequence, fusion: Fusion, depth: int | No
     weights = (fusion.vector_weight, 1.0 - fusion.vector_weight)
     floors = [min(part.values()) if fusion.method == "score" and depth and len(part) >= depth else 0.0
               for part in parts]
-    first: dict[str, object] = {}
+    first: dict[str, Any] = {}  # the passages: dataclasses with chunk_id and score
     for p in [*by_vector, *by_text]:
         first.setdefault(p.chunk_id, p)
     fused = {cid: sum(w * part.get(cid, floor) for w, part, floor in zip(weights, parts, floors)) for cid in first}
-    return [replace(first[cid], score=fused[cid]) for cid in sorted(fused, key=fused.get, reverse=True)]
+    return [replace(first[cid], score=fused[cid]) for cid in sorted(fused, key=fused.__getitem__, reverse=True)]
 
 
 def _max_normalised(passages: Sequence) -> dict[str, float]:
@@ -73,7 +73,7 @@ def mrr_at_10(ranked: list[list[str]], relevant: list[set[str]]) -> float:
     return total / max(len(ranked), 1)
 
 
-def calibrate(candidates: list[tuple[list, list]], relevant: list[set[str]], method: str = "score",
+def calibrate(candidates: list[tuple[list, list]], relevant: list[set[str]], method: Literal["score", "rrf"] = "score",
               rrf_k: int = 60, source: str = "", depth: int | None = None) -> Fusion:
     """The grid weight with the best MRR@10 over (vector list, text list) pairs, cut at `depth`, of
     queries whose relevant chunk ids are known; ties go to the weight nearest 0.5 (the least extreme)."""

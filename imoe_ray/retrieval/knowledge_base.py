@@ -87,7 +87,7 @@ class KnowledgeBase:
 
         location = str(kb_dir)
         self.dir: str | Path = location.rstrip("/") if is_uri(location) else Path(location)
-        found = Store(location, create=False).exists() if is_uri(location) else self.dir.is_dir()
+        found = Store(location, create=False).exists() if is_uri(location) else Path(location).is_dir()
         if not found:
             raise KnowledgeBaseError(f"no knowledge base at {self.dir}: build the store through the shard stage "
                                      f"(`imoe build --until shard`) with sharding.write_lancedb=true")

@@ -55,7 +55,7 @@ class PromptCompressor:
 
         self.rc = cfg.retrieval
         if self.rc.compressor == "selective":
-            self.method = SelectiveCompressor(Path(store) / "base", threads=threads, scorer=scorer)
+            self.method: SelectiveCompressor | FillerCompressor | None = SelectiveCompressor(Path(store) / "base", threads=threads, scorer=scorer)
             self.tokenizer = self.method.tokenizer
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(Path(store) / "base")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -185,5 +186,9 @@ def head_from_arrays(settings: dict, arrays: dict[str, np.ndarray]) -> DACTHead:
     return head.eval()
 
 
+@overload
+def _tensor(a: np.ndarray) -> torch.Tensor: ...
+@overload
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None: ...
 def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

@@ -84,7 +84,7 @@ class FastPath:
     def logits(self, text: str) -> np.ndarray:
         idx, val = hashed_features(text, self.n_features, self.max_chars)
         out = val @ self.weights[idx] + self.bias
-        if self.text_weights is not None:
+        if self.text_weights is not None and self.text_features is not None:
             out += self.text_features.transform_one(text[:self.max_chars]) @ self.text_weights
         return out
 
@@ -93,7 +93,7 @@ class FastPath:
 
     def logits_batch(self, texts: list[str]) -> np.ndarray:
         out = np.asarray(feature_matrix(texts, self.n_features, self.max_chars) @ self.weights) + self.bias
-        if self.text_weights is not None:
+        if self.text_weights is not None and self.text_features is not None:
             out += self.text_features.transform([t[:self.max_chars] for t in texts]) @ self.text_weights
         return out
 

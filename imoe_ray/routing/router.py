@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from imoe_ray.discovery.features import TextFeatures
 from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
 from imoe_ray.routing.fastpath import FastPath, tokens
 from imoe_ray.routing.threshold import AdaptiveThreshold
+
+if TYPE_CHECKING:
+    from imoe_ray.embedding.layerwise import LayerwiseEncoder
 
 BASE_MODEL = "base"
 _GENERIC = re.compile(r"^\s*(what\s+(is|are|was|were)|what's|explain|define|describe|tell\s+me\s+about|who\s+(is|was)|"
@@ -81,11 +85,11 @@ class Router:
         self.threshold = threshold
         self.settings = settings
         self._encoder = encoder
-        self._layerwise = None
+        self._layerwise: LayerwiseEncoder | None = None
         self.text_features = text_features
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
         self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
-        self.adaptive = AdaptiveThreshold(*settings["adaptive_range"], settings["complexity_words"],
+        self.adaptive = AdaptiveThreshold(*cast("tuple[float, float]", settings["adaptive_range"]), settings["complexity_words"],
                                           settings["close_margin"]) \
             if settings.get("threshold_policy") == "adaptive" else None
 

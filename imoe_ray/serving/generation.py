@@ -22,12 +22,15 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from imoe_ray.experts.mixture import mix_logprobs
 from imoe_ray.serving.lora_bank import BASE, AdapterBank
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 # below MIN_TEMPERATURE, logprobs / temperature overflows to inf and the probabilities to NaN
@@ -96,6 +99,9 @@ def _pick(logprobs: torch.Tensor, request: GenerationRequest, rng: torch.Generat
 # a stop string; it is text), "length", "cancelled" (`leave`) or "error" (this request's own decoding
 # failed, `DecodeBatch.errors` says why; the others go on)
 Step = tuple[int, "str | None"]
+# what `decode_steps` yields for a request: its step and the log-probabilities it asked for (or None),
+# or, when the finish reason is "error", the exception
+Emitted = tuple[int, "str | None", "dict | Exception | None"]
 
 
 class DecodeBatch:
@@ -124,8 +130,10 @@ class DecodeBatch:
         self._produced: dict[int, int] = {}
         self._next_key = 0
         self.rows: list[tuple[int, str]] = []             # (request key, adapter) per row of the cache
-        self._cache = None
-        self._mask = self._positions = self._next = None   # (rows, width), (rows, 1), (rows, 1)
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None       # (rows, width)
+        self._positions: torch.Tensor | None = None  # (rows, 1)
+        self._next: torch.Tensor | None = None       # (rows, 1)
         # only the last position's logits: a prompt's other positions would cost a vocabulary-wide projection each
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
@@ -191,6 +199,7 @@ class DecodeBatch:
             finish = "stop" if token in r.stop_ids else None
             if finish is None and key in self._text:
                 self._text[key].append(token)
+                assert self.decode is not None  # `join` keeps the text only of requests it can decode
                 if any(s in self.decode(self._text[key]) for s in r.stop):
                     finish = "stop_string"
             if finish is None and self._produced[key] >= r.max_new_tokens:
@@ -205,7 +214,8 @@ class DecodeBatch:
     def _passes(self, names: list[str]) -> list[tuple[int, int]]:
         """The forward passes over rows grouped by adapter: (first row, row after the last), each with
         at most `capacity` adapters (one pass when the capacity allows them all)."""
-        passes, adapters = [], set()
+        passes: list[tuple[int, int]] = []
+        adapters: set[str] = set()
         for i, name in enumerate(names):
             fresh = name != BASE and name not in adapters
             if passes and not (fresh and self.capacity is not None and len(adapters) >= self.capacity):
@@ -243,12 +253,12 @@ class DecodeBatch:
                 logits[start] = self.model(**{k: v[start:stop] for k, v in inputs.items()}, past_key_values=part,
                                            use_cache=True, **self._last_only).logits[:, -1]
             parts[start] = part
-        parts = [parts[start] for start, _ in passes]  # back in row order
-        while len(cache.layers) < len(parts[0].layers):  # a fresh cache (prefill) gets its layers
-            cache.layers.append(type(parts[0].layers[0])())
+        in_order = [parts[start] for start, _ in passes]  # back in row order
+        while len(cache.layers) < len(in_order[0].layers):  # a fresh cache (prefill) gets its layers
+            cache.layers.append(type(in_order[0].layers[0])())
         for i, layer in enumerate(cache.layers):
-            keys = torch.cat([p.layers[i].keys for p in parts])
-            values = torch.cat([p.layers[i].values for p in parts])
+            keys = torch.cat([p.layers[i].keys for p in in_order])
+            values = torch.cat([p.layers[i].values for p in in_order])
             if not layer.is_initialized:
                 layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
@@ -292,6 +302,7 @@ class DecodeBatch:
         if not self.rows:
             self.rows, self._cache, self._mask, self._positions = rows, cache, mask, positions
             return
+        assert self._cache is not None and self._mask is not None and self._positions is not None  # rows are decoding
         width = max(self._mask.shape[1], mask.shape[1])
         pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
         for old, new in zip(self._cache.layers, cache.layers):
@@ -314,6 +325,7 @@ class DecodeBatch:
         if not order:
             self.rows, self._cache, self._mask, self._positions, self._next = [], None, None, None, None
             return
+        assert self._cache is not None and self._mask is not None and self._positions is not None  # rows are decoding
         device = self.bank.device
         if order != list(range(len(self.rows))):
             index = torch.tensor(order, device=device)
@@ -336,7 +348,7 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def decode_steps(model, bank: AdapterBank, requests: list[GenerationRequest], pad_id: int = 0,
-                 batch: DecodeBatch | None = None) -> Iterator[list[Step | None]]:
+                 batch: DecodeBatch | None = None) -> Iterator[list[Emitted | None]]:
     """Decode every request together; yields, after each step, each request's (token, finish reason,
     log-probabilities or None — or, when the finish reason is "error", the exception), or None for a
     request that finished earlier. The caller may stop iterating at any time."""
@@ -348,7 +360,7 @@ def decode_steps(model, bank: AdapterBank, requests: list[GenerationRequest], pa
                if k in out else None for k in keys]
 
 
-def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None = None) -> tuple[list[Generated], bool]:
+def collect(steps: Iterator[list[Emitted | None]], n: int, budget_s: float | None = None) -> tuple[list[Generated], bool]:
     """Advance decoding until it ends (or for about `budget_s`): the text tokens and finish reason
     each request produced meanwhile, and whether decoding ended."""
     out = [Generated() for _ in range(n)]
@@ -363,7 +375,7 @@ def collect(steps: Iterator[list[Step | None]], n: int, budget_s: float | None =
                 continue
             if finish != "stop":
                 out[i].token_ids.append(token)
-                if logprobs is not None:
+                if isinstance(logprobs, dict):  # not "error": the log-probabilities, or None
                     out[i].logprobs.append(logprobs)
             out[i].finish_reason = finish
         if deadline is not None and time.perf_counter() >= deadline:

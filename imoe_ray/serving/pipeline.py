@@ -129,7 +129,7 @@ class Planner:
         k = options.top_k or self.top_k
         prior = expert_prior(route.all_probabilities, self.router.served_by)
         if options.ensemble:  # asked for: the top-k experts, even where the router would fall back
-            chosen = sorted(prior, key=prior.get, reverse=True)[:k]
+            chosen = sorted(prior, key=prior.__getitem__, reverse=True)[:k]
         elif route.experts == [BASE]:
             chosen = [BASE]
         else:
