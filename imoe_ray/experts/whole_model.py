@@ -114,9 +114,12 @@ def check_model_dir(path: str | Path) -> dict:
         config = AutoConfig.from_pretrained(root)
     except (OSError, ValueError, KeyError) as e:
         raise ModelExpertError(f"{path}/config.json cannot be read by transformers: {e}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelExpertError(f"{path} is a {config.model_type!r} model, not a causal language model "
-                               "(AutoModelForCausalLM cannot load it)")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved = list(getattr(config, "architectures", None) or [])
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (saved and not causal.intersection(saved)):
+        what = f"a {saved[0]}" if saved else f"a {config.model_type!r} model"
+        raise ModelExpertError(f"{path} holds {what}, not a causal language model (its weights have no "
+                               "language-model head that AutoModelForCausalLM would load)")
     return json.loads((root / "config.json").read_text())
 
 
@@ -168,7 +171,8 @@ def _copy_model(source: Path, target: Path) -> dict[str, str]:
 
 def _check_free(store: Path, name: str) -> None:
     served = inside(store / EXPERTS, name)
-    if served.exists() or served.is_symlink():
+    listed = {e["name"] for e in json.loads(store.joinpath(*EXPERTS_INDEX).read_text()).get("experts", [])}
+    if served.exists() or served.is_symlink() or name in listed:
         raise ModelExpertError(f"{store} already has an expert named {name!r} (experts/{name}); remove it first "
                                f"(`imoe experts remove-model {name}` or `imoe experts remove {name}`) or pick another name")
     for other in (store / "fusion" / name, store / "baselines" / name, store / "registry" / name):
