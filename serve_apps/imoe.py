@@ -676,7 +676,9 @@ class Router:
                 last = await self._whole_draft(name, limit, body, plan)
                 drafts.append((name, last["text"]))
             else:
+                spent = plan.timings_ms["generate"]   # `_draft` sets the request's generate time to its own
                 drafts.append((name, await self._draft(name, ids, limit, body, plan)))
+                plan.timings_ms["generate"] += spent
         if len(drafts) == 1:
             text, stopped = cut_at_stop(last["text"], body.stop)
             finish = "stop" if stopped else last["finish_reason"]

@@ -104,8 +104,10 @@ def replica_models(store_dir: str | Path, serving, budget_mb: float | None) -> M
     base = module_bytes(serving.model)
     if budget_mb is not None and base > budget_mb * MB:
         raise ValueError(f"serve.memory_budget_mb={budget_mb:g} is below the base model's {base / MB:.1f} MB")
-    return ModelExperts(store_dir, budget_mb, lambda: base + serving.bank.resident_bytes(), serving.device,
-                        next(serving.model.parameters()).dtype)
+    def fixed() -> int:
+        return base + sum(w.nbytes for w in serving.bank.resident.values())
+
+    return ModelExperts(store_dir, budget_mb, fixed, serving.device, next(serving.model.parameters()).dtype)
 
 
 def check_budget(store_dir: str | Path, budget_mb: float | None) -> None:
