@@ -232,3 +232,79 @@ def test_add_model_command_contract(store, models, tmp_path):
                             "--keywords", "python"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already has an expert named 'coder'" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+# ---- through a built store: routing, and the served app over HTTP ---------------------------------
+
+@pytest.fixture(scope="module")
+def model_store(built, models, tmp_path_factory) -> Path:
+    """A copy of the session's built store with two whole-model experts added by the command."""
+    _, built_store, _ = built
+    store = tmp_path_factory.mktemp("whole") / "store"
+    shutil.copytree(built_store.root, store, ignore=shutil.ignore_patterns("runs"))
+    for name, words in (("coder", "quokka,wombat"), ("mathy", "zebrafish")):
+        done = subprocess.run([IMOE, "experts", "add-model", name, "--path", str(models[name]), "--store", str(store),
+                               "--keywords", words], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    return store
+
+
+def test_router_reaches_whole_models_by_their_keywords_without_retraining(built, model_store):
+    from imoe_ray.routing.stage import load_router
+    from imoe_ray.store import Store
+
+    cfg, _, _ = built
+    router = load_router(Store(model_store), cfg)
+    assert router.route("tell me about the quokka").experts == ["coder"]
+    assert router.route("wombat habitat in Australia").experts == ["coder"]   # unknown words, but its keyword
+    assert router.route("how do zebrafish swim").experts == ["mathy"]
+    assert not {"coder", "mathy"} & set(router.route("How do I plot a histogram of a column?").experts)
+
+
+@pytest.mark.slow
+def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, models):
+    """`imoe serve --set serve.memory_budget_mb=M` with room for one whole model: both are listed, a
+    keyword query is answered by its model, switching evicts the other, `resident_mb` stays within M,
+    and a request routed to both runs them in turn and fuses their answers as text."""
+    import requests
+    from openai import OpenAI
+
+    from conftest import start_imoe_serve, stop_imoe_serve
+
+    adapters = sorted((p.stat().st_size for p in model_store.glob("experts/*/adapter_model.safetensors")), reverse=True)
+    one = max(weight_bytes(models[n])[1] for n in models)
+    budget_mb = (weight_bytes(model_store / "base")[1] + 1.5 * one + sum(adapters[:2]) + 64 * 1024) / MB
+    settings = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_experts=2", "serve.max_tokens=8",
+                "serve.max_replicas=1", f"serve.memory_budget_mb={budget_mb:.6f}"]
+    proc, base = start_imoe_serve(model_store, ray_cluster["env"], settings, model_store.parent / "serve.log")
+    try:
+        experts = requests.get(f"{base}/v1/experts", timeout=60).json()
+        kinds = {r["name"]: r["kind"] for r in experts["data"]}
+        assert kinds["coder"] == kinds["mathy"] == "model" and experts["models"] == {}
+        cards = {m["id"]: m for m in requests.get(f"{base}/v1/models", timeout=60).json()["data"]}
+        assert cards["coder"]["parent"] is None and cards["coder"]["root"].endswith("experts/coder/model")
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        seen = []
+        for text, expert in (("tell me about the quokka", "coder"), ("how do zebrafish swim", "mathy"),
+                             ("and the wombat?", "coder")):
+            reply = client.chat.completions.create(model="imoe", max_tokens=6, messages=[{"role": "user", "content": text}])
+            imoe = reply.model_extra["imoe"]
+            assert imoe["experts"] == [expert] and imoe["timings_ms"]["load"] > 0   # the other one was resident
+            state = requests.get(f"{base}/v1/experts", timeout=60).json()
+            assert list(state["models"]) == [expert] and state["resident_mb"] <= budget_mb
+            seen.append(state["evictions"])
+        assert seen == [0, 1, 2]
+        again = client.chat.completions.create(model="coder", max_tokens=6, messages=[{"role": "user", "content": "hi"}])
+        assert again.model_extra["imoe"]["timings_ms"]["load"] == 0.0           # resident: no load
+        both = client.chat.completions.create(model="imoe", max_tokens=6, messages=[{"role": "user", "content":
+                                              "quokka and zebrafish"}], extra_body={"imoe": {"ensemble": True, "top_k": 2}})
+        imoe = both.model_extra["imoe"]
+        assert set(imoe["experts"]) == {"coder", "mathy"} and imoe["fusion"] == "top"   # no summarizer in this store
+        stream = client.chat.completions.create(model="mathy", max_tokens=6, stream=True, temperature=0,
+                                                messages=[{"role": "user", "content": "zebrafish"}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+            client.chat.completions.create(model="mathy", max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": "zebrafish"}]).choices[0].message.content
+        assert requests.get(f"{base}/v1/experts", timeout=60).json()["resident_mb"] <= budget_mb
+    finally:
+        stop_imoe_serve(proc)
