@@ -78,6 +78,7 @@ class ModelPool:
         self.lock = threading.RLock()   # one whole model decodes at a time; a load never races an eviction
         self.loads = 0
         self.evictions = 0
+        self._tokenizers: dict[str, tuple[tuple, object]] = {}
 
     def resident_bytes(self) -> int:
         return sum(m.nbytes for m in self.resident.values())
@@ -149,11 +150,22 @@ class ModelPool:
 
         from imoe_ray.serving.model import stop_token_ids
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        from transformers.utils import logging as hf_logging
+
+        identity = _identity(model_dir)
+        cached = self._tokenizers.get(name)
+        tokenizer = cached[1] if cached is not None and cached[0] == identity else AutoTokenizer.from_pretrained(model_dir)
+        self._tokenizers[name] = (identity, tokenizer)  # kept across evictions: no weights, a third of a cold load
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()   # a bar per load in the replica's log
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         return LoadedModel(name, model, tokenizer, module_bytes(model), 0.0,
-                           stop_token_ids(model_dir, tokenizer), context, _identity(model_dir))
+                           stop_token_ids(model_dir, tokenizer), context, identity)
 
     def snapshot(self) -> dict:
         """What is resident, in MB (what `GET /v1/experts` reports)."""
