@@ -771,7 +771,8 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
     store_dir = store.rstrip("/") if is_uri(store) else str(Path(store).resolve())
     _check_servable(store_dir)  # a store without experts fails here, with the command that builds them
     if not is_uri(store_dir):
-        check_budget(store_dir, cfg.serve.memory_budget_mb)  # a byte budget below the base model: refused here
+        # a byte budget below the base model and its resident adapters: refused here
+        check_budget(store_dir, cfg.serve.memory_budget_mb, cfg.serve.max_loaded_experts)
     s = cfg.serve
     gpus = s.expert_gpus
     if gpus is None:

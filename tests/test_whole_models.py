@@ -187,6 +187,16 @@ def test_pool_keeps_everything_resident_within_the_byte_budget(models, tmp_path)
     assert list(unbounded.resident) == ["mathy"]
 
 
+def test_a_budget_that_cannot_hold_the_base_is_refused_before_serving(models, tmp_path):
+    from imoe_ray.serving.model_experts import check_budget
+
+    shutil.copytree(models["coder"], tmp_path / "base")
+    base_mb = weight_bytes(tmp_path / "base")[1] / MB
+    check_budget(tmp_path, base_mb * 1.01, max_loaded_experts=2)
+    with pytest.raises(ValueError, match="serve.memory_budget_mb=.* cannot hold the base model"):
+        check_budget(tmp_path, base_mb * 0.99, max_loaded_experts=2)
+
+
 def test_a_replaced_model_is_loaded_again(models, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(models["coder"], folder)

@@ -110,15 +110,34 @@ def replica_models(store_dir: str | Path, serving, budget_mb: float | None) -> M
     return ModelExperts(store_dir, budget_mb, fixed, serving.device, next(serving.model.parameters()).dtype)
 
 
-def check_budget(store_dir: str | Path, budget_mb: float | None) -> None:
-    """Before deploying: a budget must hold the base model (from its weights' headers, in float32, the
-    CPU serving dtype; a GPU replica serves bfloat16, half of it). Raises ValueError naming the field."""
+def check_budget(store_dir: str | Path, budget_mb: float | None, max_loaded_experts: int) -> None:
+    """Before deploying: a budget must hold the base model and `max_loaded_experts` of the largest
+    adapter (their weights' sizes in float32, the CPU serving dtype; a GPU replica serves bfloat16,
+    half of it), so that only whole models ever need to give way. Raises ValueError naming the fields."""
     from imoe_ray.experts.whole_model import weight_bytes
 
-    base = Path(store_dir) / "base"
-    if budget_mb is None or not base.is_dir():
+    root = Path(store_dir)
+    if budget_mb is None or not (root / "base").is_dir() or torch.cuda.is_available():
         return
-    _, nbytes = weight_bytes(base)
-    if nbytes > budget_mb * MB and not torch.cuda.is_available():
-        raise ValueError(f"serve.memory_budget_mb={budget_mb:g} is below the base model's {nbytes / MB:.1f} MB "
-                         "(weights in float32): raise it")
+    _, base = weight_bytes(root / "base")
+    adapters = [adapter_bytes(d) for folder in ("experts", "fusion", "baselines") for d in (root / folder).glob("*")
+                if (d / "adapter_config.json").is_file()]
+    largest = sorted(adapters, reverse=True)[:max_loaded_experts]
+    need = base + sum(largest)
+    if need > budget_mb * MB:
+        raise ValueError(f"serve.memory_budget_mb={budget_mb:g} cannot hold the base model ({base / MB:.2f} MB) and "
+                         f"serve.max_loaded_experts={max_loaded_experts} adapters ({sum(largest) / MB:.2f} MB): "
+                         f"raise it to at least {need / MB:.2f}, plus room for a whole-model expert")
+
+
+_BANKED = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".ia3_l")
+
+
+def adapter_bytes(adapter_dir: str | Path, element_size: int = 4) -> int:
+    """Bytes of the tensors the adapter bank keeps of a PEFT adapter (not, e.g., a saved copy of a base layer)."""
+    import numpy as np
+
+    from imoe_ray.experts.whole_model import safetensors_shapes
+
+    return sum(int(np.prod(shape)) * element_size for key, (shape, _) in safetensors_shapes(adapter_dir).items()
+               if key.endswith(_BANKED))
