@@ -67,6 +67,8 @@ def store(tmp_path) -> Path:
     store = tmp_path / "store"
     (store / "experts").mkdir(parents=True)
     (store / "experts" / "index.json").write_text(json.dumps({"experts": [{"name": "trained", "categories": ["trained"]}]}))
+    (store / "manifests").mkdir()
+    (store / "manifests" / "base.json").write_text(json.dumps({"metrics": {"fingerprint": "0" * 64}}))
     return store
 
 
@@ -230,6 +232,49 @@ def test_model_experts_answer_with_their_own_tokenizer(store, models, encoder):
     snapshot = experts.snapshot()
     assert set(snapshot["models"]) == {"coder"} and snapshot["budget_mb"] is None
     assert snapshot["resident_mb"] == pytest.approx(module_bytes(experts.pool.resident["coder"].model) / MB, abs=1e-3)
+
+
+def test_a_whole_model_travels_as_a_signed_expert_package(store, models, encoder, tmp_path):
+    """`imoe experts package` of a whole-model expert → sign → install into another store (whatever its
+    base): served from experts/NAME/model like an added one; files changed after install are refused."""
+    from imoe_ray.config import PackagesConfig
+    from imoe_ray.packaging import PackageError
+    from imoe_ray.packaging.archive import resign
+    from imoe_ray.packaging.manifest import PackageManifest
+    from imoe_ray.packaging.registry import Registry, package_expert
+    from imoe_ray.packaging.signing import generate_keys, load_signing_key, sign
+    from imoe_ray.serving.model_experts import ModelExperts
+
+    add_model(store, "coder", models["coder"], ["python"], None, encoder)
+    path, manifest = package_expert(store, "coder", "1.0.0", tmp_path / "coder.expert", new_name="shipped")
+    assert manifest.model.architecture == "LlamaForCausalLM" and manifest.adapter is None and manifest.base_model is None
+    assert all(f.startswith("model/") for f in manifest.files) and "model/model.safetensors" in manifest.files
+    private, public = generate_keys(tmp_path / "keys")
+    resign(path, sign(manifest, load_signing_key(private)))
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    (other / "manifests" / "base.json").write_text(json.dumps({"metrics": {"fingerprint": "1" * 64}}))  # another base
+    with pytest.raises(PackageError, match="not signed|not trusted"):
+        Registry(other, PackagesConfig()).install(str(package_expert(store, "coder", "1.0.0", tmp_path / "u.expert")[0]))
+    row = Registry(other, PackagesConfig(trusted_keys=[str(public)])).install(str(path))
+    assert row.trust == "trusted" and row.compatible and row.name == "shipped"
+    served = other / "experts" / "shipped"
+    assert is_model_expert(served) and (served / "model" / "model.safetensors").is_file()
+    assert model_experts(other)["shipped"] == served / "model"
+    profile = [p for p in json.loads((other / "router" / "experts.json").read_text()) if p["name"] == "shipped"][0]
+    assert profile["keywords"] == ["python"] and profile["centroid"] == manifest.routing.centroid
+    experts = ModelExperts(other, budget_mb=None, fixed_bytes=lambda: 0)
+    assert experts.answer("shipped", "def", max_new_tokens=2).load_ms > 0
+    experts.pool.evict("shipped")
+    (served / "model" / "config.json").write_text((served / "model" / "config.json").read_text() + " ")
+    refused = experts.serve({"name": "shipped", "prompt": "def", "max_new_tokens": 2})
+    assert refused["status"] == 503 and "does not match the sha256" in refused["error"]
+
+    data = json.loads(manifest.to_json())
+    with pytest.raises(PackageError, match="exactly one of an adapter or a whole model"):
+        PackageManifest.parse(json.dumps(data | {"adapter": {"type": "lora", "rank": 4}}))
+    with pytest.raises(PackageError, match="model/<"):
+        PackageManifest.parse(json.dumps(data | {"files": {"model/run.py": "0" * 64, **data["files"]}}))
 
 
 def test_add_model_command_contract(store, models, tmp_path):

@@ -156,7 +156,9 @@ def verify(package: Path = typer.Argument(..., help=".expert archive or package 
     trust = trust_status(m, signature, registry.trusted_keys() if registry else cfg.trusted_keys)
     signer = signature.key if signature else "-"
     console.print(f"{m.name} {m.version}: {len(m.files)} files match their sha256; signature: {trust} (key {signer})")
-    if registry is not None:
+    if registry is not None and m.model is not None:
+        console.print("a whole model: it needs no particular base model")
+    elif registry is not None:
         ours = registry.base_fingerprint()
         if ours != m.base_model.fingerprint:
             raise PackageError(f"base model mismatch: the package needs fingerprint {m.base_model.fingerprint}, "

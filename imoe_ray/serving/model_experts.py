@@ -51,6 +51,10 @@ class ModelExperts:
         import time
 
         with self.pool.lock:  # the model stays resident until its answer is done
+            if name not in self.pool.resident:
+                from imoe_ray.packaging.registry import verify_adapter
+
+                verify_adapter(self.path(name).parent)  # one installed from a package: its files as signed
             loaded, load_ms = self.pool.get(name, self.path(name))
             tok, model = loaded.tokenizer, loaded.model
             text = prompt
@@ -85,6 +89,7 @@ class ModelExperts:
     def serve(self, job: dict) -> dict:
         """One request of the Serve replica: {"name", "prompt", "max_new_tokens", "temperature", "top_p",
         "seed"} → the answer's JSON, or {"error", "status", "code"} when it cannot be served."""
+        from imoe_ray.packaging import PackageError
         from imoe_ray.serving.model_pool import BudgetError
 
         try:
@@ -94,6 +99,8 @@ class ModelExperts:
             return {"error": str(e.args[0]), "status": 404, "code": "model_not_found"}
         except BudgetError as e:
             return {"error": str(e), "status": 503, "code": "memory_budget"}
+        except PackageError as e:   # its files differ from its package's manifest
+            return {"error": str(e), "status": 503, "code": "expert_integrity"}
 
 
 def replica_models(store_dir: str | Path, serving, budget_mb: float | None) -> ModelExperts:
