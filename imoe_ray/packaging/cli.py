@@ -269,8 +269,8 @@ def add_model(name: str = typer.Argument(..., help="The expert's name (lowercase
     from imoe_ray.routing.stage import make_encoder
 
     sample = read_texts(texts) if texts is not None else None
-    encoder = make_encoder(store_config(store, config, overrides))
     with _registry(store, config, overrides, f"imoe experts add-model {name[:60]}") as registry:
+        encoder = make_encoder(store_config(store, config, overrides))   # the store's: routing embeds with it
         expert = register(registry.store, name, path, keywords.split(","), sample, encoder)
     console.print(f"added {expert.name}: {expert.architecture} ({expert.parameters:,} parameters, "
                   f"{expert.weight_bytes / 2**20:.1f} MB in float32), routed by keywords "
