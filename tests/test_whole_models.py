@@ -292,8 +292,17 @@ def test_add_model_command_contract(store, models, tmp_path):
 # ---- through a built store: routing, and the served app over HTTP ---------------------------------
 
 @pytest.fixture(scope="module")
-def model_store(built, models, tmp_path_factory) -> Path:
+def served_models(tmp_path_factory) -> dict[str, Path]:
+    """Larger than the adapters of the built store, so that a budget's room for one is clear-cut."""
+    root = tmp_path_factory.mktemp("served-models")
+    return {"coder": make_model(root / "coder", "llama", hidden=64, seed=0),
+            "mathy": make_model(root / "mathy", "gpt2", hidden=64, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def model_store(built, served_models, tmp_path_factory) -> Path:
     """A copy of the session's built store with two whole-model experts added by the command."""
+    models = served_models
     _, built_store, _ = built
     store = tmp_path_factory.mktemp("whole") / "store"
     shutil.copytree(built_store.root, store, ignore=shutil.ignore_patterns("runs"))
@@ -317,7 +326,7 @@ def test_router_reaches_whole_models_by_their_keywords_without_retraining(built,
 
 
 @pytest.mark.slow
-def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, models):
+def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, served_models):
     """`imoe serve --set serve.memory_budget_mb=M` with room for one whole model: both are listed, a
     keyword query is answered by its model, switching evicts the other, `resident_mb` stays within M,
     and a request routed to both runs them in turn and fuses their answers as text."""
@@ -326,10 +335,14 @@ def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, mo
 
     from conftest import start_imoe_serve, stop_imoe_serve
 
-    adapters = sorted((p.stat().st_size for p in model_store.glob("experts/*/adapter_model.safetensors")), reverse=True)
-    one = max(weight_bytes(models[n])[1] for n in models)
-    budget_mb = (weight_bytes(model_store / "base")[1] + 1.5 * one + sum(adapters[:2]) + 64 * 1024) / MB
-    settings = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_experts=2", "serve.max_tokens=8",
+    from imoe_ray.serving.model_experts import adapter_bytes
+
+    models = served_models
+    adapter = max(adapter_bytes(p.parent) for p in model_store.glob("experts/*/adapter_config.json"))
+    one = min(weight_bytes(models[n])[1] for n in models)
+    assert adapter < 0.2 * one
+    budget_mb = (weight_bytes(model_store / "base")[1] + adapter + 1.5 * one) / MB   # room for one whole model
+    settings = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_experts=1", "serve.max_tokens=8",
                 "serve.max_replicas=1", f"serve.memory_budget_mb={budget_mb:.6f}"]
     proc, base = start_imoe_serve(model_store, ray_cluster["env"], settings, model_store.parent / "serve.log")
     try:
