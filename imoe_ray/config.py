@@ -219,6 +219,10 @@ class ServeConfig(_Section):
         "basic", description="'fast': fast-path routing, top-1 expert; 'basic': full router, mixture when several "
                              "categories; 'optimized': also retrieval, compression and the summarizer when present")
     max_loaded_experts: int = Field(8, ge=1, description="adapters resident per replica (LRU); 1: one at a time")
+    memory_budget_mb: float | None = Field(None, gt=0, description="bytes of model weights an expert replica may "
+                                           "hold resident, in MB: the base, its adapters and whole-model experts "
+                                           "(`imoe experts add-model`), which an LRU loads and evicts within it; "
+                                           "None: no byte limit, one whole-model expert resident at a time")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per expert replica")

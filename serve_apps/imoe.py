@@ -43,6 +43,8 @@ from imoe_ray.serving.limits import Admission, BodyLimit, admit_in_this_process,
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
+from imoe_ray.experts.whole_model import model_experts
+from imoe_ray.serving.model_experts import check_budget, replica_models
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, cut_at_stop
 from imoe_ray.serving.requests import REPLICA_GONE, Answer, Decode, RequestPath, Sampling, experts_call, one_part
 from imoe_ray.store import Store
@@ -77,6 +79,7 @@ class Experts:
         self.model = ServingModel(self.mirror.root, capacity=cfg.max_loaded_experts,
                                   threads=cfg.threads or _replica_cpus())
         self.model.bank.on_evict = lambda name: self.evictions.inc(tags={"expert": name})
+        self.whole = replica_models(self.mirror.root, self.model, cfg.memory_budget_mb)  # whole-model experts, byte budget
         self._enqueue.set_max_batch_size(cfg.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.batcher = ContinuousBatcher(self.model.decode_batch(), max_rows=cfg.max_batch_size,
@@ -93,6 +96,7 @@ class Experts:
     async def _load(self, name: str) -> None:
         await asyncio.to_thread(self.mirror.refresh)  # an expert installed or replaced in the store since
         ms = await asyncio.to_thread(self.model.ensure, name)
+        await asyncio.to_thread(self.whole.pool.fit)  # a new adapter counts in serve.memory_budget_mb too
         if ms:
             self.loads.inc(tags={"expert": name})
             self.load_ms.observe(ms)
@@ -144,6 +148,17 @@ class Experts:
 
     def resident(self) -> list[str]:
         return list(self.model.bank.resident)
+
+    # ---- whole-model experts (`imoe experts add-model`; imoe_ray/serving/model_experts.py) ----
+    async def generate_model(self, job: dict) -> dict:
+        """A whole-model expert's answer to a prompt text, decoded with its own tokenizer; loaded (and
+        others evicted) under serve.memory_budget_mb first. {"error", "status"} for a request it cannot serve."""
+        await asyncio.to_thread(self.mirror.refresh)
+        return await asyncio.to_thread(self.whole.serve, job)
+
+    def residency(self) -> dict:
+        """What this replica holds, in MB: base and adapters, whole models, the budget."""
+        return self.whole.snapshot() | {"adapters": list(self.model.bank.resident)}
 
 
 def _replica_cpus() -> int:
@@ -267,6 +282,7 @@ class Router:
         self.tokenizer = AutoTokenizer.from_pretrained(self.store / "base")
         self.context = int(json.loads((self.store / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = installed_experts(self.store)
+        self.whole_models = set(model_experts(self.store))  # experts that are whole models, not adapters
         from imoe_ray.retrieval.serving import build_components
 
         self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_token_ids(self.store / "base", self.tokenizer))
@@ -309,9 +325,11 @@ class Router:
             manifest = _read_json(self.store / "experts" / e["name"] / "manifest.json")
             rows.append({"name": e["name"], "categories": e.get("categories", [e["name"]]), "rows": e.get("rows"),
                          "keywords": manifest.get("routing", {}).get("keywords", []),
-                         "adapter": manifest.get("adapter", {}), "training": manifest.get("training", {})})
+                         "adapter": manifest.get("adapter", {}), "training": manifest.get("training", {}),
+                         **self._whole_model_fields(e["name"], manifest)})
         extra = [n for n in self.installed if n not in {r["name"] for r in rows}]
-        return {"object": "list", "data": rows, "other_adapters": extra, "aliases": index.get("aliases", {})}
+        return {"object": "list", "data": rows, "other_adapters": extra, "aliases": index.get("aliases", {}),
+                **await self._residency()}
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
@@ -335,6 +353,11 @@ class Router:
         cards = [{"id": m, "object": "model", "created": created, "owned_by": "imoe-ray", "root": root,
                   "parent": None if m in (oa.ROUTED_MODEL, BASE) else BASE, "max_model_len": self.context,
                   "task": "generate"} for m in self.planner.models()]
+        for card in cards:
+            if card["id"] in self.whole_models:  # its own model: no parent, its own directory and context
+                card |= {"root": str(self.store / "experts" / card["id"] / "model"), "parent": None,
+                         "max_model_len": _read_json(self.store / "experts" / card["id"] / "model" / "config.json")
+                         .get("max_position_embeddings")}
         cards += [{"id": m, "object": "model", "created": created, "owned_by": "imoe-ray", "root": path,
                    "parent": None, "max_model_len": None, "task": "embed"} for m, path in self._embedding_models().items()
                   if m != oa.ROUTED_MODEL]
@@ -425,6 +448,8 @@ class Router:
         return response
 
     async def _answer(self, body, plan: Plan, sampling: Sampling) -> Answer:
+        if self.whole_models.intersection(plan.experts):
+            return await self._answer_whole(body, plan, sampling)
         ids, limit = await asyncio.to_thread(self.path.encode, plan.prompt, body.max_completion_tokens or body.max_tokens)
         decode = self._decoder(stream=False)
         if plan.fusion == SUMMARIZER:
@@ -447,6 +472,7 @@ class Router:
         installed = self._watch.refresh(self.planner)
         if installed is not None:
             self.installed = installed
+            self.whole_models = set(model_experts(self.store))
 
     def _learn(self, question: str, answer: str, plan: Plan, request_id: str, caller: Caller) -> None:
         """Learning from answers (`optimized`): queued in the background, after the response, with the
@@ -471,7 +497,8 @@ class Router:
         first_token_ms = None
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
-            if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
+            if plan.fusion == SUMMARIZER or self.whole_models.intersection(plan.experts):
+                # the fused (or whole-model) answer exists only at the end
                 answer = await self._answer(body, plan, sampling)
                 self._observe(plan, answer.completion_tokens, first_token_ms=(time.perf_counter() - arrived) * 1000)
                 first = {"role": "assistant", "content": answer.text} if chat else answer.text
@@ -527,6 +554,63 @@ class Router:
             yield _sse(_as_api_error(e).body())
             yield "data: [DONE]\n\n"
 
+    # ---- whole-model experts (`imoe experts add-model`) ----
+    def _whole_model_fields(self, name: str, manifest: dict) -> dict:
+        if name not in self.whole_models:
+            return {"kind": "adapter"}
+        return {"kind": "model", "model": {k: v for k, v in manifest.get("model", {}).items() if k != "files"}}
+
+    async def _residency(self) -> dict:
+        """One expert replica's resident bytes (`resident_mb`, `budget_mb`, the whole models it holds)."""
+        try:
+            return await self.experts.residency.remote()
+        except Exception as e:  # the list still answers while a replica is replaced
+            log.warning("residency of the expert replicas unavailable: %r", e)
+            return {"resident_mb": None}
+
+    async def _answer_whole(self, body, plan: Plan, sampling: Sampling) -> Answer:
+        """A plan naming whole-model experts: each expert answers in turn (a whole model decodes with its
+        own tokenizer, loaded under the replica's byte budget), most probable first; several answers are
+        fused at text level by the summarizer, or, in a store without one, the most probable expert's
+        answer is returned (`imoe.fusion`: "summarizer" or "top")."""
+        ids, limit = await asyncio.to_thread(self.path.encode, plan.prompt, body.max_completion_tokens or body.max_tokens)
+        plan.timings_ms["generate"] = 0.0
+        decode = self._decoder(stream=False)
+        drafts, last = [], None
+        for name in sorted(plan.experts, key=lambda e: -plan.experts[e]):
+            if name in self.whole_models:
+                last = await self._whole_draft(name, limit, body, plan)
+                drafts.append((name, last["text"]))
+            else:
+                spent = plan.timings_ms["generate"]   # an adapter's draft sets the request's generate time to its own
+                drafts.append((name, (await self.path.answer(plan.only(name), ids, limit, sampling, decode)).text))
+                plan.timings_ms["generate"] += spent
+        if len(drafts) == 1:
+            text, stopped = cut_at_stop(last["text"], body.stop)
+            finish = "stop" if stopped else last["finish_reason"]
+            tokens = self.path.count_tokens(text) - 1 if stopped else last["completion_tokens"]
+            return Answer(text, finish, len(ids), tokens, [])
+        if SUMMARIZER not in self.installed:
+            plan.fusion = "top"
+            text, _ = cut_at_stop(drafts[0][1], body.stop)
+            return Answer(text, "stop", len(ids), self.path.count_tokens(text) - 1, [])
+        plan.fusion = SUMMARIZER
+        return await self.path.fuse(plan, drafts, len(ids), limit, sampling, decode)
+
+    async def _whole_draft(self, name: str, limit: int, body, plan: Plan) -> dict:
+        """One whole-model expert's answer; its load and decoding times add to the request's."""
+        job = {"name": name, "prompt": plan.prompt, "max_new_tokens": limit, "temperature": body.temperature,
+               "top_p": body.top_p, "seed": body.seed}
+        try:
+            out = await self.experts.generate_model.remote(job)
+        except BackPressureError as e:
+            raise _as_api_error(e) from None
+        if "error" in out:
+            raise oa.ApiError(out["status"], out["error"], param="model", code=out["code"])
+        plan.timings_ms["load"] += out["load_ms"]
+        plan.timings_ms["generate"] += out["generate_ms"]
+        return out
+
     def _observe(self, plan: Plan, completion_tokens: int, first_token_ms: float | None) -> None:
         """The HTTP path's metrics of one answered request (a whole answer's first token is its end)."""
         if first_token_ms is not None:
@@ -564,6 +648,9 @@ def build_app(store: str, config: str | None = None, overrides: list[str] | None
     cfg = store_config(store, config, overrides)
     store_dir = store.rstrip("/") if is_uri(store) else str(Path(store).resolve())
     _check_servable(store_dir)  # a store without experts fails here, with the command that builds them
+    if not is_uri(store_dir):
+        # a byte budget below the base model and its resident adapters: refused here
+        check_budget(store_dir, cfg.serve.memory_budget_mb, cfg.serve.max_loaded_experts)
     s = cfg.serve
     gpus = s.expert_gpus
     if gpus is None:

@@ -43,7 +43,8 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
     if max_texts:
         texts, categories = texts[:max_texts], (categories[:max_texts] if categories else None)
     index = store.read_json("experts", "index.json")
-    expert_of = {n: n for e in index["experts"] for n in [e["name"]]} | index.get("aliases", {})
+    whole = {e["name"] for e in index["experts"] if e.get("kind") == "model"}  # another vocabulary: not mixed here
+    expert_of = {n: n for e in index["experts"] for n in [e["name"]] if n not in whole} | index.get("aliases", {})
     lm = ExpertLM.from_store(StoreMirror(store).root, threads=None)
     has_dense = "dense" in lm.names
 
@@ -56,6 +57,7 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
            f"skipped); routing on their first {route_tokens} tokens")
     encoded = [encoded[i] for i in keep]
     router = load_router(store, cfg)
+    router.profiles = [p for p in router.profiles if p.name not in whole]
     routes = [router.route(lm.tokenizer.decode(ids[1:first])) for ids in encoded]
     if categories is None:
         categories = [r.all_probabilities and max(r.all_probabilities, key=r.all_probabilities.__getitem__) or "none"

@@ -120,7 +120,8 @@ class ExpertLM:
     def from_store(cls, store_dir: str | Path, names: list[str] | None = None, dense: bool = True, **kw) -> "ExpertLM":
         root = Path(store_dir)
         index = json.loads((root / "experts" / "index.json").read_text())
-        names = names if names is not None else [e["name"] for e in index["experts"]]
+        # whole-model experts (`imoe experts add-model`) are not adapters of this base: not in the mixture
+        names = names if names is not None else [e["name"] for e in index["experts"] if e.get("kind") != "model"]
         adapters: dict[str, str | Path] = {n: root / "experts" / n for n in names}
         if dense and (root / "baselines" / "dense" / "adapter_config.json").exists():
             adapters["dense"] = root / "baselines" / "dense"

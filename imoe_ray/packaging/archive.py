@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
 from imoe_ray.packaging import PackageError
-from imoe_ray.packaging.manifest import ADAPTER_DIR, PICKLE_SUFFIXES, PackageManifest, sha256_file
+from imoe_ray.packaging.manifest import ADAPTER_DIR, MODEL_DIR, MODEL_FILES, PICKLE_SUFFIXES, PackageManifest, sha256_file
 from imoe_ray.packaging.names import short
 from imoe_ray.packaging.signing import Signature
 
@@ -69,7 +69,8 @@ class Unpacked:
 
     @property
     def adapter(self) -> Path:
-        return self.root / ADAPTER_DIR
+        """The payload folder: adapter/, or model/ for a whole-model package."""
+        return self.root / self.manifest.payload_dir
 
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.adapter.iterdir())
@@ -86,8 +87,8 @@ def adapter_files(adapter_dir: Path) -> list[Path]:
     return files
 
 
-def file_hashes(files: list[Path]) -> dict[str, str]:
-    return {f"{ADAPTER_DIR}/{p.name}": sha256_file(p) for p in files}
+def file_hashes(files: list[Path], folder: str = ADAPTER_DIR) -> dict[str, str]:
+    return {f"{folder}/{p.name}": sha256_file(p) for p in files}
 
 
 def pack(manifest: PackageManifest, files: list[Path], out: Path, signature: Signature | None = None) -> Path:
@@ -101,7 +102,7 @@ def pack(manifest: PackageManifest, files: list[Path], out: Path, signature: Sig
             if signature is not None:
                 _add_bytes(tar, SIGNATURE, json.dumps(signature.to_json(), indent=2).encode())
             for p in files:
-                info = tar.gettarinfo(str(p), arcname=f"{ADAPTER_DIR}/{p.name}")
+                info = tar.gettarinfo(str(p), arcname=f"{manifest.payload_dir}/{p.name}")
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 info.mode = 0o644
@@ -310,17 +311,21 @@ def _check_name(name: str, kind: str, where: str) -> str:
     parts = tuple(p for p in parts if p != ".")
     clean = "/".join(parts)
     if kind == "dir":
-        if clean not in ("", ADAPTER_DIR):
-            raise PackageError(f"{where}: undeclared directory {quoted} (only adapter/ is allowed)")
+        if clean not in ("", ADAPTER_DIR, MODEL_DIR):
+            raise PackageError(f"{where}: undeclared directory {quoted} (only adapter/ or model/ is allowed)")
         return clean
     if clean in (MANIFEST, SIGNATURE):
         return clean
-    if len(parts) != 2 or parts[0] != ADAPTER_DIR:
-        raise PackageError(f"{where}: undeclared file {quoted} (a package holds manifest.json, signature.json and adapter/)")
+    if len(parts) != 2 or parts[0] not in (ADAPTER_DIR, MODEL_DIR):
+        raise PackageError(f"{where}: undeclared file {quoted} (a package holds manifest.json, signature.json and "
+                           "adapter/ or model/)")
     base = parts[1].lower()
     if base.endswith(PICKLE_SUFFIXES):
         raise PackageError(f"{where}: {quoted} is a pickle-based checkpoint; packages carry safetensors weights only")
-    if not (base.endswith(".safetensors") or parts[1] in ADAPTER_FILES):
+    if parts[0] == MODEL_DIR and not (base.endswith(".safetensors") or parts[1] in MODEL_FILES):
+        raise PackageError(f"{where}: undeclared file {quoted} (model/ holds a model's config, tokenizer files and "
+                           "*.safetensors)")
+    if parts[0] == ADAPTER_DIR and not (base.endswith(".safetensors") or parts[1] in ADAPTER_FILES):
         raise PackageError(f"{where}: undeclared file {quoted} (adapter/ holds adapter_config.json and *.safetensors)")
     return clean
 
@@ -430,7 +435,10 @@ def read_package(package: Path, limits: Limits, admit: Admit | None = None,
     missing = sorted(set(manifest.files) - set(hashes))
     if missing:
         raise PackageError(f"{where}: files the manifest declares are missing: {', '.join(missing)}")
-    if f"{ADAPTER_DIR}/adapter_config.json" not in hashes or not any(k.endswith(".safetensors") for k in hashes):
+    if manifest.model is not None:
+        if f"{MODEL_DIR}/config.json" not in hashes or not any(k.endswith(".safetensors") for k in hashes):
+            raise PackageError(f"{where}: the model needs config.json and safetensors weights")
+    elif f"{ADAPTER_DIR}/adapter_config.json" not in hashes or not any(k.endswith(".safetensors") for k in hashes):
         raise PackageError(f"{where}: the adapter needs adapter_config.json and safetensors weights")
     return manifest, signature
 

@@ -1,4 +1,4 @@
-"""`imoe keys generate` and `imoe experts package|sign|verify|install|list|remove|activate|info`
+"""`imoe keys generate` and `imoe experts package|sign|verify|install|list|remove|activate|info|add-model|remove-model`
 (registered in imoe_ray/cli.py). A refused package exits with status 2 and one line saying why."""
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def verify(package: Path = typer.Argument(..., help=".expert archive or package 
     trust = trust_status(m, signature, registry.trusted_keys() if registry else cfg.trusted_keys)
     signer = signature.key if signature else "-"
     console.print(f"{m.name} {m.version}: {len(m.files)} files match their sha256; signature: {trust} (key {signer})")
-    if registry is not None:
+    if registry is not None and m.model is not None:
+        console.print("a whole model: it needs no particular base model")
+    elif registry is not None and m.base_model is not None:
         ours = registry.base_fingerprint()
         if ours != m.base_model.fingerprint:
             raise PackageError(f"base model mismatch: the package needs fingerprint {m.base_model.fingerprint}, "
@@ -247,6 +249,44 @@ def info(target: str = typer.Argument(..., help="An installed package's name (wi
     data["routing"]["centroid"] = f"[{len(centroid)} floats]"
     json.dump(data, sys.stdout, indent=2)
     print()
+
+
+@experts_app.command("add-model")
+@_refusals
+def add_model(name: str = typer.Argument(..., help="The expert's name (lowercase letters, digits, '-', '_')."),
+              path: Path = typer.Option(..., "--path", "-p", help="A local Hugging Face causal LM directory "
+                                        "(config.json, *.safetensors, its tokenizer)."),
+              store: str = StoreOpt,
+              keywords: str = typer.Option("", "--keywords", "-k", help="Comma-separated routing keywords."),
+              texts: Optional[Path] = typer.Option(None, "--texts", help="Sample texts of its domain (one per line, "
+                                                   "or .jsonl with a text field): its routing centroid."),
+              config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Register a whole model (any architecture, size and tokenizer) as an expert: routed by its keywords
+    and a centroid (of --texts, else of its keywords) without retraining the router, loaded on demand
+    under serve.memory_budget_mb. A running server picks it up without a restart."""
+    from imoe_ray.config import store_config
+    from imoe_ray.experts.whole_model import add_model as register, read_texts
+    from imoe_ray.routing.stage import make_encoder
+
+    sample = read_texts(texts) if texts is not None else None
+    with _registry(store, config, overrides, f"imoe experts add-model {name[:60]}") as registry:
+        encoder = make_encoder(store_config(store, config, overrides))   # the store's: routing embeds with it
+        expert = register(registry.store, name, path, keywords.split(","), sample, encoder)
+    console.print(f"added {expert.name}: {expert.architecture} ({expert.parameters:,} parameters, "
+                  f"{expert.weight_bytes / 2**20:.1f} MB in float32), routed by keywords "
+                  f"{', '.join(expert.keywords) or '-'} and a centroid of its {expert.centroid_from} → {expert.path}")
+
+
+@experts_app.command("remove-model")
+@_refusals
+def remove_model(name: str = typer.Argument(...), store: str = StoreOpt,
+                 config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Remove a whole-model expert (`add-model`): no new requests reach it; running ones finish."""
+    from imoe_ray.experts.whole_model import remove_model as unregister
+
+    with _registry(store, config, overrides, f"imoe experts remove-model {name[:60]}") as registry:
+        unregister(registry.store, name)
+    console.print(f"removed {name}")
 
 
 class _ExportFormat(str, enum.Enum):

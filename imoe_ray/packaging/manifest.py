@@ -24,6 +24,10 @@ FORMAT: Final = "imoe-expert/1"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "expert-manifest.schema.json"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"           # a whole-model package (`imoe experts add-model`): a Hugging Face causal LM directory
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                         "chat_template.jinja"})   # plus any *.safetensors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -70,6 +74,12 @@ class Adapter(_Strict):
     settings: dict[str, str | int | float | bool | list[str] | None] = Field(default_factory=dict)
 
 
+class WholeModel(_Strict):
+    architecture: str = Field(min_length=1, max_length=200, description="the saved architecture, e.g. LlamaForCausalLM")
+    model_type: str = Field(min_length=1, max_length=100)
+    parameters: int = Field(ge=1)
+
+
 class Training(_Strict):
     rows: int | None = Field(None, ge=0)
     tokens: int | None = Field(None, ge=0)
@@ -83,19 +93,31 @@ class PackageManifest(_Strict):
     version: str = Field(pattern=SEMVER_PATTERN)
     category: Category
     routing: Routing
-    base_model: BaseModelRef
-    adapter: Adapter
+    base_model: BaseModelRef | None = Field(None, description="what an adapter was trained on (adapter packages)")
+    adapter: Adapter | None = None
+    model: WholeModel | None = Field(None, description="a whole model instead of an adapter (files under model/)")
     training: Training = Training()
     license: str = Field("unspecified", min_length=1, max_length=200)
     created_at: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     files: dict[str, str] = Field(min_length=1, max_length=256, description="path inside the package → sha256 of its bytes")
 
+    @property
+    def payload_dir(self) -> str:
+        """The package's payload folder: adapter/ or, for a whole model, model/."""
+        return MODEL_DIR if self.model is not None else ADAPTER_DIR
+
+    def _dump(self) -> dict:
+        data = self.model_dump(mode="json")
+        if data.get("model") is None:   # an adapter package's bytes (and signatures) as before whole models
+            data.pop("model", None)
+        return data
+
     def canonical(self) -> bytes:
         """The bytes a signature covers: sorted keys, no whitespace."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self._dump(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2)
+        return json.dumps(self._dump(), indent=2)
 
     @classmethod
     def parse(cls, raw: bytes | str, where: str = "manifest.json") -> "PackageManifest":
@@ -110,15 +132,23 @@ class PackageManifest(_Strict):
             raise PackageError(f"{where} is not a valid expert manifest: {problems}") from None
         if manifest.name in RESERVED:
             raise PackageError(f"{where}: the name {manifest.name!r} is reserved (a built-in role or a file of the store)")
+        if (manifest.adapter is None) == (manifest.model is None):
+            raise PackageError(f"{where} must describe exactly one of an adapter or a whole model")
+        if manifest.adapter is not None and manifest.base_model is None:
+            raise PackageError(f"{where}: an adapter package must name its base_model (id and fingerprint)")
+        folder = manifest.payload_dir
         for path, digest in manifest.files.items():
-            file = path[len(ADAPTER_DIR) + 1:]
+            file = path[len(folder) + 1:]
             if file.lower().endswith(PICKLE_SUFFIXES):
                 raise PackageError(f"{where}: {short(path)} is a pickle-based checkpoint; packages carry safetensors "
                                    "weights only")
-            if (not path.startswith(f"{ADAPTER_DIR}/") or not _FILE.match(file) or not _is_sha256(digest)
-                    or not (file == "adapter_config.json" or file.endswith(".safetensors"))):
-                raise PackageError(f"{where}: file entry {short(path)} must be adapter/adapter_config.json or "
-                                   "adapter/<file>.safetensors with a sha256 hex digest")
+            allowed = file in MODEL_FILES if manifest.model is not None else file == "adapter_config.json"
+            if (not path.startswith(f"{folder}/") or not _FILE.match(file) or not _is_sha256(digest)
+                    or not (allowed or file.endswith(".safetensors"))):
+                what = f"model/<{'|'.join(sorted(MODEL_FILES))}>" if manifest.model is not None \
+                    else "adapter/adapter_config.json"
+                raise PackageError(f"{where}: file entry {short(path)} must be {what} or {folder}/<file>.safetensors "
+                                   "with a sha256 hex digest")
         return manifest
 
 

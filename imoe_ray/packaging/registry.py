@@ -26,7 +26,7 @@ from pathlib import Path
 from imoe_ray.config import PackagesConfig
 from imoe_ray.packaging import PackageError
 from imoe_ray.packaging.archive import MANIFEST, SIGNATURE, SUFFIX, Limits, Unpacked, adapter_files, file_hashes, pack, unpack
-from imoe_ray.packaging.manifest import PackageManifest, sha256_file
+from imoe_ray.packaging.manifest import MODEL_DIR, PackageManifest, sha256_file
 from imoe_ray.packaging.names import NAME_PATTERN, check_name, check_version, inside, semver_key, short
 from imoe_ray.packaging.signing import Signature, check, parse_public_key, trust_status
 from imoe_ray.store import write_text_atomic
@@ -195,7 +195,7 @@ class Registry:
             raise PackageError(f"{m.name!r} is published by key {sorted(bound)[0][:16]}…, but {where} is signed by "
                                f"{signer}; to let that key publish it: `imoe keys trust KEY --names {m.name}`")
         ours = self.base_fingerprint()
-        if m.base_model.fingerprint != ours:
+        if m.adapter is not None and m.base_model is not None and m.base_model.fingerprint != ours:  # a whole model needs no base
             raise PackageError(f"{where} was trained on base model {short(m.base_model.id)} with fingerprint "
                                f"{m.base_model.fingerprint}, but this store's base model has fingerprint {ours}: "
                                "an adapter only works on the base it was trained on")
@@ -265,7 +265,8 @@ class Registry:
         final = self._served(name)
         experts = final.parent
         staging = experts / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        shutil.copytree(source / "adapter", staging)
+        # an adapter is served from experts/NAME/, a whole model from experts/NAME/model/ (`add-model`'s layout)
+        shutil.copytree(source / m.payload_dir, staging / MODEL_DIR if m.model is not None else staging)
         (staging / "manifest.json").write_text(json.dumps(_expert_manifest(m, signature), indent=2))
         if final.exists():
             retired = experts / f".{name}.{uuid.uuid4().hex[:8]}.old"
@@ -278,6 +279,8 @@ class Registry:
         index = self._index()
         entry = {"name": name, "categories": [name], "rows": m.training.rows, "tokens": m.training.tokens,
                  "package": {"version": version, "category": m.category.name}}
+        if m.model is not None:
+            entry |= {"kind": "model", "parameters": m.model.parameters}
         index["experts"] = [e for e in index["experts"] if e["name"] != name] + [entry]
         _write_json_atomic(self.store.joinpath(*INDEX), index)
         profile = {"name": name, "category": None, "keywords": m.routing.keywords, "centroid": m.routing.centroid,
@@ -367,10 +370,11 @@ class Registry:
             trust = trust_status(m, signature, self.trusted_keys())
         except PackageError:
             signature, trust = None, "invalid"
-        size = sum(p.stat().st_size for p in (folder / "adapter").iterdir())
+        size = sum(p.stat().st_size for p in (folder / m.payload_dir).iterdir())
+        compatible = m.adapter is None or (m.base_model is not None  # a whole model: any store
+                                           and m.base_model.fingerprint == self.base_fingerprint())
         return Installed(name, version, m.category.name, size, signature.key[:16] if signature else "unsigned", trust,
-                         m.base_model.fingerprint == self.base_fingerprint(), self.active_version(name) == version,
-                         str(folder))
+                         compatible, self.active_version(name) == version, str(folder))
 
     def list(self) -> list[Installed]:
         return [self._row(n, v) for n in self.names() for v in self.versions(n)]
@@ -413,8 +417,14 @@ def verify_adapter(adapter_dir: str | Path) -> None:
             check(m, Signature.from_json(raw))
     except (PackageError, OSError, ValueError) as e:
         raise AdapterMismatch(f"{where} cannot be checked against its package manifest: {e}") from None
-    expected = {path.split("/", 1)[1]: digest for path, digest in m.files.items()}
-    present = {p.name for p in adapter_dir.iterdir() if p.name != "manifest.json"}
+    if m.model is not None:   # a whole model: its files are under experts/NAME/model/
+        expected = dict(m.files)
+        present = {f"{MODEL_DIR}/{p.name}" for p in (adapter_dir / MODEL_DIR).iterdir()} \
+            if (adapter_dir / MODEL_DIR).is_dir() else set()
+        present |= {p.name for p in adapter_dir.iterdir() if p.name not in ("manifest.json", MODEL_DIR)}
+    else:
+        expected = {path.split("/", 1)[1]: digest for path, digest in m.files.items()}
+        present = {p.name for p in adapter_dir.iterdir() if p.name != "manifest.json"}
     extra = sorted(present - set(expected))
     if extra:
         raise AdapterMismatch(f"{where} holds files its package does not declare ({', '.join(map(short, extra))}): "
@@ -430,7 +440,16 @@ class AdapterMismatch(PackageError):
 
 
 def _expert_manifest(m: PackageManifest, signature: dict | None) -> dict:
-    """The store's expert manifest (what `imoe build` writes for a trained expert), from a package."""
+    """The store's expert manifest (what `imoe build` writes for a trained expert, or `imoe experts
+    add-model` for a whole model), from a package."""
+    package = {"version": m.version, "license": m.license, "created_at": m.created_at,
+               "description": m.category.description, "signer": (signature or {}).get("key"), "files": m.files}
+    if m.model is not None:
+        return {"name": m.name, "kind": "model", "model": m.model.model_dump(mode="json") | {"files": m.files},
+                "category": {"id": None, "name": m.category.name}, "categories": [m.name],
+                "routing": {"keywords": m.routing.keywords, "priority": m.routing.priority},
+                "centroid": m.routing.centroid, "package": package}
+    assert m.base_model is not None and m.adapter is not None  # an adapter package (the manifest's validator)
     return {"name": m.name, "kind": "expert", "base_model": {"name": m.base_model.id, "fingerprint": m.base_model.fingerprint},
             "adapter": {"type": m.adapter.type, "r": m.adapter.rank, **m.adapter.settings},
             "training": m.training.metrics | {"tokens": m.training.tokens}, "category": {"id": None, "name": m.category.name},
@@ -490,6 +509,8 @@ def package_expert(store: str | Path, name: str, version: str, out: Path | None 
         raise PackageError(f"no expert named {name!r} in {store} (experts/{name}/manifest.json)")
     if not info.get("centroid"):
         raise PackageError(f"expert {name!r} has no centroid (the dense baseline?): routing could not place it")
+    if info.get("kind") == "model":
+        return _package_model(folder, info, version, out, new_name, description, license)
     files = adapter_files(folder)
     adapter = dict(info.get("adapter", {}))
     kind, rank = adapter.pop("type", "lora"), adapter.pop("r", None)
@@ -511,3 +532,24 @@ def package_expert(store: str | Path, name: str, version: str, out: Path | None 
 
 def as_dict(row: Installed) -> dict:
     return asdict(row)
+
+
+def _package_model(folder: Path, info: dict, version: str, out: Path | None, new_name: str | None, description: str,
+                   license: str) -> tuple[Path, PackageManifest]:
+    """A whole-model expert (`imoe experts add-model`) as an unsigned `.expert` archive: model/ holds its
+    Hugging Face directory's config, tokenizer files and safetensors weights."""
+    from imoe_ray.packaging.manifest import MODEL_FILES
+
+    model_dir = folder / MODEL_DIR
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (p.name in MODEL_FILES or p.suffix == ".safetensors"))
+    model = info.get("model", {})
+    data = {"name": new_name or info["name"], "version": version,
+            "category": {"name": (info.get("category") or {}).get("name") or info["name"], "description": description},
+            "routing": {"keywords": info.get("routing", {}).get("keywords", []), "centroid": info["centroid"],
+                        "priority": info.get("routing", {}).get("priority", 0)},
+            "model": {"architecture": model.get("architecture", "?"), "model_type": model.get("model_type", "?"),
+                      "parameters": model.get("parameters", 1)},
+            "license": license, "files": file_hashes(files, MODEL_DIR)}
+    manifest = PackageManifest.parse(json.dumps(data), f"the manifest made for {info['name']}")
+    out = out or Path(f"{manifest.name}-{version}{SUFFIX}")
+    return pack(manifest, files, out), manifest

@@ -193,7 +193,7 @@ class Router:
         chosen = [int(order[0])] + [int(i) for i in order[1:] if scores[i] >= t_c] \
             if scores[order[0]] >= self.threshold else []
         fallback = None
-        if chosen and self._out_of_domain(text):
+        if chosen and self._out_of_domain(text) and not self._names_joined_expert(text, self.profiles[chosen[0]]):
             fallback = "outside the corpus's vocabulary"
         elif not chosen:
             fallback = f"no category reached t_C={self.threshold:.2f}"
@@ -219,6 +219,15 @@ class Router:
 
     def _serving(self, categories: list[str]) -> list[str]:
         return list(dict.fromkeys(self.served_by.get(c, c) for c in categories))
+
+    @staticmethod
+    def _names_joined_expert(text: str, profile: ExpertProfile) -> bool:
+        """The text holds a routing keyword of an expert that joined after training (a package, a whole
+        model): its publisher said such text is its domain, though the corpus never saw the other words."""
+        if profile.category is not None:
+            return False
+        words = f" {' '.join(tokens(text))} "
+        return any(tokens(k) and f" {' '.join(tokens(k))} " in words for k in profile.keywords)
 
     def _out_of_domain(self, text: str) -> bool:
         """Too few of the text's content words were in the corpus or in an expert's routing keywords."""

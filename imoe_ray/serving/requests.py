@@ -155,17 +155,23 @@ class RequestPath:
 
     async def summarize(self, plan: Plan, ids: list[int], limit: int, sampling: Sampling, decode: Decode) -> Answer:
         """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
-        from imoe_ray.fusion.summarizer import summarizer_prompt
-
         self.check_width(len(plan.experts), drafts=True)
         drafts = await asyncio.gather(*[self.answer(plan.only(name), ids, limit, sampling, decode)
                                         for name in plan.experts])
+        return await self.fuse(plan, [(name, d.text) for name, d in zip(plan.experts, drafts)], len(ids), limit,
+                               sampling, decode)
+
+    async def fuse(self, plan: Plan, drafts: list[tuple[str, str]], prompt_tokens: int, limit: int,
+                   sampling: Sampling, decode: Decode) -> Answer:
+        """The summarizer's answer grounded in the experts' drafts (text: the experts may be whole models)."""
+        from imoe_ray.fusion.summarizer import summarizer_prompt
+
         started = time.perf_counter()
-        fused = summarizer_prompt(plan.prompt, [(name, d.text) for name, d in zip(plan.experts, drafts)])
+        fused = summarizer_prompt(plan.prompt, drafts)
         fused_ids, fused_limit = await asyncio.to_thread(self.encode, fused, limit, True)
         answer = await self.answer(plan.only(SUMMARIZER, fused), fused_ids, fused_limit, sampling, decode, "fuse")
         plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
-        return Answer(answer.text, answer.finish_reason, len(ids), answer.completion_tokens, [])
+        return Answer(answer.text, answer.finish_reason, prompt_tokens, answer.completion_tokens, [])
 
 
 async def experts_call(send: Callable[[], AsyncIterator[dict]], retry_s: float,
