@@ -284,7 +284,8 @@ class Router:
                                                                local_root=self.store)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
-                               cfg.retrieval.k, max(16, min(256, self.context // 4)))
+                               cfg.retrieval.k, max(16, min(256, self.context // 4)),
+                               cfg.serve.cross_talk, cfg.serve.t_ct)  # cross-talk (t_CT)
         self._learning: set[asyncio.Task] = set()
         self._watch = ExpertsWatcher(self.store)  # experts installed or removed while running join / drain
         self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))
@@ -497,6 +498,7 @@ class Router:
 
     async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
         """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
+        from imoe_ray.fusion.crosstalk import second_round  # cross-talk (t_CT)
         from imoe_ray.fusion.summarizer import summarizer_prompt
 
         if len(plan.experts) > self.settings.max_batch_size:
@@ -505,6 +507,15 @@ class Router:
                               param="imoe.top_k", code="invalid_value")
         ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
         drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
+        # --- cross-talk (t_CT): one more round, each strong expert reading the others' drafts (fusion/crosstalk.py)
+        if plan.cross_talk:
+            prompts = second_round(plan.prompt, dict(zip(plan.experts, drafts)), plan.cross_talk, self.tokenizer,
+                                   self.settings.cross_talk_tokens)
+            encoded = [await asyncio.to_thread(self._tokens, p, body, True) for p in prompts.values()]
+            again = dict(zip(prompts, await asyncio.gather(*[self._draft(n, i, k, body, plan)
+                                                             for n, (i, k) in zip(prompts, encoded)])))
+            drafts = [again.get(name, d) for name, d in zip(plan.experts, drafts)]
+        # --- end of cross-talk
         started = time.perf_counter()
         fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))
         fused_ids, fused_limit = await asyncio.to_thread(self._tokens, fused, body, True)
