@@ -65,9 +65,9 @@ def test_cross_talk_needs_two_strong_experts():
     assert cross_talk_experts(["numpy", "http", "regex"], [0.45, 0.35, 0.2], experts, 0.3) == ["numpy", "http"]
     assert cross_talk_experts(["numpy", "http"], [0.7, 0.25], experts, 0.3) == []        # one strong: none
     assert cross_talk_experts(["numpy", "http"], [0.5, 0.4], ["numpy"], 0.3) == []       # http not in the plan
-    # a folded category counts for the expert that serves it, once
-    assert cross_talk_experts(["numpy", "arrays", "http"], [0.4, 0.3, 0.3], experts, 0.3,
-                              {"arrays": "numpy"}) == ["numpy", "http"]
+    # a folded category adds to the expert that serves it
+    assert cross_talk_experts(["numpy", "arrays", "http"], [0.2, 0.2, 0.6], experts, 0.3,
+                              {"arrays": "numpy"}) == ["http", "numpy"]
     assert cross_talk_experts(["base", "numpy"], [0.5, 0.5], ["base", "numpy"], 0.3) == []
 
 

@@ -25,15 +25,16 @@ class Tokenizer(Protocol):
 
 def cross_talk_experts(categories: list[str], probabilities: list[float], experts: list[str], t_ct: float,
                        served_by: dict[str, str] | None = None) -> list[str]:
-    """The plan's experts whose category's probability reaches `t_ct`, most probable first, when at
-    least two distinct experts do (a category folded into another counts for the expert serving it);
+    """The plan's experts whose categories' probability reaches `t_ct`, most probable first, when at
+    least two distinct experts do (a category folded into another adds to the expert serving it);
     [] otherwise."""
     served_by = served_by or {}
-    strong: list[str] = []
+    prior: dict[str, float] = {}
     for category, p in zip(categories, probabilities):
         expert = served_by.get(category, category)
-        if p >= t_ct and expert in experts and expert != BASE and expert not in strong:
-            strong.append(expert)
+        prior[expert] = prior.get(expert, 0.0) + p
+    strong = sorted((e for e, p in prior.items() if p >= t_ct and e in experts and e != BASE),
+                    key=lambda e: -prior[e])
     return strong if len(strong) >= 2 else []
 
 

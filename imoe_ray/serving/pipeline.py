@@ -107,9 +107,8 @@ class Planner:
                 raise ApiError(400, "this store has no summarizer (build it with the `summarizer` stage); "
                                     "use fusion 'mixture'", param="imoe.fusion", code="summarizer_unavailable")
         wanted = self.cross_talk if options.cross_talk is None else options.cross_talk
-        if plan.fusion == SUMMARIZER and wanted:  # cross-talk needs drafts: the summarizer's
-            plan.cross_talk = cross_talk_experts(plan.categories, plan.probabilities, list(plan.experts), self.t_ct,
-                                                 self.router.served_by)
+        if plan.fusion != SUMMARIZER or not wanted:  # cross-talk needs drafts: the summarizer's
+            plan.cross_talk = []
         return plan
 
     def route(self, query: str, mode: str):
@@ -133,7 +132,8 @@ class Planner:
         total = sum(weights.values())
         plan = Plan(ROUTED_MODEL, mode, prompt, {e: w / total for e, w in weights.items()},
                     categories=route.names, probabilities=route.probabilities, fallback=route.fallback,
-                    exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity)
+                    exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity,
+                    cross_talk=cross_talk_experts(list(prior), list(prior.values()), chosen, self.t_ct))
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 
