@@ -68,7 +68,7 @@ def adaptive_grid(base):
     from imoe_ray.routing.threshold import AdaptiveThreshold
 
     for lo, hi, weights, cap, margin in itertools.product(
-            (0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15), (0.15, 0.2, 0.3, 0.45, 0.6, 0.9),
+            (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15), (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.9),
             ((1, 1, 1), (0, 1, 0), (0, 1, 1), (0, 2, 1), (1, 2, 1), (0, 1, 2), (1, 3, 1)), (2, 3, None), (0.1, 0.2)):
         if lo <= hi:
             yield AdaptiveThreshold(lo, hi, base.complexity_words, margin, tuple(float(w) for w in weights), cap)

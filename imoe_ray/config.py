@@ -99,15 +99,16 @@ class RouterConfig(_Section):
     threshold_policy: Literal["fixed", "adaptive"] = Field(
         "fixed", description="t_C per request: 'fixed' (threshold) or 'adaptive' (from the query's complexity: "
                              "imoe_ray/routing/threshold.py)")
-    adaptive_range: list[float] = Field([0.1, 0.6], min_length=2, max_length=2,
-                                        description="adaptive t_C of the most complex and of the simplest query")
+    adaptive_range: list[float] = Field([0.01, 0.1], min_length=2, max_length=2,
+                                        description="adaptive t_C of the most complex and of the simplest query "
+                                                    "(defaults tuned on the calib split: benchmarks/bench_route_threshold.py)")
     complexity_words: int = Field(12, ge=1, description="content words at which a query counts as long (adaptive t_C)")
     close_margin: float = Field(0.1, ge=0, le=1, description="categories this close to the top count as rivals (adaptive t_C)")
-    complexity_weights: list[float] = Field([1.0, 1.0, 1.0], min_length=3, max_length=3,
+    complexity_weights: list[float] = Field([0.0, 1.0, 0.0], min_length=3, max_length=3,
                                             description="weights of length, router entropy and close rivals in the "
                                                         "query's complexity score (adaptive t_C)")
-    max_experts: int | None = Field(None, ge=1, description="most categories one request goes to (adaptive t_C); "
-                                                           "null: no cap")
+    max_experts: int | None = Field(3, ge=1, description="most categories one request goes to (adaptive t_C); "
+                                                        "null: no cap")
     seed: int = 0
 
     @model_validator(mode="after")
