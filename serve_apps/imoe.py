@@ -498,7 +498,7 @@ class Router:
 
     async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
         """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
-        from imoe_ray.fusion.crosstalk import second_round  # cross-talk (t_CT)
+        from imoe_ray.fusion.crosstalk import cross_talk_round  # cross-talk (t_CT)
         from imoe_ray.fusion.summarizer import summarizer_prompt
 
         if len(plan.experts) > self.settings.max_batch_size:
@@ -509,12 +509,12 @@ class Router:
         drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
         # --- cross-talk (t_CT): one more round, each strong expert reading the others' drafts (fusion/crosstalk.py)
         if plan.cross_talk:
-            prompts = second_round(plan.prompt, dict(zip(plan.experts, drafts)), plan.cross_talk, self.tokenizer,
-                                   self.settings.cross_talk_tokens)
-            encoded = [await asyncio.to_thread(self._tokens, p, body, True) for p in prompts.values()]
-            again = dict(zip(prompts, await asyncio.gather(*[self._draft(n, i, k, body, plan)
-                                                             for n, (i, k) in zip(prompts, encoded)])))
-            drafts = [again.get(name, d) for name, d in zip(plan.experts, drafts)]
+            async def redraft(name: str, prompt: str) -> str:
+                second_ids, second_limit = await asyncio.to_thread(self._tokens, prompt, body, True)
+                return await self._draft(name, second_ids, second_limit, body, plan)
+
+            drafts = list((await cross_talk_round(plan.prompt, dict(zip(plan.experts, drafts)), plan.cross_talk,
+                                                  self.tokenizer, self.settings.cross_talk_tokens, redraft)).values())
         # --- end of cross-talk
         started = time.perf_counter()
         fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))

@@ -13,7 +13,8 @@ most `budget_tokens`. Cross-talk needs drafts, so it applies where the summarize
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from typing import Awaitable, Callable, Protocol
 
 from imoe_ray.store.layout import BASE
 
@@ -79,3 +80,12 @@ def second_round(prompt: str, drafts: dict[str, str], strong: list[str], tokeniz
     return {name: cross_talk_prompt(prompt, [(o, drafts[o]) for o in strong if o != name and o in drafts],
                                     tokenizer, budget_tokens)
             for name in strong if name in drafts}
+
+
+async def cross_talk_round(prompt: str, drafts: dict[str, str], strong: list[str], tokenizer: Tokenizer,
+                           budget_tokens: int, redraft: Callable[[str, str], Awaitable[str]]) -> dict[str, str]:
+    """The drafts after one round of cross-talk: every strong expert drafts again, together, from its
+    second-round prompt (`redraft(expert, prompt)` decodes one draft); the others keep their first."""
+    prompts = second_round(prompt, drafts, strong, tokenizer, budget_tokens)
+    again = await asyncio.gather(*[redraft(name, p) for name, p in prompts.items()])
+    return {**drafts, **dict(zip(prompts, again))}
