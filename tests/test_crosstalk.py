@@ -100,3 +100,34 @@ def test_plan_reports_cross_talk_and_the_request_may_ask_for_it():
     assert (cfg.serve.cross_talk, cfg.serve.t_ct, cfg.serve.cross_talk_tokens) == (True, 0.25, 32)
     with pytest.raises(ConfigError, match="t_ct"):
         load_config(None, ["serve.t_ct=1.5"])
+
+
+def test_planner_sets_cross_talk_for_summarized_plans_with_two_strong_experts(built):
+    """The planner's rule on the built store's real router: the experts of a summarized plan whose
+    probability reaches t_CT, when at least two do; never for the token-level mixture or when the
+    request says no."""
+    from imoe_ray.experts.mixture import expert_prior
+    from imoe_ray.routing.stage import load_router
+    from imoe_ray.serving.pipeline import Planner
+
+    cfg, store, _ = built
+    router = load_router(store, cfg)
+    experts = sorted({router.served_by.get(p.name, p.name) for p in router.profiles}) + ["summarizer"]
+    on = Planner(router, experts, "basic", top_k=2, cross_talk=True, t_ct=0.001)
+    off = Planner(router, experts, "basic", top_k=2, t_ct=0.001)
+    summarize = ImoeOptions(ensemble=True, top_k=2, fusion="summarizer")
+    talked = 0
+    for query in ("numpy arrays and http server sockets", "plot a histogram of the test results",
+                  "regular expressions in the csv file", "train the model on the cluster"):
+        plan = on.plan("imoe", query, query, summarize)
+        prior = expert_prior(router.route(query).all_probabilities, router.served_by)
+        strong = sorted((e for e in plan.experts if prior.get(e, 0.0) >= 0.001), key=lambda e: -prior[e])
+        assert plan.fusion == "summarizer" and plan.cross_talk == (strong if len(strong) >= 2 else [])
+        assert plan.imoe()["cross_talk"] == plan.cross_talk
+        talked += bool(plan.cross_talk)
+        assert on.plan("imoe", query, query, ImoeOptions(ensemble=True, top_k=2, fusion="mixture")).cross_talk == []
+        assert on.plan("imoe", query, query, summarize.model_copy(update={"cross_talk": False})).cross_talk == []
+        assert off.plan("imoe", query, query, summarize).cross_talk == []          # serve.cross_talk off
+        asked = off.plan("imoe", query, query, summarize.model_copy(update={"cross_talk": True}))
+        assert asked.cross_talk == plan.cross_talk                                 # ... unless the request asks
+    assert talked, "no query had two experts above t_CT"
