@@ -513,6 +513,8 @@ def eval_route(
     category_column: Optional[str] = typer.Option(None, "--category-column",
                                                   help="Column of --heldout holding each text's category name."),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", min=1, help="Evaluate only the first N texts."),
+    split: str = typer.Option("test", "--split", help="The store's split without --heldout: 'test' (the result) or "
+                              "'calib' (the validation split request-time settings such as t_C are tuned on)."),
     output: Path = typer.Option(Path("eval-route.json"), "--output", "-o", help="Where the JSON goes; the plot goes beside it (.png)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
@@ -525,7 +527,8 @@ def eval_route(
 
     cfg = resolve_config(store, config, overrides)
     result = evaluate_routing(Store(store, cache_dir=cfg.cache_dir), cfg, heldout, text_column, category_column,
-                              max_texts=max_texts, report=lambda m: console.print(m, highlight=False, markup=False))
+                              max_texts=max_texts, report=lambda m: console.print(m, highlight=False, markup=False),
+                              split=split)
     _publish_eval(result, output, plot_routing, _route_table, quiet)
 
 

@@ -99,10 +99,16 @@ class RouterConfig(_Section):
     threshold_policy: Literal["fixed", "adaptive"] = Field(
         "fixed", description="t_C per request: 'fixed' (threshold) or 'adaptive' (from the query's complexity: "
                              "imoe_ray/routing/threshold.py)")
-    adaptive_range: list[float] = Field([0.1, 0.6], min_length=2, max_length=2,
-                                        description="adaptive t_C of the most complex and of the simplest query")
+    adaptive_range: list[float] = Field([0.01, 0.1], min_length=2, max_length=2,
+                                        description="adaptive t_C of the most complex and of the simplest query "
+                                                    "(defaults tuned on the calib split: benchmarks/bench_route_threshold.py)")
     complexity_words: int = Field(12, ge=1, description="content words at which a query counts as long (adaptive t_C)")
     close_margin: float = Field(0.1, ge=0, le=1, description="categories this close to the top count as rivals (adaptive t_C)")
+    complexity_weights: list[float] = Field([0.0, 1.0, 0.0], min_length=3, max_length=3,
+                                            description="weights of length, router entropy and close rivals in the "
+                                                        "query's complexity score (adaptive t_C)")
+    max_experts: int | None = Field(3, ge=1, description="most categories one request goes to (adaptive t_C); "
+                                                        "null: no cap")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -114,12 +120,15 @@ class RouterConfig(_Section):
         lo, hi = self.adaptive_range
         if not 0 < lo <= hi < 1:
             raise ValueError(f"adaptive_range must be [t_complex, t_simple] with 0 < t_complex <= t_simple < 1, not {[lo, hi]}")
+        if min(self.complexity_weights) < 0 or sum(self.complexity_weights) <= 0:
+            raise ValueError(f"complexity_weights must be three weights >= 0 with a positive sum, not {self.complexity_weights}")
         return self
 
 
 # Router settings read at request time (changing them needs no retraining), and the ones training reads.
 ROUTER_RUNTIME_FIELDS = ("threshold", "fallback", "min_known_fraction", "keyword_boost", "centroid_temperature",
-                         "threshold_policy", "adaptive_range", "complexity_words", "close_margin")
+                         "threshold_policy", "adaptive_range", "complexity_words", "close_margin",
+                         "complexity_weights", "max_experts")
 ROUTER_TRAINING_FIELDS = tuple(f"router.{k}" for k in RouterConfig.model_fields if k not in ROUTER_RUNTIME_FIELDS)
 
 
@@ -249,6 +258,13 @@ class ServeConfig(_Section):
     max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt (all messages), in characters, "
                                   "refused before tokenisation")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string")
+    cross_talk: bool = Field(False, description="cross-talk: when two or more selected categories reach t_ct, their "
+                             "experts draft a second time, each reading the others' first drafts, before the "
+                             "summarizer fuses them (imoe_ray/fusion/crosstalk.py); a request's imoe.cross_talk overrides")
+    t_ct: float = Field(0.3, gt=0, lt=1, description="t_CT: router probability a selected category needs to take "
+                        "part in cross-talk")
+    cross_talk_tokens: int = Field(64, ge=8, description="most tokens of the other experts' drafts in one "
+                                   "second-round prompt (cross-talk)")
 
 
 class RetrievalConfig(_Section):

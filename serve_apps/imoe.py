@@ -296,7 +296,8 @@ class Router:
                                                                local_root=self.store)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
-                               cfg.retrieval.k, max(16, min(256, self.context // 4)))
+                               cfg.retrieval.k, max(16, min(256, self.context // 4)),
+                               cfg.serve.cross_talk, cfg.serve.t_ct)  # cross-talk (t_CT)
         self._learning: set[asyncio.Task] = set()
         self._watch = ExpertsWatcher(self.store)  # experts installed or removed while running join / drain
         self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))

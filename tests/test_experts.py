@@ -171,8 +171,10 @@ def test_eval_lm_cli_writes_json_and_plot(built, ray_session, tmp_path):
                           capture_output=True, text=True, env={**ray_session["env"], "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["perplexity"]) == {"base", "dense", "top1", "mixture_router", "mixture"}
+    assert set(result["perplexity"]) == {"base", "dense", "top1", "served", "mixture_router", "mixture"}
     assert all(1 < v < 1e5 for v in result["perplexity"].values())
+    assert 1 <= result["routing"]["served_experts_per_text"] <= result["top_k"]  # the t_C policy's experts, capped
+    assert 0 <= result["routing"]["category_expert_served"] <= 1 and result["threshold_policy"] == "fixed"
     assert result["per_category"] and sum(c["texts"] for c in result["per_category"].values()) == result["texts"]
     assert result["tokens_scored"] > 0 and result["route_tokens"] == 32
     assert out.with_suffix(".png").stat().st_size > 10_000

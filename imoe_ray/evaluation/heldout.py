@@ -8,12 +8,17 @@ from imoe_ray.corpus.readers import CorpusError, read_corpus_table
 from imoe_ray.store import Store
 
 
-def store_heldout(store: Store, cfg: Config) -> tuple[list[str], list[str]]:
-    """The store's held-out chunks with the discovered category of each ("none": in no category)."""
+def store_heldout(store: Store, cfg: Config, split: str = "test") -> tuple[list[str], list[str]]:
+    """The store's held-out chunks with the discovered category of each ("none": in no category).
+    `split` "test" (default) is the router's test split; "calib" its calibration split, the
+    validation set on which request-time settings (t_C) are tuned, never reported as a result."""
     from imoe_ray.discovery.stage import ASSIGNMENTS, load_model
-    from imoe_ray.experts.stage import heldout_texts
+    from imoe_ray.experts.stage import split_chunks
 
-    texts, chunk_ids = heldout_texts(store, cfg)
+    if split not in ("test", "calib"):
+        raise CorpusError(f"split must be 'test' or 'calib', not {split!r}")
+    rows = split_chunks(store, cfg, split)
+    texts, chunk_ids = [r[0] for r in rows], [r[1] for r in rows]
     names = {c.id: c.name for c in load_model(store).categories}
     table = store.read_table(*ASSIGNMENTS, columns=["chunk_id", "top_category"])
     top = dict(zip(table.column("chunk_id").to_pylist(), table.column("top_category").to_pylist()))

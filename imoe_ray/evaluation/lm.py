@@ -23,8 +23,9 @@ from imoe_ray.store import Store
 from imoe_ray.store.mirror import StoreMirror
 from imoe_ray.store.store import StoreError
 
-MODELS = ("base", "dense", "top1", "mixture_router", "mixture")
+MODELS = ("base", "dense", "top1", "served", "mixture_router", "mixture")
 LABELS = {"base": "base model", "dense": "dense baseline", "top1": "routed top-1 expert",
+          "served": "experts above t_C (as served)",
           "mixture_router": "top-k mixture (router weights)", "mixture": "top-k mixture (router x context)"}
 
 
@@ -67,12 +68,14 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
     router_mixes = [top_k_weights(r.all_probabilities, expert_of, top_k) if r.all_probabilities else {BASE: 1.0}
                     for r in routes]
     top1 = [max(m, key=m.__getitem__) for m in router_mixes]
+    served = [served_weights(r.experts, r.all_probabilities, expert_of, top_k, bool(r.fallback)) for r in routes]
     mixes = _posterior_mixes(lm, encoded, first, routes, expert_of, top_k, report)
 
     wins = windows(encoded, first, lm.max_len)
     needed = defaultdict(list)  # model → window indices
     for w_i, w in enumerate(wins):
-        for name in set(mixes[w.text]) | set(router_mixes[w.text]) | {BASE} | ({"dense"} if has_dense else set()):
+        for name in (set(mixes[w.text]) | set(router_mixes[w.text]) | set(served[w.text]) | {BASE}
+                     | ({"dense"} if has_dense else set())):
             needed[name].append(w_i)
     scores: dict[str, dict[int, np.ndarray]] = {}
     for n_done, (name, idx) in enumerate(sorted(needed.items())):
@@ -87,9 +90,28 @@ def evaluate_lm(store: Store, cfg: Config, heldout: str | None = None, text_colu
             per_text[w.text]["dense"].append(scores["dense"][w_i])
         per_text[w.text]["top1"].append(scores[top1[w.text]][w_i])
         per_text[w.text]["mixture"].append(mix_logprobs([scores[e][w_i] for e in mix], list(mix.values())))
+        s_mix = served[w.text]
+        per_text[w.text]["served"].append(mix_logprobs([scores[e][w_i] for e in s_mix], list(s_mix.values())))
         r_mix = router_mixes[w.text]
         per_text[w.text]["mixture_router"].append(mix_logprobs([scores[e][w_i] for e in r_mix], list(r_mix.values())))
-    return _summary(per_text, categories, routes, top1, mixes, route_tokens, top_k, len(texts), lm.names)
+    out = _summary(per_text, categories, routes, top1, mixes, served, route_tokens, top_k, len(texts), lm.names)
+    out["routing"]["category_expert_served"] = round(float(np.mean(
+        [expert_of.get(c, c) in m for c, m in zip(categories, served)])), 4)
+    out["threshold_policy"] = router.settings.get("threshold_policy", "fixed")
+    return out
+
+
+def served_weights(experts: list[str], probabilities: dict[str, float], expert_of: dict[str, str], top_k: int,
+                   fallback: bool) -> dict[str, float]:
+    """The mixture a served request decodes with (`serving.pipeline.Planner`): the experts the router's
+    t_C policy chose (a fallback to every expert: the most probable first), at most `top_k`, weighted
+    by the router's probabilities."""
+    prior = expert_prior(probabilities, expert_of)
+    ranked = sorted(experts, key=lambda e: -prior.get(e, 0.0)) if fallback else list(experts)
+    chosen = ranked[:top_k] or [BASE]
+    weights = {e: max(prior.get(e, 0.0), 1e-6) for e in chosen}
+    total = sum(weights.values())
+    return {e: w / total for e, w in weights.items()}
 
 
 def _posterior_mixes(lm: ExpertLM, encoded: list[list[int]], first: int, routes, expert_of: dict[str, str],
@@ -109,8 +131,8 @@ def _ppl(logprobs: list[np.ndarray]) -> float:
     return round(float(math.exp(-flat.mean())), 3) if flat.size else float("nan")
 
 
-def _summary(per_text: list[dict], categories: list[str], routes, top1, mixes, route_tokens: int, top_k: int,
-             n_texts: int, loaded: list[str]) -> dict:
+def _summary(per_text: list[dict], categories: list[str], routes, top1, mixes, served, route_tokens: int,
+             top_k: int, n_texts: int, loaded: list[str]) -> dict:
     models = [m for m in MODELS if per_text[0].get(m)]
     overall = {m: _ppl([lp for t in per_text for lp in t[m]]) for m in models}
     per_category: dict[str, dict[str, float]] = {}
@@ -124,6 +146,7 @@ def _summary(per_text: list[dict], categories: list[str], routes, top1, mixes, r
         "perplexity": overall, "per_category": per_category,
         "routing": {"routed_to_category_expert": round(float(np.mean([e == c or c in m for e, c, m in zip(top1, categories, mixes)])), 4),
                     "experts_per_text": round(float(np.mean([len(m) for m in mixes])), 3),
+                    "served_experts_per_text": round(float(np.mean([len(m) for m in served])), 3),
                     "to_base": int(sum(e == BASE for e in top1))},
         "experts_loaded": [n for n in loaded if n != "dense"],
     }

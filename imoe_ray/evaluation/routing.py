@@ -29,7 +29,7 @@ BINS = 10
 
 def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text_column: str | None = None,
                      category_column: str | None = None, lengths: tuple[int | None, ...] = LENGTHS,
-                     max_texts: int | None = None, report=print) -> dict:
+                     max_texts: int | None = None, report=print, split: str = "test") -> dict:
     from imoe_ray.routing.stage import load_router, make_encoder
     from imoe_ray.routing.views import token_prefixes
 
@@ -39,7 +39,7 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
         texts, categories = file_heldout(heldout, text_column or cfg.corpus.text_column, category_column)
         assert categories is not None  # category_column is given
     else:
-        texts, categories = store_heldout(store, cfg)
+        texts, categories = store_heldout(store, cfg, split)
     router = load_router(store, cfg)
     known = set(router.names)
     unknown = sorted({c for c in categories if c != "none" and c not in known})
@@ -76,7 +76,7 @@ def evaluate_routing(store: Store, cfg: Config, heldout: str | None = None, text
     confusion = np.zeros((len(names), len(names) + 1), dtype=int)  # the last column: routed to no category
     for g, p in zip(gold, predicted):
         confusion[index[g], index.get(p, len(names))] += 1
-    return {"texts": len(texts), "source": heldout or "store held-out split", "categories": names,
+    return {"texts": len(texts), "source": heldout or f"store {split} split", "categories": names,
             "threshold_policy": router.settings.get("threshold_policy", "fixed"),
             "accuracy": {k: v["accuracy"] for k, v in by_length.items()}, "by_length": by_length,
             "confusion": {"length": key, "rows": names, "columns": names + ["none"], "counts": confusion.tolist()},

@@ -20,16 +20,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+from imoe_ray.config import RouterConfig
 from imoe_ray.discovery.features import TextFeatures
 from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
 from imoe_ray.routing.fastpath import FastPath, tokens
-from imoe_ray.routing.threshold import AdaptiveThreshold
+from imoe_ray.routing.threshold import AdaptiveThreshold, select
 
 if TYPE_CHECKING:
     from imoe_ray.embedding.layerwise import LayerwiseEncoder
@@ -89,9 +90,7 @@ class Router:
         self.text_features = text_features
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
         self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
-        self.adaptive = AdaptiveThreshold(*cast("tuple[float, float]", settings["adaptive_range"]), settings["complexity_words"],
-                                          settings["close_margin"]) \
-            if settings.get("threshold_policy") == "adaptive" else None
+        self.adaptive = adaptive_threshold(settings)
 
     # ---- probabilities -------------------------------------------------------------------
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
@@ -185,13 +184,10 @@ class Router:
         names = [p.name for p in self.profiles]
         scores = self._with_profiles(text, probs)
         order = np.argsort(-scores)
-        t_c, complexity = self.threshold, None
-        if self.adaptive is not None:
-            complexity = self.adaptive.complexity(sum(w not in ENGLISH_STOP_WORDS for w in tokens(text)), scores)
-            t_c = self.adaptive.threshold(complexity)
         # the top category clears the store's t_C; the others the request's (the same one when fixed)
-        chosen = [int(order[0])] + [int(i) for i in order[1:] if scores[i] >= t_c] \
-            if scores[order[0]] >= self.threshold else []
+        selection = select(scores, self.threshold, self.adaptive,
+                           sum(w not in ENGLISH_STOP_WORDS for w in tokens(text)))
+        chosen, t_c, complexity = selection.categories, selection.t_c, selection.complexity
         fallback = None
         if chosen and self._out_of_domain(text) and not self._names_joined_expert(text, self.profiles[chosen[0]]):
             fallback = "outside the corpus's vocabulary"
@@ -279,6 +275,21 @@ class Router:
             self.profiles.insert(profile.category, profile)
         else:
             self.profiles.append(profile)
+
+
+def adaptive_threshold(settings: dict) -> AdaptiveThreshold | None:
+    """The adaptive t_C of the router's request-time settings (None: the fixed policy). Settings saved
+    by an older router lack the newer fields: they get the config's defaults."""
+    defaults = RouterConfig()
+
+    def value(name: str):
+        return settings.get(name, getattr(defaults, name))
+
+    if value("threshold_policy") != "adaptive":
+        return None
+    t_complex, t_simple = value("adaptive_range")
+    return AdaptiveThreshold(t_complex, t_simple, value("complexity_words"), value("close_margin"),
+                             tuple(value("complexity_weights")), value("max_experts"))
 
 
 def _as_text(text: str | bytes) -> str:

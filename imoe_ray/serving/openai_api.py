@@ -54,6 +54,8 @@ class ImoeOptions(BaseModel):
     ensemble: bool = Field(False, description="mix the router's top-k experts even when one would do")
     top_k: int | None = Field(None, ge=1, le=64)
     fusion: Literal["mixture", "summarizer"] | None = Field(None, description="how several experts are fused")
+    cross_talk: bool | None = Field(None, description="strongly selected experts read each other's drafts before "
+                                                      "the summarizer fuses them (t_CT); null: serve.cross_talk")
 
 
 class StreamOptions(BaseModel):

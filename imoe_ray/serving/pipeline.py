@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from imoe_ray.experts.mixture import expert_prior
+from imoe_ray.fusion.crosstalk import cross_talk_experts
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.serving.openai_api import ROUTED_MODEL, ApiError, ImoeOptions
 
@@ -48,6 +49,7 @@ class Plan:
     exit_layer: int | None = None
     t_c: float | None = None                   # the effective t_C of this request (adaptive: from its complexity)
     complexity: float | None = None            # the query's complexity score (adaptive t_C only)
+    cross_talk: list[str] = field(default_factory=list)  # experts that drafted twice, reading each other (t_CT)
     passages: int = 0
     citations: list[dict] = field(default_factory=list)   # retrieved passages: chunk_id, table, score, ...
     compression_ratio: float | None = None     # prompt tokens before / after compression
@@ -85,13 +87,14 @@ class Plan:
 class Planner:
     def __init__(self, router, experts: list[str], mode: str = "basic", top_k: int = 2,
                  retriever: Retriever | None = None, compressor: Compressor | None = None,
-                 retrieval_k: int = 4, context_budget: int = 256):
+                 retrieval_k: int = 4, context_budget: int = 256, cross_talk: bool = False, t_ct: float = 0.3):
         self.router = router
         self.experts = set(experts)
         self.mode = mode
         self.top_k = top_k
         self.retriever, self.compressor = retriever, compressor
         self.retrieval_k, self.context_budget = retrieval_k, context_budget
+        self.cross_talk, self.t_ct = cross_talk, t_ct
         self._encoding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-encode")
 
     def models(self) -> list[str]:
@@ -118,6 +121,9 @@ class Planner:
             if plan.fusion == SUMMARIZER and SUMMARIZER not in self.experts:
                 raise ApiError(400, "this store has no summarizer (build it with the `summarizer` stage); "
                                     "use fusion 'mixture'", param="imoe.fusion", code="summarizer_unavailable")
+        wanted = self.cross_talk if options.cross_talk is None else options.cross_talk
+        if plan.fusion != SUMMARIZER or not wanted:  # cross-talk needs drafts: the summarizer's
+            plan.cross_talk = []
         return plan
 
     def route(self, query: str, mode: str):
@@ -141,7 +147,8 @@ class Planner:
         total = sum(weights.values())
         plan = Plan(ROUTED_MODEL, mode, prompt, {e: w / total for e, w in weights.items()},
                     categories=route.names, probabilities=route.probabilities, fallback=route.fallback,
-                    exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity)
+                    exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity,
+                    cross_talk=cross_talk_experts(list(prior), list(prior.values()), chosen, self.t_ct))
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 

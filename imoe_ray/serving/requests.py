@@ -8,6 +8,7 @@ replicas decode, retries while a dead replica is replaced, and the draft → sum
                            (Planner); a mixture wider than a decoding batch is refused
          ─► encode         prompt ids + completion length within the context (TokenBudget)   400
          ─► generation     the GenerationRequest the Experts replicas decode
+         ─► (summarizer)   drafts, one cross-talk round (t_CT) when asked, the summarizer's answer
          ─► experts_call   sent again on another replica while a dead one is replaced, as
                            long as nothing was received; a full queue is 429 (or waited out)
 
@@ -158,8 +159,23 @@ class RequestPath:
         self.check_width(len(plan.experts), drafts=True)
         drafts = await asyncio.gather(*[self.answer(plan.only(name), ids, limit, sampling, decode)
                                         for name in plan.experts])
-        return await self.fuse(plan, [(name, d.text) for name, d in zip(plan.experts, drafts)], len(ids), limit,
-                               sampling, decode)
+        texts = {name: d.text for name, d in zip(plan.experts, drafts)}
+        if plan.cross_talk:
+            texts = await self.cross_talk(plan, texts, limit, sampling, decode)
+        return await self.fuse(plan, list(texts.items()), len(ids), limit, sampling, decode)
+
+    async def cross_talk(self, plan: Plan, drafts: dict[str, str], limit: int, sampling: Sampling,
+                         decode: Decode) -> dict[str, str]:
+        """t_CT: one more round in which each strongly selected expert drafts again with the others'
+        drafts in context (`fusion/crosstalk.py`); the other experts keep their first draft."""
+        from imoe_ray.fusion.crosstalk import cross_talk_round
+
+        async def redraft(name: str, prompt: str) -> str:
+            ids, k = await asyncio.to_thread(self.encode, prompt, limit, True)
+            return (await self.answer(plan.only(name, prompt), ids, k, sampling, decode)).text
+
+        return await cross_talk_round(plan.prompt, drafts, plan.cross_talk, self.tokenizer,
+                                      self.settings.cross_talk_tokens, redraft)
 
     async def fuse(self, plan: Plan, drafts: list[tuple[str, str]], prompt_tokens: int, limit: int,
                    sampling: Sampling, decode: Decode) -> Answer:

@@ -1,0 +1,157 @@
+"""Request-time t_C: the adaptive policy against the fixed threshold, tuned on one split, measured on another.
+
+    imoe build --corpus corpus.jsonl --store store --until router
+    python benchmarks/bench_route_threshold.py --store store [--tune-length 24] [--budget 1.5]
+
+Every held-out text of the router's calibration split (validation: the router never trained on it)
+and of its test split (the result) is routed once per prefix length, as `imoe eval route` does; the
+policies are then applied to the same probabilities (`imoe_ray.routing.threshold.select`, the code
+the router runs), so every policy sees identical routes. On the calibration split, at --tune-length
+tokens, a grid search picks the adaptive setting that serves the gold category most often within
+--budget experts per request (fewest experts on a tie), and, as a second baseline, the fixed t_C that
+does the same. The test split then prints the store's fixed t_C, the tuned fixed t_C and the tuned
+adaptive policy side by side, with the ratio adaptive / fixed of experts per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Row:
+    scores: np.ndarray          # the router's probabilities, in its names' order
+    content_words: int
+    fallback_experts: list[str] | None   # the route fell back: its experts, whatever the policy
+    gold: str
+
+
+def routed_rows(router, texts: list[str], gold: list[str], tokenizer, length: int | None) -> list[Row]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    from imoe_ray.routing.fastpath import tokens
+    from imoe_ray.routing.views import token_prefixes
+
+    names = [p.name for p in router.profiles]
+    queries = texts if length is None else token_prefixes(texts, tokenizer, length)
+    rows = []
+    for q, g in zip(queries, gold):
+        r = router.route(q)
+        rows.append(Row(np.array([r.all_probabilities.get(n, 0.0) for n in names]),
+                        sum(w not in ENGLISH_STOP_WORDS for w in tokens(q)), r.experts if r.fallback else None, g))
+    return rows
+
+
+def score(router, rows: list[Row], adaptive) -> tuple[float, float]:
+    """(mean experts per request, share of requests whose gold category's expert serves it)."""
+    from imoe_ray.routing.threshold import select
+
+    names = [p.name for p in router.profiles]
+    serving = lambda cats: list(dict.fromkeys(router.served_by.get(c, c) for c in cats))  # noqa: E731
+    counts, served = [], []
+    for row in rows:
+        experts = row.fallback_experts
+        if experts is None:
+            chosen = select(row.scores, router.threshold, adaptive, row.content_words).categories
+            experts = serving([names[i] for i in chosen]) if chosen else serving(names)
+        counts.append(len(experts))
+        served.append(router.served_by.get(row.gold, row.gold) in experts)
+    return float(np.mean(counts)), float(np.mean(served))
+
+
+def adaptive_grid(base):
+    from imoe_ray.routing.threshold import AdaptiveThreshold
+
+    for lo, hi, weights, cap, margin in itertools.product(
+            (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15), (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.9),
+            ((1, 1, 1), (0, 1, 0), (0, 1, 1), (0, 2, 1), (1, 2, 1), (0, 1, 2), (1, 3, 1)), (2, 3, None), (0.1, 0.2)):
+        if lo <= hi:
+            yield AdaptiveThreshold(lo, hi, base.complexity_words, margin, tuple(float(w) for w in weights), cap)
+
+
+def tune(router, rows: list[Row], candidates, budget: float):
+    best, best_key = None, None
+    for cand in candidates:
+        experts, served = score(router, rows, cand)
+        if experts <= budget:
+            key = (round(served, 6), -experts)
+            if best_key is None or key > best_key:
+                best, best_key = cand, key
+    return best, best_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="store")
+    parser.add_argument("--lengths", default="8,16,24,32,whole", help="prefix lengths in encoder tokens")
+    parser.add_argument("--tune-length", type=int, default=24, help="prefix length the grid search tunes on")
+    parser.add_argument("--budget", type=float, default=1.5, help="most experts per request on the validation split")
+    parser.add_argument("--output", default=None, help="also write the result as JSON here")
+    args = parser.parse_args()
+
+    from imoe_ray.cli import resolve_config
+    from imoe_ray.evaluation.heldout import store_heldout
+    from imoe_ray.routing.router import adaptive_threshold
+    from imoe_ray.routing.stage import load_router, make_encoder
+    from imoe_ray.routing.threshold import AdaptiveThreshold
+    from imoe_ray.store import Store
+
+    cfg = resolve_config(args.store, None, None)
+    store = Store(cfg.store, cache_dir=cfg.cache_dir)
+    router = load_router(store, cfg)
+    tokenizer = make_encoder(cfg).tokenizer
+    lengths = [None if x == "whole" else int(x) for x in args.lengths.split(",")]
+    if args.tune_length not in lengths:
+        lengths.append(args.tune_length)
+    rows = {}
+    for split in ("calib", "test"):
+        texts, cats = store_heldout(store, cfg, split)
+        keep = [i for i, c in enumerate(cats) if c != "none" and texts[i].strip()]
+        texts, gold = [texts[i] for i in keep], [cats[i] for i in keep]
+        print(f"[bench] {split}: routing {len(texts)} texts at {len(lengths)} lengths")
+        rows[split] = {n: routed_rows(router, texts, gold, tokenizer, n) for n in lengths}
+
+    settings_default = adaptive_threshold(dict(router.settings, threshold_policy="adaptive"))
+    validation = rows["calib"][args.tune_length]
+    tuned, key = tune(router, validation, adaptive_grid(settings_default), args.budget)
+    fixed_candidates = [round(t, 3) for t in np.arange(0.02, 0.61, 0.01)]
+    best_fixed, best_fixed_key = None, None
+    for t in fixed_candidates:
+        experts, served = score(router, validation, AdaptiveThreshold(t, t, 1, 0.0, (1.0, 1.0, 1.0), None))
+        if experts <= args.budget and (best_fixed_key is None or (served, -experts) > best_fixed_key):
+            best_fixed, best_fixed_key = t, (served, -experts)
+    print(f"[bench] validation ({len(validation)} calib texts, {args.tune_length} tokens, budget {args.budget}):")
+    print(f"  adaptive (config default now): {score(router, validation, settings_default)}")
+    print(f"  adaptive tuned: {tuned} → served {key[0]:.3f}, experts {-key[1]:.3f}" if tuned else "  adaptive: none fits")
+    print(f"  fixed tuned: t_C {best_fixed} → served {best_fixed_key[0]:.3f}, experts {-best_fixed_key[1]:.3f}"
+          if best_fixed is not None else "  fixed: none fits")
+
+    policies = {"fixed": None, "adaptive (default)": settings_default}
+    if best_fixed is not None:
+        policies[f"fixed {best_fixed}"] = AdaptiveThreshold(best_fixed, best_fixed, 1, 0.0, (1.0, 1.0, 1.0), None)
+    if tuned is not None:
+        policies["adaptive (tuned)"] = tuned
+    result = {"store": cfg.store, "store_t_c": router.threshold, "tune_length": args.tune_length,
+              "budget": args.budget, "tuned": tuned.__dict__ if tuned else None, "fixed_tuned": best_fixed,
+              "test": {}}
+    print(f"\ntest split ({len(rows['test'][lengths[0]])} texts): experts per request / gold category served")
+    print(f"{'tokens':>7} | " + " | ".join(f"{p:>24}" for p in policies) + " | adaptive/fixed experts")
+    for n in lengths:
+        figures = {p: score(router, rows["test"][n], a) for p, a in policies.items()}
+        result["test"]["whole" if n is None else str(n)] = {p: {"experts": round(e, 3), "served": round(s, 4)}
+                                                            for p, (e, s) in figures.items()}
+        ratio = figures["adaptive (tuned)"][0] / figures["fixed"][0] if tuned is not None else float("nan")
+        print(f"{'whole' if n is None else n:>7} | " + " | ".join(f"{e:>11.2f} / {s:>10.3f}" for e, s in figures.values())
+              + f" | {ratio:.2f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
