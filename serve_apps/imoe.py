@@ -146,6 +146,10 @@ class Experts:
     def resident(self) -> list[str]:
         return list(self.model.bank.resident)
 
+    def most_resident(self) -> int:
+        """The most adapters this replica ever held at once (strict mode: 1)."""
+        return self.model.bank.most_resident
+
 
 def _replica_cpus() -> int:
     try:
