@@ -169,11 +169,12 @@ def bench_served(store: Path, tokens: int, repeats: int, mode: str) -> dict:
 
 def _most_resident(app: str) -> int | str:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     experts = serve.get_deployment_handle("Experts", app_name=app)
     try:
         return experts.most_resident.remote().result()
-    except AttributeError:  # code from before `Experts.most_resident` (a --baseline run): only what is resident now
+    except RayServeException:  # code from before `Experts.most_resident` (a --baseline run): only what is resident now
         return f"{len(experts.resident.remote().result())} (now)"
 
 
