@@ -117,12 +117,17 @@ def _read_tensors(path: Path, device: torch.device | str, kind: str) -> dict[str
     """The adapter's own tensors of a safetensors file, and only those: a PEFT file may also hold
     copies of base layers (`base_layer.weight` of a tied output layer, `modules_to_save`), which
     the bank never uses and which are often most of its bytes. Read with `pread` where safetensors
-    offers it (0.8+): a load is then a few reads, not a mapping whose pages fault in on first use."""
+    offers it (0.8+) for a CPU bank: a load is then a few reads, not a mapping whose pages fault in
+    during the first pass that uses them."""
     from safetensors import safe_open
 
-    try:
-        handle = safe_open(str(path), framework="pt", device=str(device), backend="pread")
-    except TypeError:  # safetensors before 0.8: memory-mapped
+    handle = None
+    if torch.device(device).type == "cpu":
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # safetensors before 0.8
+            pass
+    if handle is None:  # memory-mapped
         handle = safe_open(str(path), framework="pt", device=str(device))
     with handle as f:
         return {key: f.get_tensor(key) for key in f.keys() if key.endswith(_WANTED[kind])}
