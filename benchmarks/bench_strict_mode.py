@@ -5,8 +5,8 @@ within 3x, with never more than one adapter resident):
 
 - `decode`: the decoder alone, in this process (`ServingModel.generate`): the same tokens; strict
   runs each step in one pass per expert with only that expert resident (loaded from the store in
-  its turn), the baseline in one pass with all three resident. Counts resident adapters at every
-  load and every forward pass.
+  its turn), the baseline in one pass with all three resident. Counts resident adapters after
+  every load and at every forward pass.
 - `served`: the served application over HTTP (`serve_apps.imoe.build_app`, what `imoe serve` runs) on
   a local Ray cluster of its own, twice side by side: with `serve.max_loaded_experts=3` and with 1
   (one replica each, one torch thread), requests alternating between them: the same
