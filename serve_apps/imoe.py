@@ -149,6 +149,10 @@ class Experts:
     def resident(self) -> list[str]:
         return list(self.model.bank.resident)
 
+    def most_resident(self) -> int:
+        """The most adapters this replica ever held at once (strict mode: 1)."""
+        return self.model.bank.most_resident
+
     # ---- whole-model experts (`imoe experts add-model`; imoe_ray/serving/model_experts.py) ----
     async def generate_model(self, job: dict) -> dict:
         """A whole-model expert's answer to a prompt text, decoded with its own tokenizer; loaded (and

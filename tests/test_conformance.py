@@ -285,7 +285,7 @@ def test_strict_mode_answers_a_three_expert_ensemble(client, ray_session, store)
     from ray import serve
 
     reply = client.chat.completions.create(model="imoe", max_tokens=6, messages=[{"role": "user", "content": "parse the xml"}],
-                                           extra_body={"imoe": {"ensemble": True, "top_k": 3}})
+                                           extra_body={"imoe": {"ensemble": 3}})
     assert len(reply.model_extra["imoe"]["experts"]) == 3 and reply.choices[0].message.content is not None
     assert len(serve.get_deployment_handle("Experts", app_name="imoe").resident.remote().result()) <= 1
 

@@ -165,3 +165,14 @@ def test_admission_turns_away_the_request_past_the_bound_before_reading_it():
     assert start["status"] == 429 and headers[b"retry-after"] == b"1" and not read
     assert json.loads(sent[1]["body"])["error"]["code"] == "rate_limit_exceeded"
     assert health_sent[0]["status"] == 200 and fourth_sent[0]["status"] == 200
+
+
+def test_an_ensemble_may_name_its_number_of_experts():
+    three = oa.ImoeOptions.model_validate({"ensemble": 3})
+    assert three.ensemble is True and three.top_k == 3
+    plain = oa.ImoeOptions.model_validate({"ensemble": True, "top_k": 2})
+    assert plain.ensemble is True and plain.top_k == 2
+    assert oa.ImoeOptions.model_validate({"ensemble": False}).ensemble is False
+    for bad in ({"ensemble": 0}, {"ensemble": 65}, {"ensemble": 3, "top_k": 2}):
+        with pytest.raises(ValueError, match="ensemble"):
+            oa.ImoeOptions.model_validate(bad)

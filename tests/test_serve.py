@@ -236,6 +236,51 @@ def test_continuous_batcher_joins_requests_within_the_resident_capacity(served_s
     assert set(loaded) == set(names)
 
 
+def test_strict_mode_decodes_a_three_expert_mixture_with_one_adapter_resident(served_store, monkeypatch):
+    """Capacity 1 (`serve.max_loaded_experts: 1`) through the replica's own path (the continuous
+    batcher over `ServingModel.decode_batch`): a greedy mixture of three experts decodes one
+    adapter at a time (never two resident, not even while one is read from the store) and gets
+    exactly the tokens of capacity 3, where all three decode in one pass."""
+    import asyncio
+
+    from imoe_ray.serving import lora_bank
+    from imoe_ray.serving.batcher import ContinuousBatcher
+
+    names = _expert_names(served_store)[:3]
+    assert len(names) == 3
+    wide, strict = ServingModel(served_store, capacity=3, threads=1), ServingModel(served_store, capacity=1, threads=1)
+    prompt = [wide.tokenizer.eos_token_id] + wide.tokenizer("parse the document and", add_special_tokens=False)["input_ids"]
+    request = GenerationRequest(prompt, dict(zip(names, (0.5, 0.3, 0.2))), 10)
+    expected = wide.generate([request])[0].token_ids
+    assert wide.bank.most_resident == 3
+    passes, reads, use, read = [], [], strict.bank.use, lora_bank.read_lora
+
+    def watched_use(rows):
+        passes.append((len(strict.bank.resident), set(rows)))
+        return use(rows)
+
+    def watched_read(name, *args, **kwargs):
+        reads.append(len(strict.bank.resident))  # the adapter it replaces is gone before it is read
+        return read(name, *args, **kwargs)
+
+    strict.bank.use = watched_use
+    monkeypatch.setattr(lora_bank, "read_lora", watched_read)
+
+    async def served() -> list[int]:
+        async def admit(name):
+            strict.ensure(name)
+
+        batcher = ContinuousBatcher(strict.decode_batch(), max_rows=4, capacity=1, load=admit)
+        return [t for part in [p async for p in batcher.parts(batcher.submit(request))] for t in part.tokens]
+
+    assert asyncio.run(served()) == expected
+    assert reads and set(reads) == {0} and strict.bank.most_resident == 1
+    assert all(n == 1 and len(rows) == 1 for n, rows in passes)
+    assert len(passes) >= 3 * len(expected), "every step ran one pass per expert"
+    assert len(reads) <= 3 + 2 * len(expected), "k - 1 loads per step: the resident expert's pass goes first"
+    assert strict.generate([request])[0].token_ids == expected
+
+
 # ---- the application over HTTP ----------------------------------------------------------------
 
 SERVE_SETTINGS = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_loaded_experts=2",

@@ -238,14 +238,19 @@ class DecodeBatch:
             with self.bank.use(names):
                 return self.model(**inputs, use_cache=True, **self._last_only).logits[:, -1]
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         cache, logits, parts = inputs.pop("past_key_values"), {}, {}
         # passes whose adapters are resident first: the last pass of a step is the first of the next,
         # so a mixture of k experts loads k - 1 of them per step, not k
         resident = lambda span: all(n == BASE or n in self.bank.resident for n in names[span[0]:span[1]])  # noqa: E731
         for start, stop in sorted(passes, key=lambda span: not resident(span)):
-            part = DynamicCache(ddp_cache_data=[(layer.keys[start:stop], layer.values[start:stop])
-                                                for layer in cache.layers] if cache.layers and cache.get_seq_length() else None)
+            part = DynamicCache()  # the pass's rows of the batch's cache, as views: nothing copied before the pass
+            for layer in cache.layers if cache.get_seq_length() else ():
+                view = DynamicLayer()
+                view.lazy_initialization(layer.keys, layer.values)
+                view.keys, view.values = layer.keys[start:stop], layer.values[start:stop]
+                part.layers.append(view)
             if self.ensure is not None:
                 for name in dict.fromkeys(names[start:stop]):
                     self.ensure(name)

@@ -67,8 +67,6 @@ class LoRAWeights:
 def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> LoRAWeights:
     """Read a PEFT LoRA adapter directory into plain tensors (no PEFT machinery involved)."""
-    from safetensors.torch import load_file
-
     root = Path(adapter_dir)
     config_path, weights_path = root / "adapter_config.json", root / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -80,7 +78,7 @@ def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "
         raise AdapterError(f"adapter {name!r} is {kind}; the bank serves LoRA, DoRA and IA3")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise AdapterError(f"adapter {name!r} has per-module rank or alpha patterns, which the bank does not serve")
-    tensors = load_file(str(weights_path), device=str(device))
+    tensors = _read_tensors(weights_path, device, kind)
     if kind == "IA3":
         ia3 = {}
         for key, v in tensors.items():
@@ -110,6 +108,29 @@ def read_lora(name: str, adapter_dir: str | Path, device: torch.device | str = "
     if config.get("use_dora") and set(magnitude) != set(modules):
         raise AdapterError(f"adapter {name!r} is DoRA but its magnitude vectors do not match its LoRA modules")
     return LoRAWeights(name, rank, scale, modules, magnitude)
+
+
+_WANTED = {"LORA": (_A, _B, ".lora_magnitude_vector", ".lora_magnitude_vector.weight"), "IA3": (".ia3_l",)}
+
+
+def _read_tensors(path: Path, device: torch.device | str, kind: str) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors of a safetensors file, and only those: a PEFT file may also hold
+    copies of base layers (`base_layer.weight` of a tied output layer, `modules_to_save`), which
+    the bank never uses and which are often most of its bytes. Read with `pread` where safetensors
+    offers it (0.8+) for a CPU bank: a load is then a few reads, not a mapping whose pages fault in
+    during the first pass that uses them."""
+    from safetensors import safe_open
+
+    handle = None
+    if torch.device(device).type == "cpu":
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # safetensors before 0.8
+            pass
+    if handle is None:  # memory-mapped
+        handle = safe_open(str(path), framework="pt", device=str(device))
+    with handle as f:
+        return {key: f.get_tensor(key) for key in f.keys() if key.endswith(_WANTED[kind])}
 
 
 def dora_ratio(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
@@ -188,6 +209,7 @@ class AdapterBank:
         self.capacity = capacity
         self.on_evict = on_evict  # called with the name of each adapter the LRU drops
         self.resident: OrderedDict[str, LoRAWeights] = OrderedDict()
+        self.most_resident = 0  # the most adapters ever resident at once (strict mode: 1)
         self.plan: _Plan | None = None
         self.lock = threading.RLock()
         first = next(model.parameters())
@@ -196,20 +218,23 @@ class AdapterBank:
 
     # ---- residency ---------------------------------------------------------------------
     def load(self, name: str, adapter_dir: str | Path) -> LoRAWeights:
-        """Make an adapter resident (a no-op when it is); evicts the least recently used past capacity."""
+        """Make an adapter resident (a no-op when it is). At capacity, the least recently used one is
+        evicted first, before the new one is read: resident adapters (and their memory) never
+        exceed the capacity, not even during a load."""
         if name in self.resident:
             self.resident.move_to_end(name)
             return self.resident[name]
+        while self.capacity is not None and self.resident and len(self.resident) >= self.capacity:
+            dropped, _ = self.resident.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(dropped)
         weights = read_lora(name, adapter_dir, self.device, self.dtype)
         self._host(weights)
         for module, magnitude in list(weights.magnitude.items()):
             a, b = weights.modules[module]
             weights.magnitude[module] = dora_ratio(self._hosts[module].base_layer.weight, a, b, weights.scale, magnitude)
         self.resident[name] = weights
-        while self.capacity is not None and len(self.resident) > self.capacity:
-            dropped, _ = self.resident.popitem(last=False)
-            if self.on_evict is not None:
-                self.on_evict(dropped)
+        self.most_resident = max(self.most_resident, len(self.resident))
         return weights
 
     def evict(self, name: str) -> bool:

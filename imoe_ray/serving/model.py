@@ -4,6 +4,7 @@ loaded from the store on demand."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def _identity(adapter_dir: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def _files_identity(adapter_dir: Path) -> tuple:
+    """Every file of an adapter directory with its inode, size, mtime and ctime: any write, rename
+    or replacement changes it (ctime cannot be set back from user space), so an unchanged identity
+    means files already verified against their package manifest need no second hashing. Strict mode
+    reloads the same experts at every step."""
+    try:
+        with os.scandir(adapter_dir) as entries:
+            stats = sorted((e.name, e.stat()) for e in entries)
+    except FileNotFoundError:
+        return ()
+    return tuple((n, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for n, st in stats)
+
+
 class ServingModel:
     """The base LM, its tokenizer and the adapter bank; plain Python, used by the Serve replica,
     the benchmarks and the tests alike."""
@@ -79,6 +93,7 @@ class ServingModel:
         self.bank = AdapterBank(self.model, capacity)
         self.root = root
         self._loaded_from: dict[str, tuple[int, int] | None] = {}  # expert → its files' identity when loaded
+        self._verified: dict[str, tuple] = {}  # expert → `_files_identity` when its package was last verified
         self.experts = installed_experts(root)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -110,9 +125,12 @@ class ServingModel:
         if name not in self.experts:
             raise UnknownExpert(f"no expert named {name!r}; installed: {', '.join(sorted(self.experts))}")
         started = time.perf_counter()
-        from imoe_ray.packaging.registry import verify_adapter
+        files = _files_identity(self.experts[name])
+        if not files or self._verified.get(name) != files:  # first load, or any of its files changed since verified
+            from imoe_ray.packaging.registry import verify_adapter
 
-        verify_adapter(self.experts[name])  # an installed package's files must still hash as its manifest says
+            verify_adapter(self.experts[name])  # an installed package's files must still hash as its manifest says
+            self._verified[name] = files
         self.bank.load(name, self.experts[name])
         self._loaded_from[name] = _identity(self.experts[name])
         return (time.perf_counter() - started) * 1000

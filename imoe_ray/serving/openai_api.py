@@ -51,11 +51,23 @@ class ImoeOptions(BaseModel):
     """The request's `imoe` object (with the openai client: `extra_body={"imoe": {...}}`)."""
     model_config = ConfigDict(extra="forbid")
     mode: Literal["basic", "fast", "optimized"] | None = None
-    ensemble: bool = Field(False, description="mix the router's top-k experts even when one would do")
+    ensemble: bool | int = Field(False, description="mix the router's top-k experts even when one would do; a "
+                                                    "number N: its top N (the same as top_k: N)")
     top_k: int | None = Field(None, ge=1, le=64)
     fusion: Literal["mixture", "summarizer"] | None = Field(None, description="how several experts are fused")
     cross_talk: bool | None = Field(None, description="strongly selected experts read each other's drafts before "
                                                       "the summarizer fuses them (t_CT); null: serve.cross_talk")
+
+    @model_validator(mode="after")
+    def _ensemble_of_n(self):
+        if isinstance(self.ensemble, bool):
+            return self
+        if not 1 <= self.ensemble <= 64:
+            raise ValueError(f"ensemble: true, false, or a number of experts from 1 to 64, not {self.ensemble}")
+        if self.top_k is not None and self.top_k != self.ensemble:
+            raise ValueError(f"ensemble asks for {self.ensemble} experts and top_k for {self.top_k}: give one")
+        self.top_k, self.ensemble = self.ensemble, True
+        return self
 
 
 class StreamOptions(BaseModel):
