@@ -91,7 +91,7 @@ def deploy_floor(root: str) -> str:
     from ray import serve
     from starlette.responses import JSONResponse
 
-    @serve.deployment(max_ongoing_requests=100_000)
+    @serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     class Reject:
         async def __call__(self, request):
             return JSONResponse({"error": {"message": "at capacity", "type": "rate_limit_error", "param": None,
@@ -119,6 +119,10 @@ async def main(args) -> None:
         hostile = await asyncio.gather(*[one(session, args.url, GOOD | HOSTILE[i % len(HOSTILE)], 120)
                                          for i in range(args.hostile)])
         good_done = await asyncio.gather(*good)
+    if floor_url is not None:
+        from ray import serve
+
+        serve.delete("bench-floor")
 
     ok = lambda rows: [ms for code, ms in rows if code == 200]  # noqa: E731
     rejected = [ms for code, ms in burst if code in (429, 503)]
