@@ -54,6 +54,8 @@ class ImoeOptions(BaseModel):
     ensemble: bool = Field(False, description="mix the router's top-k experts even when one would do")
     top_k: int | None = Field(None, ge=1, le=64)
     fusion: Literal["mixture", "summarizer"] | None = Field(None, description="how several experts are fused")
+    clarify: bool | None = Field(None, description="answer with a clarifying question (imoe.clarification) when "
+                                 "the experts disagree or the route is a near tie; null: the server's serve.clarify")
 
 
 class StreamOptions(BaseModel):
