@@ -35,6 +35,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from imoe_ray.config import Config, store_config
+from imoe_ray.fusion.clarify import ClarifySettings
+from imoe_ray.fusion.fuser import Fuser
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
 from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of, check_keys_in_this_process
@@ -284,7 +286,8 @@ class Router:
                                                                local_root=self.store)
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
-                               cfg.retrieval.k, max(16, min(256, self.context // 4)))
+                               cfg.retrieval.k, max(16, min(256, self.context // 4)), ClarifySettings.from_config(cfg.serve))
+        self.fuser = Fuser(cfg.fusion, ClarifySettings.from_config(cfg.serve), self.tokenizer, self.stop_ids)
         self._learning: set[asyncio.Task] = set()
         self._watch = ExpertsWatcher(self.store)  # experts installed or removed while running join / drain
         self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))
@@ -461,7 +464,8 @@ class Router:
         caller's identity (its API key's name, or its address on a server without keys); never for a
         key created with --no-learn."""
         experts = [e for e in plan.experts if e not in (BASE, SUMMARIZER)]
-        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip() or not caller.learn:
+        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip() or not caller.learn \
+                or plan.clarification:  # a clarifying question is no answer to learn
             return
         task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id,
                                                      caller.name))
@@ -471,7 +475,7 @@ class Router:
                                                                 t.exception())))
 
     async def _answer(self, body, plan: Plan) -> tuple[str, str, int, int]:
-        if plan.fusion == SUMMARIZER:
+        if plan.fusion == SUMMARIZER or plan.clarification:
             return await self._summarize(body, plan)
         ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
         tokens, finish, logprobs = [], "length", []
@@ -496,26 +500,31 @@ class Router:
         return self.tokenizer.decode([token])
 
     async def _summarize(self, body, plan: Plan) -> tuple[str, str, int, int]:
-        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
-        from imoe_ray.fusion.summarizer import summarizer_prompt
-
+        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer
+        (`imoe_ray.fusion.fuser`: plan and copy, or a clarifying question)."""
         if len(plan.experts) > self.settings.max_batch_size:
             raise oa.ApiError(400, f"this request drafts with {len(plan.experts)} experts; the server takes at most "
                                    f"{self.settings.max_batch_size} (serve.max_batch_size): ask for a smaller imoe.top_k",
                               param="imoe.top_k", code="invalid_value")
         ids, limit = await asyncio.to_thread(self._tokens, plan.prompt, body)
-        drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
-        started = time.perf_counter()
-        fused = summarizer_prompt(plan.prompt, list(zip(plan.experts, drafts)))
-        fused_ids, fused_limit = await asyncio.to_thread(self._tokens, fused, body, True)
-        single = Plan(plan.model, plan.mode, fused, {SUMMARIZER: 1.0}, timings_ms=plan.timings_ms)
+        if not plan.clarification:  # not a near tie on a short query (the planner's rule): the experts draft
+            drafts = await asyncio.gather(*[self._draft(name, ids, limit, body, plan) for name in plan.experts])
+            started = time.perf_counter()
+            fusion = self.fuser.prepare(plan.prompt, list(zip(plan.experts, drafts)), plan.clarify)
+            plan.clarification = fusion.clarification.to_json() if fusion.clarification else None  # drafts disagree
+        if plan.clarification:  # the answer is the clarifying question
+            question = plan.clarification["question"]
+            return question, "stop", len(ids), self._count_tokens(question) - 1, []
+        fused_ids, fused_limit = await asyncio.to_thread(self._tokens, fusion.prompt, body, True)
+        single = Plan(plan.model, plan.mode, fusion.prompt, {SUMMARIZER: 1.0}, timings_ms=plan.timings_ms)
         tokens, finish = [], "length"
-        async for part in self._generate(single, fused_ids, fused_limit, body, stream=False, timing="fuse"):
+        async for part in self._generate(single, fused_ids, min(fused_limit, fusion.max_new_tokens or fused_limit), body,
+                                         stream=False, timing="fuse", steer=fusion.steer):
             tokens += part["tokens"]
             finish = part["finish_reason"] or finish
         plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
         text, kept, finish = self._returned(tokens, finish, body.stop)
-        return text, finish, len(ids), kept, []
+        return fusion.finish(text), finish, len(ids), kept, []
 
     async def _draft(self, name: str, ids: list[int], limit: int, body, plan: Plan) -> str:
         one = Plan(plan.model, plan.mode, plan.prompt, {name: 1.0}, timings_ms=plan.timings_ms)
@@ -531,7 +540,7 @@ class Router:
         first_token_ms = None
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
-            if plan.fusion == SUMMARIZER:  # the fused answer exists only at the end
+            if plan.fusion == SUMMARIZER or plan.clarification:  # the fused answer exists only at the end
                 text, finish, prompt_tokens, kept, _ = await self._summarize(body, plan)
                 self._observe(plan, kept, first_token_ms=(time.perf_counter() - arrived) * 1000)
                 first = {"role": "assistant", "content": text} if chat else text
@@ -587,13 +596,13 @@ class Router:
             self._queue(-1)
 
     async def _generate(self, plan: Plan, ids: list[int], limit: int, body, stream: bool,
-                        timing: str = "generate") -> AsyncIterator[dict]:
+                        timing: str = "generate", steer=None) -> AsyncIterator[dict]:
         """The expert replicas' token stream for one request; retried on another replica while a dead
         one is replaced, as long as nothing was handed to the client yet."""
         job = {"request": {"prompt_ids": ids, "experts": plan.experts, "max_new_tokens": limit,
                            "temperature": body.temperature, "top_p": body.top_p, "stop_ids": self.stop_ids,
                            "seed": body.seed, "stop": tuple(body.stop), "logit_bias": body.logit_bias,
-                           "logprobs": body.logprob_count()},
+                           "logprobs": body.logprob_count(), "steer": steer},
                "stream": stream}
         deadline = time.monotonic() + self.settings.retry_s
         while True:
