@@ -73,3 +73,13 @@ def test_clarification_is_a_config_setting_and_a_request_option():
     assert ChatRequest.model_validate({"model": "imoe", "messages": [{"role": "user", "content": "hi"}]}).imoe.clarify is None
     with pytest.raises(ValidationError):
         ChatRequest.model_validate({"model": "imoe", "messages": [], "imoe": {"clarify": "maybe"}})
+
+
+def test_the_response_carries_a_clarification_only_when_there_is_one():
+    from imoe_ray.serving.pipeline import Plan
+
+    plan = Plan("imoe", "basic", "p", {"a": 0.5, "b": 0.5}, clarify=True)
+    assert "clarification" not in plan.imoe() and "clarify" not in plan.imoe()
+    plan.clarification = clarify_route("sockets", {"a": 0.5, "b": 0.5}, ON).to_json()
+    out = plan.imoe()["clarification"]
+    assert out["options"] == ["a", "b"] and out["question"].startswith("Do you mean a or b?")

@@ -168,3 +168,23 @@ def test_a_steer_without_sources_only_forces_the_head():
     assert torch.isinf(steer.adjust(logprobs)).sum() == 9
     steer.advance(6)
     assert torch.equal(steer.adjust(logprobs), logprobs)
+
+
+def test_the_served_fuser_plans_and_copies_or_asks(tiny_lm):
+    from imoe_ray.fusion.clarify import ClarifySettings
+    from imoe_ray.fusion.fuser import Fuser
+
+    model, tok = tiny_lm
+    fusion_cfg = load_config(None, []).fusion
+    fuser = Fuser(fusion_cfg, ClarifySettings(enabled=True), tok, [tok.eos_token_id])
+    agree = [("net", "the socket sends bytes over the network"), ("linalg", "Mention matrix. At most 6 words.")]
+    f = fuser.prepare("send data", agree, clarify=True)
+    assert f.clarification is None and f.prompt == summarizer_prompt("send data", agree)
+    answer = f.finish(generate(model, tok, [f.prompt], f.max_new_tokens, steers=[f.steer])[0])
+    assert answer.startswith("matrix:") and len(answer.split()) <= 6
+    disagree = [("net", "the socket sends bytes over the network"), ("linalg", "invert the matrix of floats")]
+    assert fuser.prepare("q", disagree, clarify=True).clarification.reason == "drafts_disagree"
+    assert fuser.prepare("q", disagree, clarify=False).clarification is None
+    free = Fuser(fusion_cfg.model_copy(update={"constrained": False}), ClarifySettings(), tok, [tok.eos_token_id])
+    f = free.prepare("send data", agree)
+    assert f.steer is None and f.finish("  a  b ") == "  a  b "

@@ -111,7 +111,7 @@ def clarify_drafts(drafts: list[tuple[str, str]], settings: ClarifySettings) -> 
 def clarify_route(query: str, prior: dict[str, float], settings: ClarifySettings) -> Clarification | None:
     """A clarifying question when the two most probable experts (`prior`: expert → probability) are
     within `settings.tie_margin` of each other on a query of at most `settings.query_words` words."""
-    ranked = sorted(((p, e) for e, p in prior.items() if e != BASE), reverse=True)
+    ranked = sorted(((p, e) for e, p in prior.items() if e != BASE), key=lambda pe: (-pe[0], pe[1]))
     if len(ranked) < 2 or len(query.split()) > settings.query_words:
         return None
     (p1, first), (p2, second) = ranked[:2]
