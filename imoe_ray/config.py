@@ -207,6 +207,10 @@ class FusionConfig(_Section):
     copy_bias: float | None = Field(None, gt=0, description="null: copy by construction (each answer token continues "
                                     "a draft, or ends the answer); a number: added to the copy candidates' "
                                     "log-probabilities, so the summarizer may bridge with its own words")
+    stop: Literal["budget", "sentence", "model"] = Field(
+        "budget", description="where a fused answer may end (plan and copy): 'budget': when the copied draft reaches "
+                              "the word budget (the tightest bound, else answer_words); 'sentence': also at a sentence's "
+                              "end; 'model': at any word's end the summarizer chooses")
     answer_words: int = Field(14, ge=1, description="length of a fused answer, in words, when no draft bounds it")
     salient_terms: int = Field(1, ge=0, description="specific words of each content draft after the first that the "
                                                     "fused answer must contain (so every expert that wrote text counts)")

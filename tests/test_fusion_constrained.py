@@ -112,7 +112,7 @@ def test_the_end_waits_for_the_required_terms_a_source_holds(tiny_lm):
     model, tok = tiny_lm
     plan = plan_fusion("q", [("a", "the matrix of floats is inverted by the solver"), ("b", "Mention solver.")])
     assert plan.head == [] and plan.required == ["solver"]
-    steer = make_steer(plan, tok, [tok.eos_token_id])
+    steer = make_steer(plan, tok, [tok.eos_token_id], stop="model")
     # the end token is the most likely at every step: the answer still runs to the required term
     eos_first = torch.full((1, len(tok)), -10.0)
     eos_first[0, tok.eos_token_id] = 10.0
@@ -188,3 +188,21 @@ def test_the_served_fuser_plans_and_copies_or_asks(tiny_lm):
     free = Fuser(fusion_cfg.model_copy(update={"constrained": False}), ClarifySettings(), tok, [tok.eos_token_id])
     f = free.prepare("send data", agree)
     assert f.steer is None and f.finish("  a  b ") == "  a  b "
+
+
+@pytest.mark.parametrize("stop", ["budget", "sentence", "model"])
+def test_where_an_answer_may_end(tiny_lm, stop):
+    _, tok = tiny_lm
+    plan = plan_fusion("q", [("a", "open the socket. then send the bytes to the server"), ("b", "At most 9 words.")])
+    steer = make_steer(plan, tok, [tok.eos_token_id], stop=stop)
+    ends = sorted(steer.ends[0])
+    texts = [tok.decode(steer.sources[0][:p]).strip() for p in ends]
+    assert texts[-1] == "open the socket. then send the bytes to the"  # the budget: 9 words
+    if stop == "budget":
+        assert len(ends) == 1
+    elif stop == "sentence":
+        assert texts == ["open the socket.", texts[-1]]
+    else:
+        assert texts[:3] == ["open", "open the", "open the socket."] and len(texts) == 9
+    with pytest.raises(ValueError, match="stop must be one of"):
+        make_steer(plan, tok, [tok.eos_token_id], stop="never")

@@ -115,7 +115,7 @@ def evaluate_summarizer(store: Store, cfg: Config, n_cases: int | None = None, m
     answers = {"summarizer": generate(model, tokenizer, prompts, max_new_tokens)}
     nll = {"summarizer": reference_nll(model, tokenizer, cases)}
     plans = [plan_fusion(c.question, c.drafts, cfg.fusion.answer_words, cfg.fusion.salient_terms) for c in cases]
-    steers = [make_steer(p, tokenizer, [tokenizer.eos_token_id], cfg.fusion.copy_bias) for p in plans]
+    steers = [make_steer(p, tokenizer, [tokenizer.eos_token_id], cfg.fusion.copy_bias, cfg.fusion.stop) for p in plans]
     steered = generate(model, tokenizer, prompts, max(max_answer_tokens(s) for s in steers), steers=steers)
     answers["constrained"] = [finish(a, p) for a, p in zip(steered, plans)]
     with model.disable_adapter():

@@ -12,9 +12,10 @@ The embedded base LM is too small to learn copying, so nothing here depends on i
 - `CopySteer` is applied at every decoding step of the summarizer: the head's tokens are forced,
   then the next token must continue one of the content drafts where the answer has copied so far
   (or, with a finite `bias`, is pushed that way, and the summarizer may bridge with its own words);
-  the answer may end at the end of a word, once every required term the copied draft holds is in.
-  The summarizer adapter still decides which draft to follow and where to stop (the length it learned);
-  `finish` cuts the text to the length bound, which hard copying never exceeds anyway.
+  the answer may end once every required term the copied draft holds is in, where `stop` allows:
+  at the word budget (default), at a sentence's end, or at any word's end (the summarizer's choice).
+  The summarizer adapter decides which draft to follow, and with `stop` = sentence or model where to
+  end; `finish` cuts the text to the length bound, which hard copying never exceeds anyway.
 """
 
 from __future__ import annotations
@@ -250,16 +251,24 @@ class CopySteer:
         # a token of the model's own (soft copying): the pointers stay, copying resumes there
 
 
-def _ends(tokenizer, ids: list[int], terms: list[str]) -> list[int]:
-    """After how many of a source's tokens the answer may end: at the end of a word, once every
-    required term the source holds has been copied."""
+STOPS = ("budget", "sentence", "model")
+
+
+def _ends(tokenizer, ids: list[int], terms: list[str], stop: str = "budget") -> list[int]:
+    """After how many of a source's tokens the answer may end: `budget`: only at the end of the
+    (clipped) source; `sentence`: also at a sentence's end; `model`: at any word's end (where the
+    summarizer ends it); never before every required term the source holds has been copied."""
+    if stop not in STOPS:
+        raise ValueError(f"stop must be one of {STOPS}, not {stop!r}")
     text = tokenizer.decode(ids)
     need = max((m.end() for t in terms if (m := _term_re(t).search(text))), default=0)
     out = []
     for p in range(1, len(ids) + 1):
         current = tokenizer.decode(ids[:p])
         word_end = p == len(ids) or tokenizer.decode(ids[:p + 1])[len(current):][:1].isspace()
-        if word_end and len(current) >= need:
+        allowed = p == len(ids) or (stop == "model" and word_end) or \
+            (stop == "sentence" and word_end and current.rstrip().endswith((".", "!", "?")))
+        if allowed and len(current) >= need:
             out.append(p)
     return out
 
@@ -268,12 +277,13 @@ def _term_re(term: str) -> re.Pattern:
     return re.compile(rf"(?<![A-Za-z0-9_]){re.escape(term)}(?![A-Za-z0-9_])", re.IGNORECASE)
 
 
-def make_steer(plan: FusionPlan, tokenizer, stop_ids: list[int], bias: float | None = None) -> CopySteer:
+def make_steer(plan: FusionPlan, tokenizer, stop_ids: list[int], bias: float | None = None,
+               stop: str = "budget") -> CopySteer:
     """The decoding constraint that realises a plan with this tokenizer (the answer follows the
-    prompt's `Answer:` after a space, as the summarizer was trained)."""
+    prompt's `Answer:` after a space, as the summarizer was trained); `stop`: where it may end (`_ends`)."""
     forced = tokenizer(" " + plan.head_text, add_special_tokens=False)["input_ids"] if plan.head else []
     sources = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in plan.sources]
-    return CopySteer(forced, sources, stop_ids, [_ends(tokenizer, s, plan.required) for s in sources], bias)
+    return CopySteer(forced, sources, stop_ids, [_ends(tokenizer, s, plan.required, stop) for s in sources], bias)
 
 
 def max_answer_tokens(steer: CopySteer, slack: int = 8) -> int:

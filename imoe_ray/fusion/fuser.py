@@ -39,5 +39,5 @@ class Fuser:
         if not self.settings.constrained:
             return Fusion(prompt)
         plan = plan_fusion(question, drafts, self.settings.answer_words, self.settings.salient_terms)
-        steer = make_steer(plan, self.tokenizer, self.stop_ids, self.settings.copy_bias)
+        steer = make_steer(plan, self.tokenizer, self.stop_ids, self.settings.copy_bias, self.settings.stop)
         return Fusion(prompt, steer, max_answer_tokens(steer), plan)
