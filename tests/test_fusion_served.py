@@ -49,6 +49,7 @@ def _fused(client, **imoe):
                                      extra_body={"imoe": {"ensemble": True, "top_k": 2, "fusion": "summarizer"} | imoe})
 
 
+@pytest.mark.slow  # a store, a summarizer and `imoe serve`: minutes
 def test_the_served_summarizer_copies_the_drafts_and_obeys_them(served):
     root, client = served
     reply = _fused(client)
@@ -71,6 +72,7 @@ def test_the_served_summarizer_copies_the_drafts_and_obeys_them(served):
         assert asked.choices[0].text == expected.question and asked.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_a_short_query_with_a_near_tie_gets_a_clarifying_question(served):
     root, client = served
     reply = client.chat.completions.create(model="imoe", max_tokens=8, messages=[{"role": "user", "content": "the file"}],
