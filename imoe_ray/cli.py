@@ -611,7 +611,7 @@ def _summarizer_table(result: dict) -> Table:
         table.add_column(m.replace("_", " "), justify="right")
     for name, row in result["systems"].items():
         table.add_row(LABELS[name], *["-" if row.get(m) is None else f"{row[m]:.3f}" for m in METRICS + ("reference_nll",)],
-                      style="bold" if name == "summarizer" else None)
+                      style="bold" if name == "constrained" else None)
     return table
 
 

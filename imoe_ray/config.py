@@ -210,6 +210,19 @@ class FusionConfig(_Section):
     draft_words: int = Field(12, ge=2, description="length of a synthetic task draft, in words")
     cpus_per_worker: int | None = Field(None, ge=1, description="default: every CPU of the cluster")
     seed: int = 0
+    constrained: bool = Field(True, description="serving fuses by plan and copy (imoe_ray.fusion.constrained): the "
+                              "drafts' required terms and length bounds are obeyed by construction and the summarizer "
+                              "copies their content; false: the summarizer writes the answer freely, as trained")
+    copy_bias: float | None = Field(None, gt=0, description="null: copy by construction (each answer token continues "
+                                    "a draft, or ends the answer); a number: added to the copy candidates' "
+                                    "log-probabilities, so the summarizer may bridge with its own words")
+    stop: Literal["budget", "sentence", "model"] = Field(
+        "budget", description="where a fused answer may end (plan and copy): 'budget': when the copied draft reaches "
+                              "the word budget (the tightest bound, else answer_words); 'sentence': also at a sentence's "
+                              "end; 'model': at any word's end the summarizer chooses")
+    answer_words: int = Field(14, ge=1, description="length of a fused answer, in words, when no draft bounds it")
+    salient_terms: int = Field(1, ge=0, description="specific words of each content draft after the first that the "
+                                                    "fused answer must contain (so every expert that wrote text counts)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "FusionConfig":
@@ -265,6 +278,16 @@ class ServeConfig(_Section):
                         "part in cross-talk")
     cross_talk_tokens: int = Field(64, ge=8, description="most tokens of the other experts' drafts in one "
                                    "second-round prompt (cross-talk)")
+    clarify: bool = Field(False, description="answer with a clarifying question (imoe.clarification) when the "
+                          "experts' drafts disagree or the router's top categories are nearly tied on a short query; "
+                          "a request's imoe.clarify overrides it")
+    clarify_divergence: float = Field(0.9, ge=0, le=1, description="drafts disagree when the mean pairwise "
+                                      "Jensen-Shannon divergence (base 2, 0: same words, 1: no word shared) of their "
+                                      "content words exceeds this, or when their directives contradict each other")
+    clarify_tie_margin: float = Field(0.1, ge=0, le=1, description="the router's top two experts are nearly tied "
+                                      "when their probabilities differ by at most this")
+    clarify_query_words: int = Field(6, ge=1, description="a query of at most this many words is short (a near tie "
+                                     "asks for clarification only on a short query)")
 
 
 class RetrievalConfig(_Section):

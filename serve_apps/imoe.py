@@ -35,6 +35,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from imoe_ray.config import Config, store_config
+from imoe_ray.fusion.clarify import ClarifySettings
+from imoe_ray.fusion.fuser import Fuser
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.batcher import ContinuousBatcher, Ticket
 from imoe_ray.serving.auth import Authenticate, Caller, KeyRing, caller_of, check_keys_in_this_process
@@ -289,7 +291,10 @@ class Router:
         self.whole_models = set(model_experts(self.store))  # experts that are whole models, not adapters
         from imoe_ray.retrieval.serving import build_components
 
-        self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_token_ids(self.store / "base", self.tokenizer))
+        stop_ids = stop_token_ids(self.store / "base", self.tokenizer)
+        self.clarify = ClarifySettings.from_config(cfg.serve)
+        self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_ids,
+                                fuser=Fuser(cfg.fusion, self.clarify, self.tokenizer, list(stop_ids)))
         self.embedding = cfg.embedding
         self._encoders: dict[str, object] = {}
 
@@ -301,7 +306,7 @@ class Router:
         self.planner = Planner(load_router(Store(store), cfg), list(self.installed), self.settings.mode,
                                self.settings.top_k or cfg.experts.top_k, retriever, compressor,
                                cfg.retrieval.k, max(16, min(256, self.context // 4)),
-                               cfg.serve.cross_talk, cfg.serve.t_ct)  # cross-talk (t_CT)
+                               cross_talk=cfg.serve.cross_talk, t_ct=cfg.serve.t_ct, clarify=self.clarify)
         self._learning: set[asyncio.Task] = set()
         self._watch = ExpertsWatcher(self.store)  # experts installed or removed while running join / drain
         self.requests = metrics.Counter("imoe_requests", "requests per expert", tag_keys=("expert", "mode"))
@@ -457,7 +462,7 @@ class Router:
             return await self._answer_whole(body, plan, sampling)
         ids, limit = await asyncio.to_thread(self.path.encode, plan.prompt, body.max_completion_tokens or body.max_tokens)
         decode = self._decoder(stream=False)
-        if plan.fusion == SUMMARIZER:
+        if plan.fusion == SUMMARIZER or plan.clarification:
             return await self.path.summarize(plan, ids, limit, sampling, decode)
         return await self.path.answer(plan, ids, limit, sampling, decode)
 
@@ -484,7 +489,8 @@ class Router:
         caller's identity (its API key's name, or its address on a server without keys); never for a
         key created with --no-learn."""
         experts = [e for e in plan.experts if e not in (BASE, SUMMARIZER)]
-        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip() or not caller.learn:
+        if self.learner is None or plan.mode != "optimized" or not experts or not answer.strip() or not caller.learn \
+                or plan.clarification:  # a clarifying question is no answer to learn
             return
         task = asyncio.create_task(asyncio.to_thread(self.learner.learn, question, answer, experts, request_id,
                                                      caller.name))
@@ -502,7 +508,7 @@ class Router:
         first_token_ms = None
         make = oa.chat_chunk if chat else oa.completion_chunk
         try:
-            if plan.fusion == SUMMARIZER or self.whole_models.intersection(plan.experts):
+            if plan.fusion == SUMMARIZER or plan.clarification or self.whole_models.intersection(plan.experts):
                 # the fused (or whole-model) answer exists only at the end
                 answer = await self._answer(body, plan, sampling)
                 self._observe(plan, answer.completion_tokens, first_token_ms=(time.perf_counter() - arrived) * 1000)

@@ -194,7 +194,10 @@ def test_eval_summarizer_cli_writes_json_and_plot(fused, ray_session):
     out = Path(store.uri) / "fusion" / "eval-summarizer.json"
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result and 0 < result["cases"] <= 6
-    assert set(result["systems"]) == {"summarizer", "base", "task_draft", "constraint_draft", "best_draft", "concatenation"}
+    assert set(result["systems"]) == {"constrained", "summarizer", "base", "task_draft", "constraint_draft", "best_draft",
+                                      "concatenation"}
+    assert result["systems"]["constrained"]["term_recall"] in (None, 1.0)  # the head holds the terms
+    assert result["systems"]["constrained"]["length_ok"] in (None, 1.0)
     for name, row in result["systems"].items():
         assert all(v is None or 0 <= v <= 1 for k, v in row.items() if k != "reference_nll"), name
     assert result["systems"]["constraint_draft"]["term_recall"] in (None, 1.0)

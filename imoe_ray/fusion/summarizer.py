@@ -39,6 +39,8 @@ which while whom whose will with within without would your yours yourself yourse
 values return returns default object objects type types given used uses using function functions method methods
 example examples parameter parameters argument arguments instance class note notes optional""".split())
 
+STOP_WORDS = _STOP
+
 
 @dataclass
 class Case:
@@ -209,9 +211,11 @@ def context_length(model) -> int:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32,
+             steers: list | None = None) -> list[str]:
     """Greedy completions of the prompts (each after EOS), left-padded in batches, until EOS.
-    A prompt longer than the context keeps its last tokens, as serving does."""
+    A prompt longer than the context keeps its last tokens, as serving does. `steers` (one per
+    prompt, or None) constrain each prompt's decoding (`constrained.CopySteer`: `adjust`, `advance`)."""
     device = next(model.parameters()).device
     limit = context_length(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -234,7 +238,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, bat
         for _ in range(min(max_new_tokens, limit - width)):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-            token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            chosen = steered_argmax(logits, steers[b: b + batch_size], done) if steers else logits.argmax(-1)
+            token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), chosen)
             done |= token == eos
             new = torch.cat([new, token[:, None]], 1)
             ids = torch.cat([ids, token[:, None]], 1)
@@ -244,6 +249,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, bat
         for row in new.tolist():
             row = row[: row.index(eos)] if eos in row else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def steered_argmax(logits: torch.Tensor, steers: list, done: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token under its steer (if any), which then advances past it."""
+    out = logits.argmax(-1)
+    for i, steer in enumerate(steers):
+        if steer is None or done[i]:
+            continue
+        out[i] = int(steer.adjust(torch.log_softmax(logits[i].float().cpu(), -1)).argmax())
+        steer.advance(int(out[i]))
     return out
 
 

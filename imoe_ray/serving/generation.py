@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 
@@ -38,6 +38,13 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 2.0
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1   # what torch.Generator.manual_seed takes
 
 
+class Steer(Protocol):
+    """A per-request decoding constraint (e.g. `imoe_ray.fusion.constrained.CopySteer`): `adjust` maps
+    each step's log-probabilities (after logit_bias), `advance` is told the token picked."""
+    def adjust(self, logprobs: torch.Tensor) -> torch.Tensor: ...
+    def advance(self, token: int) -> None: ...
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -50,6 +57,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()                # stop strings: decoding ends once the text contains one
     logit_bias: dict[int, float] | None = None  # token id → added to its logit (OpenAI's -100..100)
     logprobs: int | None = None               # report each token's log-probability and this many alternatives
+    steer: Steer | None = None                # a decoding constraint of this request alone (its own state)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -186,7 +194,11 @@ class DecodeBatch:
             try:
                 mixed = logprobs[rows[0]] if len(rows) == 1 else mix_logprobs([logprobs[i] for i in rows], list(r.experts.values()))
                 mixed = _biased(mixed, r.logit_bias)
+                if r.steer is not None:
+                    mixed = r.steer.adjust(mixed)
                 token = _pick(mixed, r, self._rngs[key])
+                if r.steer is not None:
+                    r.steer.advance(token)
             except Exception as e:  # this request's own numbers: it fails alone, the others go on
                 self.errors[key] = e
                 out[key] = (self.pad_id, "error")

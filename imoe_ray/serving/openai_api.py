@@ -57,6 +57,8 @@ class ImoeOptions(BaseModel):
     fusion: Literal["mixture", "summarizer"] | None = Field(None, description="how several experts are fused")
     cross_talk: bool | None = Field(None, description="strongly selected experts read each other's drafts before "
                                                       "the summarizer fuses them (t_CT); null: serve.cross_talk")
+    clarify: bool | None = Field(None, description="answer with a clarifying question (imoe.clarification) when "
+                                 "the experts disagree or the route is a near tie; null: the server's serve.clarify")
 
     @model_validator(mode="after")
     def _ensemble_of_n(self):

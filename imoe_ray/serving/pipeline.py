@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from imoe_ray.experts.mixture import expert_prior
+from imoe_ray.fusion.clarify import ClarifySettings, clarify_route
 from imoe_ray.fusion.crosstalk import cross_talk_experts
 from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.serving.openai_api import ROUTED_MODEL, ApiError, ImoeOptions
@@ -56,6 +57,8 @@ class Plan:
     retries: int = 0                           # times a dead replica's request was sent again
     batch_rows: int = 0                        # rows decoded in the same forward passes as this request
     server_ms: float = 0.0                     # the whole request inside the router deployment
+    clarify: bool = False                      # may the answer be a clarifying question (request or config)
+    clarification: dict | None = None          # {question, options, reason, score} when it is one
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("route", "retrieval", "compression", "load", "generate", "fuse"), 0.0))
 
@@ -81,13 +84,17 @@ class Plan:
         out["weights"] = {k: round(v, 4) for k, v in self.experts.items()}
         out["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
         out["server_ms"] = round(self.server_ms, 3)
+        del out["clarify"]
+        if self.clarification is None:
+            del out["clarification"]
         return out
 
 
 class Planner:
     def __init__(self, router, experts: list[str], mode: str = "basic", top_k: int = 2,
                  retriever: Retriever | None = None, compressor: Compressor | None = None,
-                 retrieval_k: int = 4, context_budget: int = 256, cross_talk: bool = False, t_ct: float = 0.3):
+                 retrieval_k: int = 4, context_budget: int = 256, cross_talk: bool = False, t_ct: float = 0.3,
+                 clarify: ClarifySettings | None = None):
         self.router = router
         self.experts = set(experts)
         self.mode = mode
@@ -95,6 +102,7 @@ class Planner:
         self.retriever, self.compressor = retriever, compressor
         self.retrieval_k, self.context_budget = retrieval_k, context_budget
         self.cross_talk, self.t_ct = cross_talk, t_ct
+        self.clarify = clarify or ClarifySettings()
         self._encoding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-encode")
 
     def models(self) -> list[str]:
@@ -113,6 +121,7 @@ class Planner:
             plan = Plan(model, mode, prompt, {model: 1.0})
         else:
             plan = self._routed(query, prompt, mode, options)
+        plan.clarify = self.clarify.enabled if options.clarify is None else options.clarify
         if mode in ("fast", "optimized"):
             self._add_context(plan, query, retrieve=mode == "optimized", vector=vector)
         if len(plan.experts) > 1:
@@ -149,6 +158,9 @@ class Planner:
                     categories=route.names, probabilities=route.probabilities, fallback=route.fallback,
                     exit_layer=route.exit_layer, t_c=route.t_c, complexity=route.complexity,
                     cross_talk=cross_talk_experts(list(prior), list(prior.values()), chosen, self.t_ct))
+        if (options.clarify if options.clarify is not None else self.clarify.enabled) and chosen != [BASE]:
+            tie = clarify_route(query, prior, self.clarify)  # a near tie on a short query: ask which is meant
+            plan.clarification = tie.to_json() if tie is not None else None
         plan.timings_ms["route"] = (time.perf_counter() - started) * 1000
         return plan
 

@@ -28,7 +28,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from imoe_ray.config import ServeConfig
-from imoe_ray.serving.generation import GenerationRequest
+from imoe_ray.fusion.fuser import Fuser, Fusion
+from imoe_ray.fusion.summarizer import summarizer_prompt
+from imoe_ray.serving.generation import GenerationRequest, Steer
 from imoe_ray.serving.limits import TokenBudget, check_prompt_tokens, check_request
 from imoe_ray.serving.openai_api import ApiError, ImoeOptions
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, chat_prompt, cut_at_stop
@@ -79,9 +81,10 @@ class RequestPath:
     """One server's request path: its tokenizer, model context, limits and stop tokens."""
 
     def __init__(self, tokenizer, context: int, settings: ServeConfig, stop_ids: tuple[int, ...],
-                 budget: TokenBudget | None = None):
+                 budget: TokenBudget | None = None, fuser: Fuser | None = None):
         self.tokenizer, self.context, self.settings = tokenizer, context, settings
         self.stop_ids = tuple(stop_ids)
+        self.fuser = fuser  # the summarizer's plan-and-copy fusion (None: the summarizer decodes freely)
         self.budget = budget or TokenBudget(context, settings.max_tokens, settings.max_tokens_limit)
 
     # ---- before any work ----
@@ -125,11 +128,12 @@ class RequestPath:
         return self.budget.encode(self.tokenizer, text, asked, truncate, param=param)
 
     # ---- decoding ----
-    def generation(self, experts: dict[str, float], ids: list[int], limit: int, sampling: Sampling) -> GenerationRequest:
+    def generation(self, experts: dict[str, float], ids: list[int], limit: int, sampling: Sampling,
+                   steer: Steer | None = None) -> GenerationRequest:
         return GenerationRequest(prompt_ids=ids, experts=dict(experts), max_new_tokens=limit,
                                  temperature=sampling.temperature, top_p=sampling.top_p, stop_ids=self.stop_ids,
                                  seed=sampling.seed, stop=sampling.stop, logit_bias=sampling.logit_bias,
-                                 logprobs=sampling.logprobs)
+                                 logprobs=sampling.logprobs, steer=steer)
 
     def returned(self, tokens: list[int], finish: str, stops: tuple[str, ...] | list[str]) -> tuple[str, int, str]:
         """The text up to the first stop string, how many tokens it took (the token a stop string
@@ -141,12 +145,12 @@ class RequestPath:
         return text, kept, "stop"
 
     async def answer(self, plan: Plan, ids: list[int], limit: int, sampling: Sampling, decode: Decode,
-                     timing: str = "generate") -> Answer:
+                     timing: str = "generate", steer: Steer | None = None) -> Answer:
         """One decoded answer, cut at its stop strings; the parts' timings go to the plan."""
         tokens: list[int] = []
         logprobs: list = []
         finish = "length"
-        async for part in decode(self.generation(plan.experts, ids, limit, sampling), plan):
+        async for part in decode(self.generation(plan.experts, ids, limit, sampling, steer), plan):
             plan.took(part, timing)
             tokens += part["tokens"]
             logprobs += part.get("logprobs") or []
@@ -155,8 +159,11 @@ class RequestPath:
         return Answer(text, finish, len(ids), kept, logprobs[:kept])
 
     async def summarize(self, plan: Plan, ids: list[int], limit: int, sampling: Sampling, decode: Decode) -> Answer:
-        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one answer."""
+        """Each expert drafts (the drafts decode in one batch), then the summarizer grounds them in one
+        answer; a near tie on a short query (the planner's rule) is answered with its clarifying question."""
         self.check_width(len(plan.experts), drafts=True)
+        if plan.clarification:
+            return self.clarifying(plan, len(ids))
         drafts = await asyncio.gather(*[self.answer(plan.only(name), ids, limit, sampling, decode)
                                         for name in plan.experts])
         texts = {name: d.text for name, d in zip(plan.experts, drafts)}
@@ -179,15 +186,28 @@ class RequestPath:
 
     async def fuse(self, plan: Plan, drafts: list[tuple[str, str]], prompt_tokens: int, limit: int,
                    sampling: Sampling, decode: Decode) -> Answer:
-        """The summarizer's answer grounded in the experts' drafts (text: the experts may be whole models)."""
-        from imoe_ray.fusion.summarizer import summarizer_prompt
-
+        """The summarizer's answer grounded in the experts' drafts (text: the experts may be whole
+        models), planned and copied from them (`fusion/fuser.py`); or, when asked and the drafts
+        disagree, a clarifying question."""
         started = time.perf_counter()
-        fused = summarizer_prompt(plan.prompt, drafts)
-        fused_ids, fused_limit = await asyncio.to_thread(self.encode, fused, limit, True)
-        answer = await self.answer(plan.only(SUMMARIZER, fused), fused_ids, fused_limit, sampling, decode, "fuse")
+        fusion = self.fuser.prepare(plan.prompt, drafts, plan.clarify) if self.fuser is not None \
+            else Fusion(summarizer_prompt(plan.prompt, drafts))
+        if fusion.clarification is not None:
+            plan.clarification = fusion.clarification.to_json()
+            return self.clarifying(plan, prompt_tokens)
+        fused_ids, fused_limit = await asyncio.to_thread(self.encode, fusion.prompt, limit, True)
+        if fusion.max_new_tokens:
+            fused_limit = min(fused_limit, fusion.max_new_tokens)
+        answer = await self.answer(plan.only(SUMMARIZER, fusion.prompt), fused_ids, fused_limit, sampling, decode,
+                                   "fuse", steer=fusion.steer)
         plan.timings_ms["fuse"] = (time.perf_counter() - started) * 1000
-        return Answer(answer.text, answer.finish_reason, prompt_tokens, answer.completion_tokens, [])
+        return Answer(fusion.finish(answer.text), answer.finish_reason, prompt_tokens, answer.completion_tokens, [])
+
+    def clarifying(self, plan: Plan, prompt_tokens: int) -> Answer:
+        """The answer that is the plan's clarifying question (`imoe.clarification`)."""
+        assert plan.clarification is not None
+        question = plan.clarification["question"]
+        return Answer(question, "stop", prompt_tokens, self.count_tokens(question) - 1, [])
 
 
 async def experts_call(send: Callable[[], AsyncIterator[dict]], retry_s: float,
