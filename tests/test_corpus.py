@@ -246,7 +246,7 @@ def test_bad_corpora_fail_before_ray_starts(tmp_path, corpus, needle):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n' + '{"text": "d"}\n' * 50000)
     (tmp_path / "dup.jsonl").write_text('{"id": 7, "text": "a"}\n{"id": 7, "text": "b"}\n')
     store = tmp_path / "store"
-    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}", COLUMNS="400")  # a long tmp path is not wrapped
     out = subprocess.run([sys.executable, "-m", "imoe_ray.cli", "build", "--corpus", corpus.format(tmp=tmp_path),
                           "--store", str(store), "--until", "ingest"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and needle in " ".join(out.stderr.split()), out.stderr[-2000:]
