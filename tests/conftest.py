@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+# imported early: hypothesis's pytest plugin otherwise imports it lazily in the end-of-run summary, where
+# Python 3.11's compiler can fail under pytest's assertion rewriting ("AST constructor recursion depth")
+import hypothesis  # noqa: F401
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
