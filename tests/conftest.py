@@ -2,8 +2,8 @@
 and the lanes.
 
 Lanes: a test that uses the cluster, the built store or the S3 server (the fixtures below) is marked
-`ray` here; the others are unit tests and run first (`pytest -m "not ray"` runs only them, in
-under two minutes). Multi-node and fault-injection runs are marked `slow` in their modules and are
+`ray` here; the others are unit tests and run first (`pytest -m "not ray"` runs only them, with
+no Ray cluster). Multi-node and fault-injection runs are marked `slow` in their modules and are
 left out of the README's test command (`pytest -m slow` runs them).
 
 Tests join it through RAY_ADDRESS, the same way a `ray job submit` driver does; it is stopped
