@@ -9,31 +9,21 @@ import torch
 
 from imoe_ray.config import load_config
 from imoe_ray.evaluation.summarizer import score
-from imoe_ray.experts.base_model import llama_config, new_model, train_tokenizer
 from imoe_ray.fusion.constrained import (CopySteer, finish, make_steer, max_answer_tokens, plan_fusion, read_draft,
                                          salient_terms)
 from imoe_ray.fusion.summarizer import generate, has_term, summarizer_prompt, synthesize_cases
 from imoe_ray.serving.generation import DecodeBatch, GenerationRequest
 from imoe_ray.serving.lora_bank import AdapterBank
 
-TEXTS = {
-    "net": ["the socket sends bytes over the network to a server which answers every request with a status line "
-            "and headers before the body arrives in chunks"] * 6,
-    "linalg": ["a matrix of floats is inverted by the solver when its determinant is nonzero otherwise the "
-               "factorization raises an error naming the singular pivot column"] * 6,
-    "xml": ["parse the document and walk its element tree collecting attributes namespaces comments and the "
-            "text of every child node into plain dictionaries"] * 6,
-}
+import fusion_cases
+from fusion_cases import TEXTS
+
 TWO_DRAFTS = (0.6, 0.2, 0.2, 0.0)  # every case: a task draft and a constraint draft
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    texts = [t for chunks in TEXTS.values() for t in chunks]
-    tok = train_tokenizer(texts + ["Mention and At most words Answer: [ ] - ."] * 3, 400)
-    cfg = load_config(None, ["pretrain.hidden_size=32", "pretrain.layers=1", "pretrain.heads=2",
-                             "pretrain.intermediate_size=64", "pretrain.seq_len=256"]).pretrain
-    return new_model(llama_config(cfg, tok), 0).eval(), tok
+    return fusion_cases.tiny_lm(256)
 
 
 # ---- reading drafts --------------------------------------------------------------------------

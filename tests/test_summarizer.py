@@ -13,21 +13,15 @@ import pytest
 
 from imoe_ray.config import ConfigError, load_config
 from imoe_ray.evaluation.summarizer import score, unigram_f1
-from imoe_ray.experts.base_model import llama_config, new_model, train_tokenizer
 from imoe_ray.experts.data import IGNORE
 from imoe_ray.fusion.summarizer import (ANSWER, Case, candidate_terms, encode_case, fits, generate, has_term,
                                         summarizer_prompt, synthesize_cases, training_rows)
 
+import fusion_cases
+from fusion_cases import TEXTS
+
 REPO = Path(__file__).resolve().parents[1]
 IMOE = [sys.executable, "-m", "imoe_ray.cli"]
-TEXTS = {
-    "net": ["the socket sends bytes over the network to a server which answers every request with a status line "
-            "and headers before the body arrives in chunks"] * 6,
-    "linalg": ["a matrix of floats is inverted by the solver when its determinant is nonzero otherwise the "
-               "factorization raises an error naming the singular pivot column"] * 6,
-    "xml": ["parse the document and walk its element tree collecting attributes namespaces comments and the "
-            "text of every child node into plain dictionaries"] * 6,
-}
 # Small enough for the tiny test base (64-token context, 512-token vocabulary) and a few seconds of training.
 TINY_FUSION = ["fusion.summarizer=true", "fusion.examples=800", "fusion.epochs=1", "fusion.batch_size=8",
                "fusion.r=4", "fusion.alpha=8", "fusion.draft_words=4", "fusion.question_words=[2,3]",
@@ -85,11 +79,7 @@ def test_scores_tell_drafts_concatenation_and_reference_apart():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    texts = [t for chunks in TEXTS.values() for t in chunks]
-    tok = train_tokenizer(texts + ["Mention and At most words Answer: [ ] - ."] * 3, 400)
-    cfg = load_config(None, ["pretrain.hidden_size=32", "pretrain.layers=1", "pretrain.heads=2",
-                             "pretrain.intermediate_size=64", "pretrain.seq_len=128"]).pretrain
-    return new_model(llama_config(cfg, tok), 0).eval(), tok
+    return fusion_cases.tiny_lm(128)
 
 
 def test_training_rows_put_the_loss_on_the_answer_only(tiny_lm):
