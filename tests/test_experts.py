@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import imoe
 import torch
 
 from imoe_ray.config import ExpertsConfig
@@ -167,8 +167,7 @@ def test_mixture_of_one_expert_is_that_expert(built, index):
 def test_eval_lm_cli_writes_json_and_plot(built, ray_session, tmp_path):
     cfg, store, _ = built
     out = tmp_path / "eval" / "lm.json"
-    done = subprocess.run([*IMOE, "eval", "lm", "--store", store.uri, "--output", str(out)], cwd=REPO,
-                          capture_output=True, text=True, env={**ray_session["env"], "COLUMNS": "200"})
+    done = imoe("eval", "lm", "--store", store.uri, "--output", out)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["perplexity"]) == {"base", "dense", "top1", "served", "mixture_router", "mixture"}

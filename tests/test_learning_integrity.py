@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from cli_run import Ran, imoe
 
 from imoe_ray.retrieval.knowledge_base import KnowledgeBase
 from imoe_ray.retrieval.learning import (Caps, Exchange, LearningBuffer, learn, learn_many, list_learned,
@@ -109,23 +110,24 @@ def test_bulk_removal_and_compaction_through_the_cli(kb, store):
     learn_many(kb, old + new)
     corpus = {n: kb.table(n).count_rows("source = 'corpus'") for n in kb.names()}
 
-    def imoe(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([IMOE, "kb", *args, "--store", str(store)], capture_output=True, text=True)
+    def kb_cli(*args: str) -> Ran:
+        return imoe("kb", *args, "--store", store)
 
-    listed = [json.loads(line) for line in imoe("list", "--json").stdout.splitlines()]
+    listed = [json.loads(line) for line in kb_cli("list", "--json").stdout.splitlines()]
     assert {(r["caller"], r["source"]) for r in listed} == {("5.5.5.5", "learned"), ("6.6.6.6", "learned")}
-    assert imoe("remove").returncode == 2                          # nothing named: refused, nothing removed
-    assert imoe("remove", "--since", "yesterday").returncode == 2
+    nothing = subprocess.run([IMOE, "kb", "remove", "--store", str(store)], capture_output=True, text=True)
+    assert nothing.returncode == 2, nothing.stderr                  # nothing named: refused, nothing removed
+    assert kb_cli("remove", "--since", "yesterday").returncode == 2
     until = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 3600))
-    done = imoe("remove", "--until", until)
+    done = kb_cli("remove", "--until", until)
     assert done.returncode == 0, done.stderr
     assert {r["caller"] for r in list_learned(kb)} == {"6.6.6.6"}
-    assert imoe("remove", "--caller", "6.6.6.6", "--since", str(now - 10)).returncode == 0
+    assert kb_cli("remove", "--caller", "6.6.6.6", "--since", str(now - 10)).returncode == 0
     assert list_learned(kb) == []
     learn_many(kb, new)
-    assert imoe("remove", "--all-learned").returncode == 0 and list_learned(kb) == []
+    assert kb_cli("remove", "--all-learned").returncode == 0 and list_learned(kb) == []
     assert {n: kb.table(n).count_rows("source = 'corpus'") for n in kb.names()} == corpus
-    compacted = imoe("compact")
+    compacted = kb_cli("compact")
     assert compacted.returncode == 0, compacted.stderr
     assert "fragments" in compacted.stderr
     assert remove_learned_where(kb, caller="nobody' OR '1'='1") == {"bread": 0, "fish": 0}   # quoted, not SQL

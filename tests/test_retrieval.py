@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import imoe
 
 from imoe_ray.config import RetrievalConfig
 from imoe_ray.retrieval.fusion import Fusion, calibrate, configured, fuse
@@ -119,13 +119,13 @@ def test_kb_list_and_remove_through_the_cli(kb, store_copy):
     learned = learn(kb, "How are rows learned?", "From answers.", names[:2], "req-cli")
     assert learned.added == names[:2]
     assert learn(kb, "how are rows  learned?", "from answers.", names[:2], "req-cli-2").duplicate == names[:2]
-    listed = subprocess.run([IMOE, "kb", "list", "--store", str(store_copy), "--json"], capture_output=True, text=True)
+    listed = imoe("kb", "list", "--store", store_copy, "--json")
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert {r["table"] for r in rows} == set(names[:2]) and {r["request_id"] for r in rows} == {"req-cli"}
-    bad = subprocess.run([IMOE, "kb", "remove", "--store", str(store_copy), "chunk-1#0"], capture_output=True, text=True)
+    bad = imoe("kb", "remove", "--store", store_copy, "chunk-1#0")
     assert bad.returncode == 2 and "not a learned row" in bad.stderr
-    gone = subprocess.run([IMOE, "kb", "remove", "--store", str(store_copy), learned.chunk_id], capture_output=True, text=True)
+    gone = imoe("kb", "remove", "--store", store_copy, learned.chunk_id)
     assert gone.returncode == 0, gone.stderr
     assert list_learned(KnowledgeBase(store_copy / "kb", kb.embed)) == []
     assert remove_learned(kb, [learned.chunk_id]) == {learned.chunk_id: 0}
@@ -203,9 +203,8 @@ def test_score_fusion_weights_and_calibration():
 
 def test_eval_retrieval_cli_json(built, tmp_path):
     _, store, _ = built
-    run = subprocess.run([IMOE, "eval", "retrieval", "--store", str(store.root), "--text-column", "text",
-                          "--max-queries", "12", "--compression-queries", "3", "-o", str(tmp_path / "r.json")],
-                         capture_output=True, text=True)
+    run = imoe("eval", "retrieval", "--store", store.root, "--text-column", "text",
+               "--max-queries", "12", "--compression-queries", "3", "-o", tmp_path / "r.json")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     assert json.loads((tmp_path / "r.json").read_text()) == result and (tmp_path / "r.png").stat().st_size > 10_000
@@ -220,6 +219,5 @@ def test_eval_retrieval_cli_json(built, tmp_path):
     calibrated = json.loads((Path(store.root) / "kb" / "fusion.json").read_text())  # written by the shard stage
     assert calibrated["calibration"]["queries"] > 0 and "calib" in calibrated["calibration"]["source"]
     assert result["fusion"]["vector_weight"] == calibrated["vector_weight"]
-    missing = subprocess.run([IMOE, "eval", "retrieval", "--store", str(store.root), "--heldout", "/nonexistent.jsonl"],
-                             capture_output=True, text=True)
+    missing = imoe("eval", "retrieval", "--store", store.root, "--heldout", "/nonexistent.jsonl")
     assert missing.returncode == 2

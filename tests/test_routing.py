@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from cli_run import imoe
 import torch
 from safetensors.numpy import load_file
 
@@ -243,8 +242,7 @@ def test_keyword_prior_and_a_late_expert_join_without_retraining(router, built):
 
 def test_route_cli_single_and_batch(built, tmp_path):
     cfg, store, _ = built
-    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--json", "how do I open a socket?"],
-                         capture_output=True, text=True, timeout=300)
+    out = imoe("route", "--store", store.uri, "--json", "how do I open a socket?")
     assert out.returncode == 0, out.stderr
     decision = json.loads(out.stdout)
     assert {"categories", "probabilities", "experts", "exit_layer", "latency_ms"} <= set(decision)
@@ -252,8 +250,7 @@ def test_route_cli_single_and_batch(built, tmp_path):
     requests.write_text("\n".join(json.dumps({"id": f"q{i}", "text": t, "extra": i})
                                   for i, t in enumerate(["plot a histogram", "", "parse json strings"])) + "\n")
     result = tmp_path / "out.jsonl"
-    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--input", str(requests), "--output", str(result)],
-                         capture_output=True, text=True, timeout=300)
+    out = imoe("route", "--store", store.uri, "--input", requests, "--output", result)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in result.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and all("experts" in r for r in rows)
@@ -262,8 +259,7 @@ def test_route_cli_single_and_batch(built, tmp_path):
 def test_eval_route_writes_accuracy_by_length_a_confusion_matrix_and_a_plot(built, tmp_path):
     cfg, store, _ = built
     out_json = tmp_path / "route.json"
-    out = subprocess.run([*IMOE, "eval", "route", "--store", str(store.uri), "-o", str(out_json)],
-                         capture_output=True, text=True, timeout=600)
+    out = imoe("eval", "route", "--store", store.uri, "-o", out_json)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result == json.loads(out_json.read_text())
@@ -280,11 +276,9 @@ def test_route_cli_bad_input_is_a_clear_error(built, tmp_path):
     cfg, store, _ = built
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "text": "fine"}\nnot json\n')
-    out = subprocess.run([*IMOE, "route", "--store", str(store.uri), "--input", str(bad), "--output",
-                          str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=300)
+    out = imoe("route", "--store", store.uri, "--input", bad, "--output", tmp_path / "o.jsonl")
     assert out.returncode == 2 and "bad.jsonl:2" in out.stderr and not (tmp_path / "o.jsonl").exists()
-    out = subprocess.run([*IMOE, "route", "--store", str(tmp_path / "nothing"), "hello"],
-                         capture_output=True, text=True, timeout=300)
+    out = imoe("route", "--store", tmp_path / "nothing", "hello")
     assert out.returncode == 2 and "error" in out.stderr
 
 
@@ -298,9 +292,7 @@ def test_train_router_cli_retrains_in_place(built, tmp_path):
     shutil.copytree(built_store.root, tmp_path / "store", ignore=shutil.ignore_patterns("runs"))
     store = Store(str(tmp_path / "store"))
     before = StageManifest.load(store, "router")
-    wide_terminal = {**os.environ, "COLUMNS": "200"}  # rich wraps headers on CI's 80 columns
-    out = subprocess.run([*IMOE, "train-router", "--store", str(store.uri), "--force"],
-                         capture_output=True, text=True, timeout=600, env=wide_terminal)
+    out = imoe("train-router", "--store", store.uri, "--force")
     assert out.returncode == 0, out.stderr
     assert "cascade acc" in out.stderr and "prefix" in out.stderr
     after = StageManifest.load(store, "router")

@@ -195,7 +195,9 @@ def add_model(store: str | Path, name: str, path: str | Path, keywords: list[str
               encoder) -> ModelExpert:
     """Register the Hugging Face causal LM at `path` as the expert NAME of a local store: validated,
     copied under a temporary name and renamed into `experts/NAME`, then listed in `experts/index.json`
-    and joined to routing (`router/experts.json`). `encoder` (with `.encode(texts)`) is the store's."""
+    and joined to routing (`router/experts.json`). `encoder` (with `.encode(texts)`) is the store's,
+    or a function that returns it: called only once every cheap check has passed, so that a refusal
+    does not wait for an encoder to load."""
     from imoe_ray.store import Store
 
     check_name(name)
@@ -207,7 +209,10 @@ def add_model(store: str | Path, name: str, path: str | Path, keywords: list[str
     if not keywords and not texts:
         raise ModelExpertError("give the expert routing keywords (--keywords a,b) or sample texts (--texts FILE): "
                                "routing could not place it otherwise")
+    _check_free(store, name)  # again under the lock below: this one only answers a taken name at once
     config = check_model_dir(path)
+    if callable(encoder) and not hasattr(encoder, "encode"):
+        encoder = encoder()
     centroid = routing_centroid(encoder, texts or [", ".join(keywords)])
     _check_dims(store, centroid)
     with Store(store, create=False).lock(f"imoe experts add-model {name}"):

@@ -28,6 +28,11 @@ class Telemetry(BaseModel):
     first_token_ms: float | None = None   # submission → first token
 
 
+class StateChange(BaseModel):
+    state: State
+    at: float                       # unix time of the change
+
+
 class JobRecord(BaseModel):
     id: str = Field(default_factory=lambda: f"job-{uuid.uuid4().hex[:20]}")
     agent: str
@@ -52,6 +57,7 @@ class JobRecord(BaseModel):
     waiting_since: float | None = Field(default_factory=time.time)
     running_since: float | None = None
     telemetry: Telemetry = Telemetry()
+    history: list[StateChange] = Field(default_factory=lambda: [StateChange(state="queued", at=time.time())])
 
     @property
     def finished(self) -> bool:
@@ -77,11 +83,12 @@ class JobRecord(BaseModel):
         if state == "preempted":
             self.telemetry.preemptions += 1
         self.state, self.updated = state, now
+        self.history.append(StateChange(state=state, at=now))
 
     def view(self, position: int | None = None) -> dict:
         """What GET /v1/jobs/{id} answers (times of the current state included)."""
         out = self.model_dump(include={"id", "agent", "priority", "state", "output", "finish_reason", "error",
-                                       "max_tokens", "created", "updated"})
+                                       "max_tokens", "created", "updated", "history"})
         t = self.telemetry.model_copy()
         now = time.time()
         if self.running_since is not None:

@@ -266,12 +266,15 @@ def add_model(name: str = typer.Argument(..., help="The expert's name (lowercase
     under serve.memory_budget_mb. A running server picks it up without a restart."""
     from imoe_ray.config import store_config
     from imoe_ray.experts.whole_model import add_model as register, read_texts
-    from imoe_ray.routing.stage import make_encoder
+
+    def store_encoder():  # the store's: routing embeds with it
+        from imoe_ray.routing.stage import make_encoder
+
+        return make_encoder(store_config(store, config, overrides))
 
     sample = read_texts(texts) if texts is not None else None
     with _registry(store, config, overrides, f"imoe experts add-model {name[:60]}") as registry:
-        encoder = make_encoder(store_config(store, config, overrides))   # the store's: routing embeds with it
-        expert = register(registry.store, name, path, keywords.split(","), sample, encoder)
+        expert = register(registry.store, name, path, keywords.split(","), sample, store_encoder)
     console.print(f"added {expert.name}: {expert.architecture} ({expert.parameters:,} parameters, "
                   f"{expert.weight_bytes / 2**20:.1f} MB in float32), routed by keywords "
                   f"{', '.join(expert.keywords) or '-'} and a centroid of its {expert.centroid_from} → {expert.path}")
