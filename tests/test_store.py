@@ -148,6 +148,39 @@ def test_the_writer_lock_refuses_a_second_writer_and_frees_a_dead_ones(tmp_path)
         assert json.loads((tmp_path / "locks" / "writer.json").read_text())["purpose"] == "imoe kb remove"
 
 
+def _race_for_the_lock(root: str, attempted, release, results) -> None:
+    from imoe_ray.store import StoreLocked
+
+    try:
+        with Store(root).lock("racer"):
+            attempted.release()
+            release.wait(60)  # held until every racer has tried
+            results.put("won")
+    except StoreLocked:
+        attempted.release()
+        results.put("refused")
+
+
+def test_racing_writers_on_a_local_disk_get_exactly_one_lease(tmp_path):
+    """Racers that all find the lease free: one wins, the rest are refused (flock orders the
+    read-then-write; no settle wait on a local disk)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    attempted, release, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    racers = [ctx.Process(target=_race_for_the_lock, args=(str(tmp_path), attempted, release, results)) for _ in range(4)]
+    for p in racers:
+        p.start()
+    for _ in racers:
+        assert attempted.acquire(timeout=120)
+    release.set()
+    outcomes = sorted(results.get(timeout=60) for _ in racers)
+    for p in racers:
+        p.join(60)
+    assert outcomes == ["refused"] * 3 + ["won"]
+    assert not (tmp_path / "locks" / "writer.json").exists()
+
+
 def test_bad_store_uris_fail_in_one_line(monkeypatch):
     with pytest.raises(StoreError, match="unknown URI scheme 'foo'"):
         Store("foo://bucket/store")

@@ -11,21 +11,26 @@ an object store alike.
 
 Object stores give read-after-write consistency but no compare-and-swap through pyarrow, so two
 writers racing for a free lease both write and the later write wins; each reads back after a settle
-time longer than any write takes, so only the winner goes on. A killed holder's lease expires after
-TTL_S; on the holder's own host a dead pid frees it at once.
+time longer than any write takes, so only the winner goes on. On a local disk the read-and-write is
+serialised by `flock` on `locks/.acquire` instead, so there is no race to settle and no wait. A
+killed holder's lease expires after TTL_S; on the holder's own host a dead pid frees it at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
 from imoe_ray.store.store import Store, StoreError
 
 LOCK = ("locks", "writer.json")
+ACQUIRE = ("locks", ".acquire")
 TTL_S = 60.0
 SETTLE_S = 0.5
 
@@ -76,16 +81,38 @@ class StoreLock:
                            f"(pid {lease.get('pid')} on {lease.get('host')}, since {lease.get('since')}); "
                            f"try again when it is done (a lease whose holder died expires within {left}s)")
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """On a local disk: one process at a time between reading the lease and writing its own."""
+        if not self.store.is_local:
+            yield
+            return
+        path = self.store.local_path(*ACQUIRE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _try_take(self) -> dict | None:
+        """Write our lease if the current one is free; returns the lease that holds the store after."""
+        with self._exclusive():
+            lease = self._current()
+            if not self._is_free(lease):
+                return lease
+            self.store.write_json(self._lease(), *LOCK)
+        if not self.store.is_local:
+            time.sleep(SETTLE_S)  # a racing writer's lease may still land: the last write wins
+        return self._current()
+
     def acquire(self) -> None:
         deadline = time.time() + self.wait_s
         while True:
-            lease = self._current()
-            if self._is_free(lease):
-                self.store.write_json(self._lease(), *LOCK)
-                time.sleep(SETTLE_S)
-                lease = self._current()
-                if lease and lease.get("owner") == self.owner:
-                    break
+            lease = self._try_take()
+            if lease and lease.get("owner") == self.owner:
+                break
             if time.time() >= deadline:
                 raise self._refusal(lease or {})
             time.sleep(min(1.0, max(0.0, deadline - time.time())))
