@@ -12,6 +12,7 @@ import pytest
 from imoe_ray.config import load_config
 from imoe_ray.fusion.clarify import ClarifySettings, clarify_drafts
 from imoe_ray.fusion.constrained import plan_fusion
+from imoe_ray.fusion.crosstalk import second_round
 
 from conftest import start_imoe_serve, stop_imoe_serve
 
@@ -20,7 +21,8 @@ TINY_FUSION = ["fusion.summarizer=true", "fusion.examples=400", "fusion.epochs=1
                "fusion.max_words=[5,6]"]
 SERVE = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_tokens=8", "serve.retry_s=90",
          "serve.max_replicas=1", "serve.clarify_tie_margin=1.0", "serve.clarify_divergence=0.0",
-         "serve.clarify_query_words=3"]  # every short query is a near tie; any two different drafts disagree
+         "serve.clarify_query_words=3",  # every short query is a near tie; any two different drafts disagree
+         "serve.t_ct=0.001", "serve.cross_talk_tokens=16"]  # cross-talk (when a request asks): every selected expert
 PROMPT = "the model reads the file and the worker sends each request to the node"
 
 
@@ -42,6 +44,17 @@ def served(built, ray_cluster, tmp_path_factory):
 
 def _experts(root: Path) -> list[str]:
     return [e["name"] for e in json.loads((root / "experts" / "index.json").read_text())["experts"]]
+
+
+def _alone(client, expert: str, prompt: str) -> str:
+    return client.completions.create(model=expert, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+
+def _built_from(answer: str, drafts: list[tuple[str, str]]) -> bool:
+    """The fused answer is the plan's head followed by one of its sources, as planned from `drafts`."""
+    plan = plan_fusion(PROMPT, drafts)
+    return any(" ".join(f"{plan.head_text} {s}".split()).startswith(" ".join(answer.split()))
+               for s in plan.sources or [""])
 
 
 def _fused(client, **imoe):
@@ -93,3 +106,21 @@ def test_a_short_query_with_a_near_tie_gets_a_clarifying_question(served):
     assert "clarification" not in plain.model_extra["imoe"]
     plain = client.chat.completions.create(model="imoe", max_tokens=8, messages=[{"role": "user", "content": "the file"}])
     assert "clarification" not in plain.model_extra["imoe"]
+
+
+@pytest.mark.slow
+def test_cross_talk_redrafts_each_strong_expert_reading_the_others_before_fusion(served):
+    from transformers import AutoTokenizer
+
+    root, client = served
+    reply = _fused(client, cross_talk=True)
+    imoe = reply.model_extra["imoe"]
+    assert len(imoe["experts"]) == 2 and sorted(imoe["cross_talk"]) == sorted(imoe["experts"]), imoe
+    # round 1: what each expert answers alone; round 2: each again, the other's draft before the prompt
+    first = {e: _alone(client, e, PROMPT) for e in imoe["experts"]}
+    prompts = second_round(PROMPT, first, imoe["cross_talk"], AutoTokenizer.from_pretrained(root / "base"), 16)
+    assert all(p != PROMPT and p.endswith(PROMPT) for p in prompts.values())
+    second = [(e, _alone(client, e, prompts[e])) for e in imoe["experts"]]
+    answer = reply.choices[0].text
+    assert answer and _built_from(answer, second), (answer, second)
+    assert _fused(client).model_extra["imoe"]["cross_talk"] == []   # off unless asked (serve.cross_talk: false)

@@ -12,7 +12,8 @@ an object store alike.
 Object stores give read-after-write consistency but no compare-and-swap through pyarrow, so two
 writers racing for a free lease both write and the later write wins; each reads back after a settle
 time longer than any write takes, so only the winner goes on. On a local disk the read-and-write is
-serialised by `flock` on `locks/.acquire` instead, so there is no race to settle and no wait. A
+serialised by `flock` on the store's directory instead (no file is created for it), so there is no
+race to settle and no wait. A
 killed holder's lease expires after TTL_S; on the holder's own host a dead pid frees it at once.
 """
 
@@ -30,7 +31,6 @@ from typing import Iterator
 from imoe_ray.store.store import Store, StoreError
 
 LOCK = ("locks", "writer.json")
-ACQUIRE = ("locks", ".acquire")
 TTL_S = 60.0
 SETTLE_S = 0.5
 
@@ -87,14 +87,12 @@ class StoreLock:
         if not self.store.is_local:
             yield
             return
-        path = self.store.local_path(*ACQUIRE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = os.open(self.store.local_path(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def _try_take(self) -> dict | None:
         """Write our lease if the current one is free; returns the lease that holds the store after."""
