@@ -22,7 +22,7 @@ TINY_FUSION = ["fusion.summarizer=true", "fusion.examples=400", "fusion.epochs=1
 SERVE = ["serve.expert_cpus=0.5", "serve.router_cpus=0.25", "serve.max_tokens=8", "serve.retry_s=90",
          "serve.max_replicas=1", "serve.clarify_tie_margin=1.0", "serve.clarify_divergence=0.0",
          "serve.clarify_query_words=3",  # every short query is a near tie; any two different drafts disagree
-         "serve.t_ct=0.001", "serve.cross_talk_tokens=16"]  # cross-talk (when a request asks): every selected expert
+         "serve.t_ct=0.001", "serve.cross_talk_tokens=40"]  # cross-talk (when a request asks): every selected expert
 PROMPT = "the model reads the file and the worker sends each request to the node"
 
 
@@ -50,15 +50,15 @@ def _alone(client, expert: str, prompt: str) -> str:
     return client.completions.create(model=expert, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
 
 
-def _built_from(answer: str, drafts: list[tuple[str, str]]) -> bool:
+def _built_from(answer: str, drafts: list[tuple[str, str]], prompt: str = PROMPT) -> bool:
     """The fused answer is the plan's head followed by one of its sources, as planned from `drafts`."""
-    plan = plan_fusion(PROMPT, drafts)
+    plan = plan_fusion(prompt, drafts)
     return any(" ".join(f"{plan.head_text} {s}".split()).startswith(" ".join(answer.split()))
                for s in plan.sources or [""])
 
 
-def _fused(client, **imoe):
-    return client.completions.create(model="imoe", prompt=PROMPT, max_tokens=8, temperature=0,
+def _fused(client, prompt: str = PROMPT, **imoe):
+    return client.completions.create(model="imoe", prompt=prompt, max_tokens=8, temperature=0,
                                      extra_body={"imoe": {"ensemble": True, "top_k": 2, "fusion": "summarizer"} | imoe})
 
 
@@ -113,14 +113,15 @@ def test_cross_talk_redrafts_each_strong_expert_reading_the_others_before_fusion
     from transformers import AutoTokenizer
 
     root, client = served
-    reply = _fused(client, cross_talk=True)
+    prompt = "the worker sends the request"  # short: the tiny LM's 64 tokens hold it and the other's draft
+    reply = _fused(client, prompt, cross_talk=True)
     imoe = reply.model_extra["imoe"]
     assert len(imoe["experts"]) == 2 and sorted(imoe["cross_talk"]) == sorted(imoe["experts"]), imoe
     # round 1: what each expert answers alone; round 2: each again, the other's draft before the prompt
-    first = {e: _alone(client, e, PROMPT) for e in imoe["experts"]}
-    prompts = second_round(PROMPT, first, imoe["cross_talk"], AutoTokenizer.from_pretrained(root / "base"), 16)
-    assert all(p != PROMPT and p.endswith(PROMPT) for p in prompts.values())
+    first = {e: _alone(client, e, prompt) for e in imoe["experts"]}
+    prompts = second_round(prompt, first, imoe["cross_talk"], AutoTokenizer.from_pretrained(root / "base"), 40)
+    assert all(p.endswith(prompt) and p != prompt for p in prompts.values()), (first, prompts)
     second = [(e, _alone(client, e, prompts[e])) for e in imoe["experts"]]
     answer = reply.choices[0].text
-    assert answer and _built_from(answer, second), (answer, second)
-    assert _fused(client).model_extra["imoe"]["cross_talk"] == []   # off unless asked (serve.cross_talk: false)
+    assert answer and _built_from(answer, second, prompt), (answer, second)
+    assert _fused(client, prompt).model_extra["imoe"]["cross_talk"] == []   # off unless asked (serve.cross_talk: false)
