@@ -74,6 +74,11 @@ def test_preemption_at_a_step_boundary_keeps_the_tokens(tmp_path):
     assert step_request(low, 8).prompt_ids == [0, 5, 6, 7, 8, 9] and step_request(low, 8).max_new_tokens == 3
     assert q.stepped(high, [1, 2], None) == "done"
     assert q.take() is low and q.stepped(low, [10, 11, 12, 13], None) == "done"
+    assert [h.state for h in low.history] == ["queued", "running", "preempted", "running", "succeeded"]
+    assert [h.at for h in low.history] == sorted(h.at for h in low.history) and low.history[0].at == low.created
+    saved = json.loads(low.model_dump_json())
+    del saved["history"]  # a record written before jobs kept their history
+    assert [(h.state, h.at) for h in JobRecord.model_validate(saved).history] == [("queued", low.created)]
     assert low.generated == [7, 8, 9, 10, 11, 12], "max_tokens caps the last step"
 
 

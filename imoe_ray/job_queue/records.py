@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from imoe_ray.store.layout import JOBS
 
@@ -57,7 +57,13 @@ class JobRecord(BaseModel):
     waiting_since: float | None = Field(default_factory=time.time)
     running_since: float | None = None
     telemetry: Telemetry = Telemetry()
-    history: list[StateChange] = Field(default_factory=lambda: [StateChange(state="queued", at=time.time())])
+    history: list[StateChange] = []  # every state it entered, in order (a record saved before this field: its submission)
+
+    @model_validator(mode="after")
+    def _submitted(self) -> "JobRecord":
+        if not self.history:
+            self.history = [StateChange(state="queued", at=self.created)]
+        return self
 
     @property
     def finished(self) -> bool:
