@@ -64,7 +64,7 @@ def run(store: Path, swaps: int) -> dict:
                 shutil.copyfile(src, copy / part)
         encoder = make_encoder(store_config(str(copy)))
         for name, seed in (("model-a", 1), ("model-b", 2)):
-            add_model(copy, name, like_base(copy, work / name, seed), [name], None, encoder)
+            add_model(copy, name, like_base(copy, work / name, seed), [name], None, lambda: encoder)
         paths = model_experts(copy)
         base = module_bytes(AutoModelForCausalLM.from_pretrained(copy / "base").eval())
         one = ModelPool(None, max_models=None).get("model-a", paths["model-a"])[0].nbytes

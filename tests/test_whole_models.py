@@ -73,7 +73,7 @@ def store(tmp_path) -> Path:
 
 
 def test_add_model_copies_validates_and_registers_for_routing(store, models, encoder):
-    expert = add_model(store, "coder", models["coder"], ["python", "code"], None, encoder)
+    expert = add_model(store, "coder", models["coder"], ["python", "code"], None, lambda: encoder)
     folder = store / "experts" / "coder"
     assert expert.path == str(folder) and is_model_expert(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -97,7 +97,7 @@ def test_add_model_copies_validates_and_registers_for_routing(store, models, enc
     assert installed_experts(store)["coder"] == folder and model_experts(store) == {"coder": folder / "model"}
     assert expert.parameters == weight_bytes(folder / "model")[0] > 0
 
-    add_model(store, "mathy", models["mathy"], [], DOMAIN_TEXTS[1:2], encoder)   # a centroid from sample texts
+    add_model(store, "mathy", models["mathy"], [], DOMAIN_TEXTS[1:2], lambda: encoder)   # a centroid from sample texts
     profile = json.loads((store / "router" / "experts.json").read_text())[1]
     assert np.allclose(profile["centroid"], encoder.encode(DOMAIN_TEXTS[1:2])[0], atol=1e-5)
     remove_model(store, "coder")
@@ -143,7 +143,7 @@ def test_add_model_refusals_leave_the_store_as_it_was(store, models, encoder, tm
     elif case == "missing":
         path = tmp_path / "nowhere"
     with pytest.raises(Exception, match=message) as raised:
-        add_model(store, name, path, keywords, None, encoder)
+        add_model(store, name, path, keywords, None, lambda: encoder)
     from imoe_ray.packaging import PackageError
 
     assert isinstance(raised.value, (ModelExpertError, PackageError))
@@ -217,7 +217,7 @@ def test_model_experts_answer_with_their_own_tokenizer(store, models, encoder):
 
     from imoe_ray.serving.model_experts import ModelExperts
 
-    add_model(store, "coder", models["coder"], ["python"], None, encoder)
+    add_model(store, "coder", models["coder"], ["python"], None, lambda: encoder)
     experts = ModelExperts(store, budget_mb=None, fixed_bytes=lambda: 0)
     out = experts.answer("coder", "def add(a, b):", max_new_tokens=6)
     tok = AutoTokenizer.from_pretrained(models["coder"])
@@ -245,7 +245,7 @@ def test_a_whole_model_travels_as_a_signed_expert_package(store, models, encoder
     from imoe_ray.packaging.signing import generate_keys, load_signing_key, sign
     from imoe_ray.serving.model_experts import ModelExperts
 
-    add_model(store, "coder", models["coder"], ["python"], None, encoder)
+    add_model(store, "coder", models["coder"], ["python"], None, lambda: encoder)
     path, manifest = package_expert(store, "coder", "1.0.0", tmp_path / "coder.expert", new_name="shipped")
     assert manifest.model.architecture == "LlamaForCausalLM" and manifest.adapter is None and manifest.base_model is None
     assert all(f.startswith("model/") for f in manifest.files) and "model/model.safetensors" in manifest.files

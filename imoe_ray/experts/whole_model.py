@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -192,12 +193,12 @@ def _check_dims(store: Path, centroid: list[float]) -> None:
 
 
 def add_model(store: str | Path, name: str, path: str | Path, keywords: list[str], texts: list[str] | None,
-              encoder) -> ModelExpert:
+              load_encoder: Callable[[], Any]) -> ModelExpert:
     """Register the Hugging Face causal LM at `path` as the expert NAME of a local store: validated,
     copied under a temporary name and renamed into `experts/NAME`, then listed in `experts/index.json`
-    and joined to routing (`router/experts.json`). `encoder` (with `.encode(texts)`) is the store's,
-    or a function that returns it: called only once every cheap check has passed, so that a refusal
-    does not wait for an encoder to load."""
+    and joined to routing (`router/experts.json`). `load_encoder()` returns the store's encoder (with
+    `.encode(texts)`); it is called only once every cheap check has passed, so that a refusal does not
+    wait for an encoder to load."""
     from imoe_ray.store import Store
 
     check_name(name)
@@ -211,9 +212,7 @@ def add_model(store: str | Path, name: str, path: str | Path, keywords: list[str
                                "routing could not place it otherwise")
     _check_free(store, name)  # again under the lock below: this one only answers a taken name at once
     config = check_model_dir(path)
-    if callable(encoder) and not hasattr(encoder, "encode"):
-        encoder = encoder()
-    centroid = routing_centroid(encoder, texts or [", ".join(keywords)])
+    centroid = routing_centroid(load_encoder(), texts or [", ".join(keywords)])
     _check_dims(store, centroid)
     with Store(store, create=False).lock(f"imoe experts add-model {name}"):
         _check_free(store, name)

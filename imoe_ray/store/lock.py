@@ -13,8 +13,8 @@ Object stores give read-after-write consistency but no compare-and-swap through 
 writers racing for a free lease both write and the later write wins; each reads back after a settle
 time longer than any write takes, so only the winner goes on. On a local disk the read-and-write is
 serialised by `flock` on the store's directory instead (no file is created for it), so there is no
-race to settle and no wait. A
-killed holder's lease expires after TTL_S; on the holder's own host a dead pid frees it at once.
+race to settle and no wait. A killed holder's lease expires after TTL_S; on the holder's own host a
+dead pid frees it at once.
 """
 
 from __future__ import annotations
