@@ -18,6 +18,8 @@ import pytest
 import requests
 import schemathesis
 import schemathesis.specs.openapi._hypothesis  # noqa: F401 - imported at collection, not deep inside a test
+import schemathesis.specs.openapi.stateful.dependencies  # noqa: F401 - the same: Python 3.11's compiler can fail
+# ("AST constructor recursion depth mismatch") when pytest rewrites a plugin's module imported deep in a test
 from hypothesis import HealthCheck, settings
 
 from conftest import start_imoe_serve, stop_imoe_serve
