@@ -46,7 +46,7 @@ from imoe_ray.serving.lora_bank import BASE
 from imoe_ray.packaging.hot import ExpertsWatcher
 from imoe_ray.serving.model import ServingModel, installed_experts, stop_token_ids
 from imoe_ray.experts.whole_model import model_experts
-from imoe_ray.serving.model_experts import check_budget, replica_models
+from imoe_ray.serving.model_experts import ModelAnswer, ModelRefusal, ModelRequest, check_budget, replica_models
 from imoe_ray.serving.pipeline import SUMMARIZER, Plan, Planner, cut_at_stop
 from imoe_ray.serving.requests import REPLICA_GONE, Answer, Decode, RequestPath, Sampling, experts_call, one_part
 from imoe_ray.store import Store
@@ -156,11 +156,11 @@ class Experts:
         return self.model.bank.most_resident
 
     # ---- whole-model experts (`imoe experts add-model`; imoe_ray/serving/model_experts.py) ----
-    async def generate_model(self, job: dict) -> dict:
-        """A whole-model expert's answer to a prompt text, decoded with its own tokenizer; loaded (and
-        others evicted) under serve.memory_budget_mb first. {"error", "status"} for a request it cannot serve."""
+    async def generate_model(self, request: ModelRequest) -> ModelAnswer | ModelRefusal:
+        """A whole-model expert's answer, decoded with its own tokenizer; loaded (and others evicted)
+        under serve.memory_budget_mb first."""
         await asyncio.to_thread(self.mirror.refresh)
-        return await asyncio.to_thread(self.whole.serve, job)
+        return await asyncio.to_thread(self.whole.serve, request)
 
     def residency(self) -> dict:
         """What this replica holds, in MB: base and adapters, whole models, the budget."""
@@ -591,15 +591,15 @@ class Router:
         for name in sorted(plan.experts, key=lambda e: -plan.experts[e]):
             if name in self.whole_models:
                 last = await self._whole_draft(name, limit, body, plan)
-                drafts.append((name, last["text"]))
+                drafts.append((name, last.text))
             else:
                 spent = plan.timings_ms["generate"]   # an adapter's draft sets the request's generate time to its own
                 drafts.append((name, (await self.path.answer(plan.only(name), ids, limit, sampling, decode)).text))
                 plan.timings_ms["generate"] += spent
-        if len(drafts) == 1:
-            text, stopped = cut_at_stop(last["text"], body.stop)
-            finish = "stop" if stopped else last["finish_reason"]
-            tokens = self.path.count_tokens(text) - 1 if stopped else last["completion_tokens"]
+        if len(drafts) == 1 and last is not None:   # the one draft is a whole model's
+            text, stopped = cut_at_stop(last.text, body.stop)
+            finish = "stop" if stopped else last.finish_reason
+            tokens = self.path.count_tokens(text) - 1 if stopped else last.completion_tokens
             return Answer(text, finish, len(ids), tokens, [])
         if SUMMARIZER not in self.installed:
             plan.fusion = "top"
@@ -608,18 +608,18 @@ class Router:
         plan.fusion = SUMMARIZER
         return await self.path.fuse(plan, drafts, len(ids), limit, sampling, decode)
 
-    async def _whole_draft(self, name: str, limit: int, body, plan: Plan) -> dict:
+    async def _whole_draft(self, name: str, limit: int, body, plan: Plan) -> ModelAnswer:
         """One whole-model expert's answer; its load and decoding times add to the request's."""
-        job = {"name": name, "prompt": plan.prompt, "max_new_tokens": limit, "temperature": body.temperature,
-               "top_p": body.top_p, "seed": body.seed}
+        request = ModelRequest(name, limit, prompt=plan.prompt, temperature=body.temperature or 0.0,
+                               top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
         try:
-            out = await self.experts.generate_model.remote(job)
+            out = await self.experts.generate_model.remote(request)
         except BackPressureError as e:
             raise _as_api_error(e) from None
-        if "error" in out:
-            raise oa.ApiError(out["status"], out["error"], param="model", code=out["code"])
-        plan.timings_ms["load"] += out["load_ms"]
-        plan.timings_ms["generate"] += out["generate_ms"]
+        if isinstance(out, ModelRefusal):
+            raise oa.ApiError(out.status, out.error, param="model", code=out.code)
+        plan.timings_ms["load"] += out.load_ms
+        plan.timings_ms["generate"] += out.generate_ms
         return out
 
     def _observe(self, plan: Plan, completion_tokens: int, first_token_ms: float | None) -> None:

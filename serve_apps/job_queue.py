@@ -24,13 +24,14 @@ from ray.util import metrics
 
 from imoe_ray.config import Config
 from imoe_ray.job_queue.api import JobRequest
-from imoe_ray.job_queue.preemption import step_request
+from imoe_ray.job_queue.preemption import decoded_by, step_request
 from imoe_ray.job_queue.queue import FINISHED, JobQueueCore
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.serving import openai_api as oa
 from imoe_ray.serving.auth import ApiKey, agent_of, caller_of, owns
 from imoe_ray.serving.generation import GenerationRequest
 from imoe_ray.serving.limits import TokenBudget
+from imoe_ray.serving.model_experts import ModelRefusal, ModelRequest
 from imoe_ray.serving.requests import RequestPath, experts_call, one_part
 
 log = logging.getLogger("ray.serve")
@@ -41,6 +42,7 @@ class JobQueue:
     async def __init__(self, experts: DeploymentHandle, store: str, config: dict):
         from transformers import AutoTokenizer
 
+        from imoe_ray.experts.whole_model import model_experts
         from imoe_ray.serving.model import installed_experts, stop_token_ids
 
         cfg = Config.model_validate(config)
@@ -52,11 +54,13 @@ class JobQueue:
         self.tokenizer = AutoTokenizer.from_pretrained(root / "base")
         self.context = int(json.loads((root / "base" / "config.json").read_text()).get("max_position_embeddings", 2048))
         self.installed = set(installed_experts(root))
+        self.whole_models = model_experts(root)           # name → HF directory: they decode a job alone
+        self._model_tokenizers: dict[str, object] = {}
         self._planner = None  # the router, loaded with the first job that asks to be routed
         self.path = RequestPath(self.tokenizer, self.context, cfg.serve, stop_token_ids(root / "base", self.tokenizer),
                                 budget=TokenBudget(self.context, cfg.jobs.max_tokens, cfg.jobs.max_tokens_limit))
         self.core = JobQueueCore(store, self.settings.slots, self.settings.per_agent_limit,
-                                 self.settings.retention_s, decode=self.tokenizer.decode)
+                                 self.settings.retention_s, decode=self._decode)
         self.submitted = metrics.Counter("imoe_jobs_submitted", "jobs submitted", tag_keys=("priority",))
         self.finished = metrics.Counter("imoe_jobs_finished", "jobs finished, by final state", tag_keys=("state",))
         self.depth = metrics.Gauge("imoe_jobs_waiting", "jobs queued or preempted, per priority", tag_keys=("priority",))
@@ -123,12 +127,14 @@ class JobQueue:
 
     def _follow_experts(self) -> None:
         """Experts installed or removed since the last job: a new router view with the new set."""
+        from imoe_ray.experts.whole_model import model_experts
         from imoe_ray.serving.model import installed_experts
 
         if self.mirror.refresh():
             installed = set(installed_experts(self.mirror.root))
             if installed != self.installed:
                 self.installed, self._planner = installed, None
+                self.whole_models, self._model_tokenizers = model_experts(self.mirror.root), {}
 
     async def get(self, job_id: str, key: ApiKey | None = None) -> dict | None:
         """The job's view, or None when there is none or it is another key's (the caller learns nothing)."""
@@ -170,15 +176,55 @@ class JobQueue:
             if unknown:
                 raise oa.ApiError(404, f"no expert named {unknown[0]!r}; see GET /v1/experts", param="experts",
                                   code="model_not_found")
+            whole = [e for e in body.experts if e in self.whole_models]
+            if whole and len(body.experts) > 1:
+                raise oa.ApiError(400, f"experts: {whole[0]!r} is a whole model, which decodes a job alone (its "
+                                       "vocabulary is its own); name it alone, or mix adapter experts only",
+                                  param="experts", code="invalid_value")
             experts, text = {e: 1.0 / len(body.experts) for e in body.experts}, prompt.text
         else:
             plan = self.path.plan(self._plan(), body.model, prompt, ImoeOptions(mode=body.mode, fusion="mixture"))
             experts, text = plan.experts, plan.prompt
-        ids, limit = self.path.encode(text, body.max_tokens, param=prompt.param)
-        return JobRecord(agent=agent, priority=body.priority, prompt_ids=ids, experts=experts, max_tokens=limit,
+        model, experts = decoded_by(experts, self.whole_models)
+        if model is not None:
+            ids, limit = self._model_prompt(model, text, body.max_tokens, prompt.param)
+            stop_ids: list[int] = []   # the expert's own end tokens stop it on the replica
+        else:
+            ids, limit = self.path.encode(text, body.max_tokens, param=prompt.param)
+            stop_ids = list(self.path.stop_ids)
+        return JobRecord(agent=agent, priority=body.priority, prompt_ids=ids, experts=experts, model=model,
+                         max_tokens=limit,
                          temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                         stop_ids=list(self.path.stop_ids),
+                         stop_ids=stop_ids,
                          deadline=None if body.deadline_s is None else time.time() + body.deadline_s)
+
+    def _model_tokenizer(self, name: str):
+        if name not in self._model_tokenizers:
+            from transformers import AutoTokenizer
+
+            self._model_tokenizers[name] = AutoTokenizer.from_pretrained(self.whole_models[name])
+        return self._model_tokenizers[name]
+
+    def _model_prompt(self, name: str, text: str, asked: int | None, param: str) -> tuple[list[int], int]:
+        """A whole-model job's prompt ids in the expert's own vocabulary and its completion length,
+        within that model's context."""
+        from imoe_ray.serving.model_experts import prompt_ids
+
+        tokenizer = self._model_tokenizer(name)
+        config = json.loads((self.whole_models[name] / "config.json").read_text())
+        context = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+        ids = prompt_ids(tokenizer, text)
+        limit = asked or min(self.settings.max_tokens, max(1, context - len(ids)))
+        if len(ids) + limit > context:
+            raise oa.ApiError(400, f"{name}'s maximum context length is {context} tokens. However, you requested "
+                                   f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} for the completion). "
+                                   "Please reduce the prompt or max_tokens.", param=param, code="context_length_exceeded")
+        return ids, limit
+
+    def _decode(self, record: JobRecord) -> str:
+        if record.model is None:
+            return self.tokenizer.decode(record.generated)
+        return self._model_tokenizer(record.model).decode(record.generated, skip_special_tokens=True)
 
     def _plan(self):
         if self._planner is None:
@@ -241,11 +287,13 @@ class JobQueue:
         finally:
             self._schedule()
 
-    async def _step(self, request: GenerationRequest) -> dict:
+    async def _step(self, request: GenerationRequest | ModelRequest) -> dict:
         """One generation step on the expert replicas, on the request path's retry policy: sent again
         while a dead replica is replaced (nothing of a failed step was kept, so nothing is duplicated),
         waiting its turn while the replicas' queues are full; the whole step within `jobs.step_timeout_s`."""
         async def whole() -> dict:
+            if isinstance(request, ModelRequest):
+                return await self._model_step(request)
             parts = experts_call(lambda: one_part(self.experts.generate.remote(request)), self.cfg.serve.retry_s,
                                  on_backpressure="wait")
             return [part async for part in parts][-1]
@@ -255,6 +303,16 @@ class JobQueue:
         except asyncio.TimeoutError:
             raise TimeoutError(f"a generation step took longer than {self.settings.step_timeout_s} s "
                                "(jobs.step_timeout_s)") from None
+
+    async def _model_step(self, request: ModelRequest) -> dict:
+        """A whole-model job's step on the replicas' whole-model pool, on the same retry policy."""
+        async def call():
+            yield await self.experts.generate_model.remote(request)
+
+        out = [part async for part in experts_call(call, self.cfg.serve.retry_s, on_backpressure="wait")][-1]
+        if isinstance(out, ModelRefusal):
+            raise RuntimeError(f"{request.name}: {out.error}")
+        return {"tokens": out.tokens, "finish_reason": out.finish_reason}
 
     def _gauges(self) -> None:
         waiting: dict[int, int] = {}

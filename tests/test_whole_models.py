@@ -215,23 +215,56 @@ def test_a_replaced_model_is_loaded_again(models, tmp_path):
 def test_model_experts_answer_with_their_own_tokenizer(store, models, encoder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imoe_ray.serving.model_experts import ModelExperts
+    from imoe_ray.serving.model_experts import ModelExperts, ModelRefusal, ModelRequest
 
     add_model(store, "coder", models["coder"], ["python"], None, lambda: encoder)
     experts = ModelExperts(store, budget_mb=None, fixed_bytes=lambda: 0)
-    out = experts.answer("coder", "def add(a, b):", max_new_tokens=6)
+    out = experts.answer(ModelRequest("coder", 6, prompt="def add(a, b):"))
     tok = AutoTokenizer.from_pretrained(models["coder"])
     reference = AutoModelForCausalLM.from_pretrained(models["coder"]).eval()
     ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
     expected = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=[2])[0, ids.shape[1]:]
     expected = [t for t in expected.tolist() if t != 2]
     assert out.text == tok.decode(expected, skip_special_tokens=True) and out.load_ms > 0
-    assert out.prompt_tokens == ids.shape[1] and out.completion_tokens == len(expected)
-    assert experts.answer("coder", "x", max_new_tokens=2).load_ms == 0.0
-    assert experts.serve({"name": "nobody", "prompt": "x", "max_new_tokens": 2})["status"] == 404
+    assert out.prompt_tokens == ids.shape[1] and out.completion_tokens == len(expected) and out.tokens == expected
+    assert experts.answer(ModelRequest("coder", 2, prompt="x")).load_ms == 0.0
+    refused = experts.serve(ModelRequest("nobody", 2, prompt="x"))
+    assert isinstance(refused, ModelRefusal) and refused.status == 404 and refused.code == "model_not_found"
     snapshot = experts.snapshot()
     assert set(snapshot["models"]) == {"coder"} and snapshot["budget_mb"] is None
     assert snapshot["resident_mb"] == pytest.approx(module_bytes(experts.pool.resident["coder"].model) / MB, abs=1e-3)
+
+
+def test_a_whole_model_job_resumed_step_by_step_decodes_what_one_run_does(store, models, encoder, tmp_path):
+    """A job on a whole-model expert runs in steps of a few tokens, in the expert's own vocabulary,
+    and may be paused between any two: stepping (with pauses, on a fresh pool as after a restart)
+    gives the tokens of one run straight through. Who decodes: a whole model only when it is the
+    most probable expert, alone; otherwise the adapters without it."""
+    from imoe_ray.job_queue.preemption import absorb, decoded_by, step_request
+    from imoe_ray.job_queue.records import JobRecord
+    from imoe_ray.serving.model_experts import ModelExperts, ModelRequest, prompt_ids
+
+    add_model(store, "mathy", models["mathy"], ["maths"], None, lambda: encoder)
+    experts = ModelExperts(store, budget_mb=None, fixed_bytes=lambda: 0)
+    tokenizer = experts.pool.get("mathy", experts.path("mathy"))[0].tokenizer
+    ids = prompt_ids(tokenizer, "solve the equation")
+    straight = experts.answer(ModelRequest("mathy", 9, prompt_ids=tuple(ids))).tokens
+
+    record = JobRecord(agent="a", priority=0, prompt_ids=ids, experts={"mathy": 1.0}, model="mathy", max_tokens=9)
+    done, steps = False, 0
+    while not done:
+        request = step_request(record, 2)
+        assert isinstance(request, ModelRequest) and request.max_new_tokens <= 2
+        if steps == 2:   # paused here; resumed by a fresh replica's pool
+            experts = ModelExperts(store, budget_mb=None, fixed_bytes=lambda: 0)
+        out = experts.answer(request)
+        done, steps = absorb(record, out.tokens, out.finish_reason), steps + 1
+    assert record.generated == straight and steps >= 3
+
+    whole = {"mathy"}
+    assert decoded_by({"mathy": 0.7, "expert_0": 0.3}, whole) == ("mathy", {"mathy": 1.0})
+    assert decoded_by({"mathy": 0.3, "expert_0": 0.5, "expert_1": 0.2}, whole) == \
+        (None, {"expert_0": pytest.approx(0.5 / 0.7), "expert_1": pytest.approx(0.2 / 0.7)})
 
 
 def test_a_whole_model_travels_as_a_signed_expert_package(store, models, encoder, tmp_path):
@@ -243,7 +276,7 @@ def test_a_whole_model_travels_as_a_signed_expert_package(store, models, encoder
     from imoe_ray.packaging.manifest import PackageManifest
     from imoe_ray.packaging.registry import Registry, package_expert
     from imoe_ray.packaging.signing import generate_keys, load_signing_key, sign
-    from imoe_ray.serving.model_experts import ModelExperts
+    from imoe_ray.serving.model_experts import ModelExperts, ModelRequest
 
     add_model(store, "coder", models["coder"], ["python"], None, lambda: encoder)
     path, manifest = package_expert(store, "coder", "1.0.0", tmp_path / "coder.expert", new_name="shipped")
@@ -264,11 +297,11 @@ def test_a_whole_model_travels_as_a_signed_expert_package(store, models, encoder
     profile = [p for p in json.loads((other / "router" / "experts.json").read_text()) if p["name"] == "shipped"][0]
     assert profile["keywords"] == ["python"] and profile["centroid"] == manifest.routing.centroid
     experts = ModelExperts(other, budget_mb=None, fixed_bytes=lambda: 0)
-    assert experts.answer("shipped", "def", max_new_tokens=2).load_ms > 0
+    assert experts.answer(ModelRequest("shipped", 2, prompt="def")).load_ms > 0
     experts.pool.evict("shipped")
     (served / "model" / "config.json").write_text((served / "model" / "config.json").read_text() + " ")
-    refused = experts.serve({"name": "shipped", "prompt": "def", "max_new_tokens": 2})
-    assert refused["status"] == 503 and "does not match the sha256" in refused["error"]
+    refused = experts.serve(ModelRequest("shipped", 2, prompt="def"))
+    assert refused.status == 503 and "does not match the sha256" in refused.error
 
     data = json.loads(manifest.to_json())
     with pytest.raises(PackageError, match="exactly one of an adapter or a whole model"):
@@ -329,7 +362,8 @@ def test_router_reaches_whole_models_by_their_keywords_without_retraining(built,
 def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, served_models):
     """`imoe serve --set serve.memory_budget_mb=M` with room for one whole model: both are listed, a
     keyword query is answered by its model, switching evicts the other, `resident_mb` stays within M,
-    and a request routed to both runs them in turn and fuses their answers as text."""
+    a request routed to both runs them in turn and fuses their answers as text, and a job routed to
+    one is decoded by it, step by step, to the chat's answer."""
     import requests
     from openai import OpenAI
 
@@ -374,5 +408,32 @@ def test_served_whole_models_within_the_byte_budget(ray_cluster, model_store, se
             client.chat.completions.create(model="mathy", max_tokens=6, temperature=0,
                                            messages=[{"role": "user", "content": "zebrafish"}]).choices[0].message.content
         assert requests.get(f"{base}/v1/experts", timeout=60).json()["resident_mb"] <= budget_mb
+
+        # jobs: a whole-model expert decodes a job alone, in steps (jobs.step_tokens), as a chat does in one go
+        chat = [{"role": "user", "content": "how do zebrafish swim"}]
+        expected = client.chat.completions.create(model="imoe", max_tokens=6, temperature=0, messages=chat,
+                                                  extra_body={"imoe": {"mode": "basic"}})
+        assert expected.model_extra["imoe"]["experts"] == ["mathy"]
+        job = requests.post(f"{base}/v1/jobs", json={"messages": chat, "max_tokens": 6, "mode": "basic"}, timeout=60)
+        assert job.status_code == 200, job.text
+        view = _finished(base, job.json()["id"])
+        assert view["state"] == "succeeded" and view["experts"] == {"mathy": 1.0}
+        assert view["output"] == expected.choices[0].message.content
+        mixed = requests.post(f"{base}/v1/jobs", json={"prompt": "x", "experts": ["coder", "mathy"]}, timeout=60)
+        assert mixed.status_code == 400 and "decodes a job alone" in mixed.json()["error"]["message"]
     finally:
         stop_imoe_serve(proc)
+
+
+def _finished(base: str, job_id: str, timeout: float = 300) -> dict:
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        view = requests.get(f"{base}/v1/jobs/{job_id}", timeout=60).json()
+        if view["state"] in ("succeeded", "failed", "cancelled"):
+            return view
+        time.sleep(0.1)
+    raise TimeoutError(view)

@@ -14,10 +14,10 @@ from imoe_ray.job_queue.scheduler import Scheduler
 
 class JobQueueCore:
     def __init__(self, store_dir: str, slots: int, per_agent_limit: int = 0, retention_s: float = 7 * 86400,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[JobRecord], str] | None = None):
         self.store = JobStore(store_dir)
         self.scheduler = Scheduler(slots, per_agent_limit)
-        self.decode = decode or (lambda ids: "")
+        self.decode = decode or (lambda record: "")  # a job's generated ids as text, in its decoder's vocabulary
         self.jobs: dict[str, JobRecord] = {}
         self.recovered = self._recover(retention_s)
 
@@ -53,7 +53,7 @@ class JobQueueCore:
         waiting = self.waiting()
         position = self.scheduler.position(record, waiting) if record.state in ("queued", "preempted") else None
         out = record.view(position)
-        out["output"] = record.output or self.decode(record.generated)
+        out["output"] = record.output or self.decode(record)
         return out
 
     def list(self, agent: str | None = None, state: str | None = None) -> list[dict]:
@@ -139,7 +139,7 @@ class JobQueueCore:
     def _finish(self, record: JobRecord, state: str, error: str | None = None) -> None:
         record.mark(state)  # type: ignore[arg-type]
         record.error = error
-        record.output = self.decode(record.generated)
+        record.output = self.decode(record)
         self.store.save(record)
 
     def _expire(self) -> None:

@@ -42,6 +42,7 @@ class JobRecord(BaseModel):
     state: State = "queued"
     prompt_ids: list[int]
     experts: dict[str, float]
+    model: str | None = None        # a whole-model expert decoding alone; prompt_ids and generated are its ids
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -94,7 +95,7 @@ class JobRecord(BaseModel):
     def view(self, position: int | None = None) -> dict:
         """What GET /v1/jobs/{id} answers (times of the current state included)."""
         out = self.model_dump(include={"id", "agent", "priority", "state", "output", "finish_reason", "error",
-                                       "max_tokens", "created", "updated", "history"})
+                                       "max_tokens", "created", "updated", "history", "experts"})
         t = self.telemetry.model_copy()
         now = time.time()
         if self.running_since is not None:

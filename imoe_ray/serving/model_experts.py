@@ -4,13 +4,26 @@ the base's, so it never joins the adapters' batch); Hugging Face `generate` does
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from imoe_ray.experts.whole_model import model_experts
 from imoe_ray.serving.model_pool import MB, ModelPool
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a whole-model expert is asked: a prompt text (its chat template applied, encoded with its
+    own tokenizer) or, for a job's next step, token ids already in its own vocabulary."""
+    name: str
+    max_new_tokens: int
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass
@@ -21,9 +34,26 @@ class ModelAnswer:
     completion_tokens: int
     load_ms: float             # 0 when the model was resident
     generate_ms: float
+    tokens: list[int] = field(default_factory=list)  # the completion's ids in the expert's vocabulary
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelRefusal:
+    """A request a replica cannot serve, with the HTTP status and error code the API answers."""
+    error: str
+    status: int
+    code: str
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt text as a whole-model expert reads it: its chat template applied when it has one."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True) if templated else prompt
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 class ModelExperts:
@@ -45,35 +75,32 @@ class ModelExperts:
                            f"{', '.join(sorted(self.known)) or 'none'}")
         return self.known[name]
 
-    def answer(self, name: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> ModelAnswer:
-        """Load NAME if needed and continue `prompt` (its chat template applied when it has one)."""
+    def answer(self, request: ModelRequest) -> ModelAnswer:
+        """Load the expert if needed and continue the request's prompt (text or ids). Under greedy
+        decoding, continuing from prompt + the first n tokens gives the same next tokens as one run."""
         import time
 
         with self.pool.lock:  # the model stays resident until its answer is done
-            if name not in self.pool.resident:
+            if request.name not in self.pool.resident:
                 from imoe_ray.packaging.registry import verify_adapter
 
-                verify_adapter(self.path(name).parent)  # one installed from a package: its files as signed
-            loaded, load_ms = self.pool.get(name, self.path(name))
+                verify_adapter(self.path(request.name).parent)  # one installed from a package: its files as signed
+            loaded, load_ms = self.pool.get(request.name, self.path(request.name))
             tok, model = loaded.tokenizer, loaded.model
-            text = prompt
-            if getattr(tok, "chat_template", None):
-                text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-            ids = tok(text, return_tensors="pt", add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"]
-            room = max(1, loaded.context - max_new_tokens)
-            ids = ids[:, -room:]
-            limit = max(1, min(max_new_tokens, loaded.context - ids.shape[1]))
+            given = list(request.prompt_ids) if request.prompt_ids is not None else prompt_ids(tok, request.prompt or "")
+            room = max(1, loaded.context - request.max_new_tokens)
+            ids = torch.tensor([given[-room:]], dtype=torch.long)
+            limit = max(1, min(request.max_new_tokens, loaded.context - ids.shape[1]))
             started = time.perf_counter()
-            sample = temperature is not None and temperature > 0
-            if seed is not None:
-                torch.manual_seed(seed)
+            sample = request.temperature is not None and request.temperature > 0
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
             pad = tok.pad_token_id if tok.pad_token_id is not None else (loaded.stop_ids[0] if loaded.stop_ids else 0)
             with torch.inference_mode():
                 out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                                      max_new_tokens=limit, do_sample=sample,
-                                     temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                     temperature=request.temperature if sample else None,
+                                     top_p=request.top_p if sample else None,
                                      top_k=None, eos_token_id=list(loaded.stop_ids) or None, pad_token_id=pad)
             generate_ms = (time.perf_counter() - started) * 1000
         new = out[0, ids.shape[1]:].tolist()
@@ -81,27 +108,24 @@ class ModelExperts:
         if stopped:
             new = new[:-1]
         return ModelAnswer(tok.decode(new, skip_special_tokens=True), "stop" if stopped else "length",
-                           int(ids.shape[1]), len(new), load_ms, generate_ms)
+                           int(ids.shape[1]), len(new), load_ms, generate_ms, new)
 
     def snapshot(self) -> dict:
         return self.pool.snapshot()
 
-    def serve(self, job: dict) -> dict:
-        """One request of the Serve replica: {"name", "prompt", "max_new_tokens", "temperature", "top_p",
-        "seed"} → the answer's JSON, or {"error", "status", "code"} when it cannot be served."""
+    def serve(self, request: ModelRequest) -> ModelAnswer | ModelRefusal:
+        """One request of the Serve replica: its answer, or why it cannot be served."""
         from imoe_ray.packaging import PackageError
         from imoe_ray.serving.model_pool import BudgetError
 
         try:
-            top_p = job.get("top_p")
-            return self.answer(job["name"], job["prompt"], int(job["max_new_tokens"]), job.get("temperature") or 0.0,
-                               1.0 if top_p is None else float(top_p), job.get("seed")).to_json()
+            return self.answer(request)
         except KeyError as e:
-            return {"error": str(e.args[0]), "status": 404, "code": "model_not_found"}
+            return ModelRefusal(str(e.args[0]), 404, "model_not_found")
         except BudgetError as e:
-            return {"error": str(e), "status": 503, "code": "memory_budget"}
+            return ModelRefusal(str(e), 503, "memory_budget")
         except PackageError as e:   # its files differ from its package's manifest
-            return {"error": str(e), "status": 503, "code": "expert_integrity"}
+            return ModelRefusal(str(e), 503, "expert_integrity")
 
 
 def replica_models(store_dir: str | Path, serving, budget_mb: float | None) -> ModelExperts:
