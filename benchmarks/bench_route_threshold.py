@@ -11,6 +11,14 @@ tokens, a grid search picks the adaptive setting that serves the gold category m
 --budget experts per request (fewest experts on a tie), and, as a second baseline, the fixed t_C that
 does the same. The test split then prints the store's fixed t_C, the tuned fixed t_C and the tuned
 adaptive policy side by side, with the ratio adaptive / fixed of experts per request.
+
+    python benchmarks/bench_route_threshold.py --store store --folds 7
+
+--folds K: the same measurement, cross-validated. K routers are trained on the store's own data,
+each with a rotated split (`split_of(..., offset=f/K)`, test share 1/K), so every chunk is in one
+fold's test split; each fold tunes its adaptive setting on its own calib split and is measured on
+its test split at --tune-length tokens; the folds' results are pooled (every chunk counted once).
+A test split of ~80 texts moves by 1.3 points per text; the pooled figure rests on all of them.
 """
 
 from __future__ import annotations
@@ -85,6 +93,48 @@ def tune(router, rows: list[Row], candidates, budget: float):
     return best, best_key
 
 
+def cross_validate(store, cfg, folds: int, length: int, budget: float) -> dict:
+    """Pooled (experts, served) over `folds` routers, each tuned on its calib split, measured on its test split."""
+    from imoe_ray.discovery.stage import load_model
+    from imoe_ray.routing.router import ExpertProfile, adaptive_threshold
+    from imoe_ray.routing.stage import load_corpus, load_router, make_encoder
+    from imoe_ray.routing.train import train_router
+    from imoe_ray.store.layout import split_of
+
+    discovery = load_model(store)
+    names = [c.name for c in discovery.categories]
+    encoder = make_encoder(cfg)
+    corpus = load_corpus(store, cfg, encoder, lambda m: None)
+    served_by = load_router(store, cfg).served_by
+    rc = cfg.router.model_copy(update={"test_fraction": 1.0 / folds})
+    pooled: dict[str, list[tuple[float, float, int]]] = {"fixed": [], "adaptive (default)": [], "adaptive (tuned)": []}
+    for f in range(folds):
+        split = np.array([split_of(i, rc.calib_fraction, rc.test_fraction, offset=f / folds) for i in corpus.ids])
+        profiles = [ExpertProfile(c.name, c.id, [], c.centroid) for c in discovery.categories]
+        router, _, _ = train_router(corpus, names, profiles, discovery.threshold, rc, encoder, lambda m: None,
+                                    discovery.text_features, split=split)
+        router.served_by = served_by
+        rows = {}
+        for part in ("calib", "test"):
+            keep = [i for i in np.flatnonzero(split == part) if corpus.texts[i].strip()]
+            rows[part] = routed_rows(router, [corpus.texts[i] for i in keep], [names[corpus.labels[i]] for i in keep],
+                                     encoder.tokenizer, length)
+        default = adaptive_threshold(dict(router.settings, threshold_policy="adaptive"))
+        tuned, _ = tune(router, rows["calib"], adaptive_grid(default), budget)
+        n = len(rows["test"])
+        for name, policy in (("fixed", None), ("adaptive (default)", default), ("adaptive (tuned)", tuned)):
+            if name != "adaptive (tuned)" or tuned is not None:
+                pooled[name].append((*score(router, rows["test"], policy), n))
+        e, s_ = pooled["adaptive (tuned)"][-1][:2] if tuned is not None else (float("nan"), float("nan"))
+        print(f"[bench] fold {f + 1}/{folds}: {n} test texts; tuned adaptive {e:.2f} experts, served {s_:.3f}", flush=True)
+    out = {}
+    for name, parts in pooled.items():
+        n = sum(p[2] for p in parts)
+        out[name] = {"experts": round(sum(p[0] * p[2] for p in parts) / max(1, n), 3),
+                     "served": round(sum(p[1] * p[2] for p in parts) / max(1, n), 4), "texts": n}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="store")
@@ -92,6 +142,7 @@ def main() -> None:
     parser.add_argument("--tune-length", type=int, default=24, help="prefix length the grid search tunes on")
     parser.add_argument("--budget", type=float, default=1.5, help="most experts per request on the validation split")
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
+    parser.add_argument("--folds", type=int, default=None, help="cross-validate over this many folds instead")
     args = parser.parse_args()
 
     from imoe_ray.cli import resolve_config
@@ -103,6 +154,19 @@ def main() -> None:
 
     cfg = resolve_config(args.store, None, None)
     store = Store(cfg.store, cache_dir=cfg.cache_dir)
+    if args.folds is not None:
+        if args.folds < 2:
+            parser.error("--folds must be at least 2")
+        result = cross_validate(store, cfg, args.folds, args.tune_length, args.budget)
+        print(f"\ncross-validated over {args.folds} folds, {args.tune_length} tokens, budget {args.budget}: "
+              "experts per request / gold category served")
+        for name, r in result.items():
+            print(f"  {name:>20}: {r['experts']:.2f} / {r['served']:.3f}  ({r['texts']} texts)")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"store": cfg.store, "folds": args.folds, "budget": args.budget,
+                           "tokens": args.tune_length, "pooled": result}, f, indent=2)
+        return
     router = load_router(store, cfg)
     tokenizer = make_encoder(cfg).tokenizer
     lengths = [None if x == "whole" else int(x) for x in args.lengths.split(",")]

@@ -86,14 +86,17 @@ def reference_features(states: np.ndarray, text: np.ndarray | None) -> np.ndarra
 
 def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile], threshold: float,
                  cfg: RouterConfig, encoder, report: Report = print,
-                 text_features: TextFeatures | None = None) -> tuple[Router, dict, LinearHead]:
+                 text_features: TextFeatures | None = None,
+                 split: np.ndarray | None = None) -> tuple[Router, dict, LinearHead]:
     """`text_features`: discovery's tf-idf → SVD featurizer, read by every DACT unit and the fast path
-    (`cfg.read_text_features`)."""
+    (`cfg.read_text_features`). `split`: each row's "train", "calib" or "test" (None: the store's
+    split by input row id; a cross-validation passes its folds)."""
     rng = np.random.default_rng(cfg.seed)
     text = text_features if cfg.read_text_features else None
     unit_text = (lambda texts: None) if text is None else text.transform
     n_classes = len(names)
-    split = np.array([split_of(i, cfg.calib_fraction, cfg.test_fraction) for i in corpus.ids])
+    if split is None:
+        split = np.array([split_of(i, cfg.calib_fraction, cfg.test_fraction) for i in corpus.ids])
     train, calib, test = (np.flatnonzero(split == s) for s in ("train", "calib", "test"))
     if len(train) == 0 or len(calib) == 0:
         raise ValueError(f"{len(corpus.texts)} chunks are too few to hold out a calibration split")

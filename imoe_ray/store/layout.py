@@ -105,10 +105,12 @@ def read_experts_index(store) -> ExpertsIndex:
 
 
 # ---- the held-out split ------------------------------------------------------------------------
-def split_of(key: str, calib: float, test: float) -> str:
+def split_of(key: str, calib: float, test: float, offset: float = 0.0) -> str:
     """A stable train/calib/test split by input row id, so overlapping chunks of one document stay
-    together; the router calibrates on `calib`, and no model trains on `test` (`imoe eval`)."""
-    u = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+    together; the router calibrates on `calib`, and no model trains on `test` (`imoe eval`).
+    `offset` rotates the split: offsets 0, 1/k, …, (k-1)/k with `test` 1/k are the k folds of a
+    cross-validation, each row in one fold's test split."""
+    u = (int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64 + offset) % 1.0
     return "test" if u < test else "calib" if u < test + calib else "train"
 
 
