@@ -8,8 +8,8 @@ and of its test split (the result) is routed once per prefix length, as `imoe ev
 policies are then applied to the same probabilities (`imoe_ray.routing.threshold.select`, the code
 the router runs), so every policy sees identical routes. On the calibration split, at --tune-length
 tokens, a grid search picks the adaptive setting that serves the gold category most often within
---budget experts per request (fewest experts on a tie), and, as a second baseline, the fixed t_C that
-does the same. The test split then prints the store's fixed t_C, the tuned fixed t_C and the tuned
+--budget experts per request (on a tie, the one using more of the budget: see `tune`), and, as a
+second baseline, the fixed t_C that does the same. The test split then prints the store's fixed t_C, the tuned fixed t_C and the tuned
 adaptive policy side by side, with the ratio adaptive / fixed of experts per request.
 
     python benchmarks/bench_route_threshold.py --store store --folds 7
@@ -82,15 +82,19 @@ def adaptive_grid(base):
             yield AdaptiveThreshold(lo, hi, base.complexity_words, margin, tuple(float(w) for w in weights), cap)
 
 
-def tune(router, rows: list[Row], candidates, budget: float):
+def tune(router, rows: list[Row], candidates, budget: float, on_tie: str = "budget"):
+    """The candidate serving the gold category most often within `budget` experts per request, and its
+    (served, experts). On a tie in served, `on_tie` "budget" takes the one using more of the budget (a
+    validation split of ~100 texts saturates early: a tie there is rarely one on new text), "fewest"
+    the one with fewer experts."""
     best, best_key = None, None
     for cand in candidates:
         experts, served = score(router, rows, cand)
         if experts <= budget:
-            key = (round(served, 6), -experts)
+            key = (round(served, 6), experts if on_tie == "budget" else -experts)
             if best_key is None or key > best_key:
                 best, best_key = cand, key
-    return best, best_key
+    return best, None if best_key is None else (best_key[0], abs(best_key[1]))
 
 
 def cross_validate(store, cfg, folds: int, length: int, budget: float) -> dict:
@@ -105,15 +109,17 @@ def cross_validate(store, cfg, folds: int, length: int, budget: float) -> dict:
     names = [c.name for c in discovery.categories]
     encoder = make_encoder(cfg)
     corpus = load_corpus(store, cfg, encoder, lambda m: None)
-    served_by = load_router(store, cfg).served_by
+    served = load_router(store, cfg)   # its experts' routing keywords and which expert serves each category
+    keywords = {p.category: p.keywords for p in served.profiles if p.category is not None}
     rc = cfg.router.model_copy(update={"test_fraction": 1.0 / folds})
-    pooled: dict[str, list[tuple[float, float, int]]] = {"fixed": [], "adaptive (default)": [], "adaptive (tuned)": []}
+    pooled: dict[str, list[tuple[float, float, int]]] = {"fixed": [], "adaptive (default)": [],
+                                                         "adaptive (tuned, fewest on a tie)": [], "adaptive (tuned)": []}
     for f in range(folds):
         split = np.array([split_of(i, rc.calib_fraction, rc.test_fraction, offset=f / folds) for i in corpus.ids])
-        profiles = [ExpertProfile(c.name, c.id, [], c.centroid) for c in discovery.categories]
+        profiles = [ExpertProfile(c.name, c.id, keywords.get(c.id, []), c.centroid) for c in discovery.categories]
         router, _, _ = train_router(corpus, names, profiles, discovery.threshold, rc, encoder, lambda m: None,
                                     discovery.text_features, split=split)
-        router.served_by = served_by
+        router.served_by = served.served_by
         rows = {}
         for part in ("calib", "test"):
             keep = [i for i in np.flatnonzero(split == part) if corpus.texts[i].strip()]
@@ -121,9 +127,11 @@ def cross_validate(store, cfg, folds: int, length: int, budget: float) -> dict:
                                      encoder.tokenizer, length)
         default = adaptive_threshold(dict(router.settings, threshold_policy="adaptive"))
         tuned, _ = tune(router, rows["calib"], adaptive_grid(default), budget)
+        frugal, _ = tune(router, rows["calib"], adaptive_grid(default), budget, on_tie="fewest")
         n = len(rows["test"])
-        for name, policy in (("fixed", None), ("adaptive (default)", default), ("adaptive (tuned)", tuned)):
-            if name != "adaptive (tuned)" or tuned is not None:
+        for name, policy in (("fixed", None), ("adaptive (default)", default),
+                             ("adaptive (tuned, fewest on a tie)", frugal), ("adaptive (tuned)", tuned)):
+            if not name.startswith("adaptive (tuned") or policy is not None:
                 pooled[name].append((*score(router, rows["test"], policy), n))
         e, s_ = pooled["adaptive (tuned)"][-1][:2] if tuned is not None else (float("nan"), float("nan"))
         print(f"[bench] fold {f + 1}/{folds}: {n} test texts; tuned adaptive {e:.2f} experts, served {s_:.3f}", flush=True)
@@ -161,7 +169,7 @@ def main() -> None:
         print(f"\ncross-validated over {args.folds} folds, {args.tune_length} tokens, budget {args.budget}: "
               "experts per request / gold category served")
         for name, r in result.items():
-            print(f"  {name:>20}: {r['experts']:.2f} / {r['served']:.3f}  ({r['texts']} texts)")
+            print(f"  {name:>34}: {r['experts']:.2f} / {r['served']:.3f}  ({r['texts']} texts)")
         if args.output:
             with open(args.output, "w") as f:
                 json.dump({"store": cfg.store, "folds": args.folds, "budget": args.budget,
@@ -183,16 +191,14 @@ def main() -> None:
     settings_default = adaptive_threshold(dict(router.settings, threshold_policy="adaptive"))
     validation = rows["calib"][args.tune_length]
     tuned, key = tune(router, validation, adaptive_grid(settings_default), args.budget)
-    fixed_candidates = [round(t, 3) for t in np.arange(0.02, 0.61, 0.01)]
-    best_fixed, best_fixed_key = None, None
-    for t in fixed_candidates:
-        experts, served = score(router, validation, AdaptiveThreshold(t, t, 1, 0.0, (1.0, 1.0, 1.0), None))
-        if experts <= args.budget and (best_fixed_key is None or (served, -experts) > best_fixed_key):
-            best_fixed, best_fixed_key = t, (served, -experts)
+    fixed_candidates = {round(t, 3): AdaptiveThreshold(t, t, 1, 0.0, (1.0, 1.0, 1.0), None)
+                        for t in np.arange(0.02, 0.61, 0.01)}
+    fixed_policy, best_fixed_key = tune(router, validation, fixed_candidates.values(), args.budget)
+    best_fixed = None if fixed_policy is None else round(fixed_policy.t_simple, 3)
     print(f"[bench] validation ({len(validation)} calib texts, {args.tune_length} tokens, budget {args.budget}):")
     print(f"  adaptive (config default now): {score(router, validation, settings_default)}")
-    print(f"  adaptive tuned: {tuned} → served {key[0]:.3f}, experts {-key[1]:.3f}" if tuned else "  adaptive: none fits")
-    print(f"  fixed tuned: t_C {best_fixed} → served {best_fixed_key[0]:.3f}, experts {-best_fixed_key[1]:.3f}"
+    print(f"  adaptive tuned: {tuned} → served {key[0]:.3f}, experts {key[1]:.3f}" if tuned else "  adaptive: none fits")
+    print(f"  fixed tuned: t_C {best_fixed} → served {best_fixed_key[0]:.3f}, experts {best_fixed_key[1]:.3f}"
           if best_fixed is not None else "  fixed: none fits")
 
     policies = {"fixed": None, "adaptive (default)": settings_default}

@@ -103,7 +103,7 @@ def main() -> None:
         return int(np.argmax([r.all_probabilities[n] for n in router.names])), r.exit_layer
 
     def dact(t):
-        d = router.dact([t])
+        d, _ = router.dact([t])
         return int(d.probabilities[0].argmax()), int(d.exit_layer[0])
 
     def full_encoder(t):

@@ -99,16 +99,20 @@ class RouterConfig(_Section):
     threshold_policy: Literal["fixed", "adaptive"] = Field(
         "fixed", description="t_C per request: 'fixed' (threshold) or 'adaptive' (from the query's complexity: "
                              "imoe_ray/routing/threshold.py)")
-    adaptive_range: list[float] = Field([0.01, 0.1], min_length=2, max_length=2,
+    adaptive_range: list[float] = Field([0.03, 0.1], min_length=2, max_length=2,
                                         description="adaptive t_C of the most complex and of the simplest query "
-                                                    "(defaults tuned on the calib split: benchmarks/bench_route_threshold.py)")
+                                                    "(the adaptive defaults were tuned on calibration splits: "
+                                                    "benchmarks/bench_route_threshold.py --folds)")
     complexity_words: int = Field(12, ge=1, description="content words at which a query counts as long (adaptive t_C)")
-    close_margin: float = Field(0.1, ge=0, le=1, description="categories this close to the top count as rivals (adaptive t_C)")
-    complexity_weights: list[float] = Field([0.0, 1.0, 0.0], min_length=3, max_length=3,
+    close_margin: float = Field(0.2, ge=0, le=1, description="categories this close to the top count as rivals (adaptive t_C)")
+    complexity_weights: list[float] = Field([1.0, 3.0, 1.0], min_length=3, max_length=3,
                                             description="weights of length, router entropy and close rivals in the "
                                                         "query's complexity score (adaptive t_C)")
     max_experts: int | None = Field(3, ge=1, description="most categories one request goes to (adaptive t_C); "
                                                         "null: no cap")
+    neighbour_k: int = Field(25, ge=0, description="training rows in the neighbour vote (0: no vote)")
+    neighbour_temperature: float = Field(0.1, gt=0, description="T of a neighbour's weight exp(cos / T)")
+    neighbour_rows: int = Field(50_000, ge=1, description="most training rows the neighbour vote keeps (a uniform sample)")
     seed: int = 0
 
     @model_validator(mode="after")

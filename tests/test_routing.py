@@ -114,6 +114,24 @@ def test_cascade_threshold_holds_on_every_held_out_set():
     assert cascade_threshold(confidence, fast_ok, slow_ok, min_precision=0.5, groups=groups) == 0.9
 
 
+def test_neighbour_vote_follows_the_nearest_rows_and_round_trips():
+    from imoe_ray.routing.neighbours import NeighbourVote
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8)
+    rows = np.concatenate([c + 0.05 * rng.standard_normal((20, 8)) for c in centres])
+    labels = np.repeat([0, 1, 2], 20)
+    vote = NeighbourVote.fit(rows, labels, 3, k=5, temperature=0.1, max_rows=1000, seed=0)
+    between = (centres[0] + centres[1]) / 2 + 0.01 * centres[2]
+    p = vote.probabilities(np.stack([centres[1], between]))
+    assert np.allclose(p.sum(1), 1) and p[0].argmax() == 1 and p[0, 1] > 0.99 and (p > 0).all()
+    assert set(np.argsort(-p[1])[:2]) == {0, 1}           # between two categories: both ahead of the third
+    again = NeighbourVote.from_parts(vote.settings(), vote.arrays())
+    assert np.allclose(again.probabilities(rows[:5]), vote.probabilities(rows[:5]), atol=1e-3)
+    capped = NeighbourVote.fit(rows, labels, 3, k=5, temperature=0.1, max_rows=10, seed=0)
+    assert len(capped.labels) == 10 and capped.probabilities(rows[:2]).shape == (2, 3)
+
+
 def test_fast_path_learns_and_knows_its_vocabulary():
     texts = ["open a socket and connect to the server", "tcp socket listen accept", "http server request socket",
              "plot a histogram with matplotlib", "matplotlib figure axes plot", "draw a line plot with labels"] * 3
@@ -187,10 +205,34 @@ def test_live_dact_matches_dact_on_stored_states(router, built):
     cfg, store, _ = built
     corpus = load_corpus(store, cfg, None, lambda m: None)
     texts, states = corpus.texts[:12], corpus.layer_states[:12]
-    live = router.dact(texts)
+    live, _ = router.dact(texts)
     stored = router.decide_states(texts, states, use_fast_path=False)
     assert np.array_equal(live.exit_layer, stored.exit_layer)
     assert np.allclose(live.probabilities, stored.probabilities, atol=2e-3)  # float16 storage
+
+
+def test_live_routes_match_the_cascade_on_stored_states_with_the_neighbour_vote(router, built):
+    """What sharding and evaluation compute from stored states is what a request gets: the cascade,
+    then the neighbour vote read from the pooled last layer (live: DACT runs every layer for it).
+    Keyword priors apply to live requests only, so they are off here."""
+    import copy
+
+    from imoe_ray.routing.stage import load_corpus
+
+    cfg, store, _ = built
+    assert router.neighbours is not None and router.settings["neighbour_weight"] >= 0
+    meta = store.read_json("router", "config.json")
+    weights = load_file(store.path("router", "weights.safetensors"))
+    assert weights["neighbours.features"].shape == (len(weights["neighbours.labels"]), meta["settings"]["hidden"] +
+                                                    meta["settings"]["text_dims"]) and meta["neighbours"]["k"] > 0
+    corpus = load_corpus(store, cfg, None, lambda m: None)
+    texts, states = corpus.texts[:12], corpus.layer_states[:12]
+    stored = router.decide_states(texts, states)
+    plain = copy.copy(router)
+    plain.settings = dict(router.settings, keyword_boost=0.0)
+    for text, probs in zip(texts, stored.probabilities):
+        live = plain.route(text).all_probabilities
+        assert np.allclose([live[n] for n in router.names], probs, atol=5e-3)   # float16 storage
 
 
 def test_route_decision_contract(router, built):

@@ -8,6 +8,11 @@
           │
           ▼
     fused with the fast path's evidence: softmax((log p_dact + w · log p_fast) / T), w and T calibrated
+          │
+          ▼
+    fused with the neighbour vote (the nearest training chunks and prefix views, `neighbours.py`):
+    softmax((log p + w_nn · log p_nn) / T_nn), w_nn and T_nn calibrated; the n-gram fast path's sure
+    answers join it too (the vote reads the encoder's pooled last layer: one encoder pass)
 
 A request goes to every category whose calibrated probability reaches t_C. When none does, or the
 text is not about anything the corpus knows, the fallback decides: every expert, or the base model
@@ -27,9 +32,10 @@ import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from imoe_ray.config import RouterConfig
-from imoe_ray.discovery.features import TextFeatures
+from imoe_ray.discovery.features import TextFeatures, combine
 from imoe_ray.routing.dact import Accumulator, DACTHead, exit_from_states
 from imoe_ray.routing.fastpath import FastPath, tokens
+from imoe_ray.routing.neighbours import NeighbourVote
 from imoe_ray.routing.threshold import AdaptiveThreshold, select
 
 if TYPE_CHECKING:
@@ -77,7 +83,8 @@ class Decision:
 class Router:
     def __init__(self, names: list[str], fast: FastPath, fast_threshold: float | None, head: DACTHead,
                  dact_temperature: float, threshold: float, settings: dict, encoder=None,
-                 profiles: list[ExpertProfile] | None = None, text_features: TextFeatures | None = None):
+                 profiles: list[ExpertProfile] | None = None, text_features: TextFeatures | None = None,
+                 neighbours: NeighbourVote | None = None):
         self.names = names
         self.fast = fast
         self.fast_threshold = fast_threshold
@@ -88,6 +95,7 @@ class Router:
         self._encoder = encoder
         self._layerwise: LayerwiseEncoder | None = None
         self.text_features = text_features
+        self.neighbours = neighbours
         self.profiles: list[ExpertProfile] = profiles or [ExpertProfile(n, i) for i, n in enumerate(names)]
         self.served_by: dict[str, str] = {}  # category → the expert serving it (a small category folded away)
         self.adaptive = adaptive_threshold(settings)
@@ -117,8 +125,10 @@ class Router:
         return self._layerwise
 
     @torch.inference_mode()
-    def dact(self, texts: list[str]) -> Decision:
-        """DACT run live over the encoder, one layer at a time; rows leave as soon as they halt."""
+    def dact(self, texts: list[str], last_layer: bool = False) -> tuple[Decision, np.ndarray | None]:
+        """DACT run live over the encoder, one layer at a time; rows leave as soon as they halt. With
+        `last_layer` every row runs to the end (the neighbour vote reads its pooled last layer,
+        returned as well), while DACT's answer is still the one it halted with."""
         lw = self._encoder_steps()
         hidden, mask = lw.embed(texts)
         text = self.text_inputs(texts)
@@ -126,17 +136,23 @@ class Router:
         rows = torch.arange(len(texts))
         probs = np.zeros((len(texts), len(self.names)), np.float32)
         layers = np.zeros(len(texts), np.int64)
+        pooled = None
         for n in range(lw.n_layers):
             hidden = lw.layer(n, hidden, mask)
-            halted, out = acc.update(n, rows, lw.pool(hidden, mask))
-            done = rows[halted].numpy()
-            probs[done] = out[halted].numpy()
-            layers[done] = n + 1
-            keep = ~halted
-            rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
-            if len(rows) == 0:
+            pooled = lw.pool(hidden, mask)
+            if len(rows):
+                halted, out = acc.update(n, rows, pooled[rows] if last_layer else pooled)
+                done = rows[halted].numpy()
+                probs[done] = out[halted].numpy()
+                layers[done] = n + 1
+                keep = ~halted
+                rows = rows[keep]
+                if not last_layer:
+                    hidden, mask = hidden[keep], mask[keep]
+            if len(rows) == 0 and not last_layer:
                 break
-        return Decision(self._calibrated(probs), layers)
+        last = pooled.numpy() if last_layer and pooled is not None else None
+        return Decision(self._calibrated(probs), layers), last
 
     def fuse(self, dact_probs: np.ndarray, fast_probs: np.ndarray) -> np.ndarray:
         """Product of the two calibrated opinions (the n-gram and the encoder views complement each other)."""
@@ -145,6 +161,17 @@ class Router:
             return dact_probs
         z = (np.log(np.clip(dact_probs, 1e-9, 1)) + w * np.log(np.clip(fast_probs, 1e-9, 1))) / t
         return _softmax(z)
+
+    def vote(self, probs: np.ndarray, texts: list[str], embeddings: np.ndarray) -> np.ndarray:
+        """The cascade's probabilities (n, K) fused with the neighbour vote of the rows' pooled last
+        layer (n, d); unchanged when the router has no vote or gave it no weight."""
+        w = self.settings.get("neighbour_weight", 0.0)
+        if self.neighbours is None or not w or not len(texts):
+            return probs
+        text = self.text_features.transform(texts) if self.text_features is not None else None
+        vote = self.neighbours.probabilities(combine(embeddings, text))
+        z = np.log(np.clip(probs, 1e-9, 1)) + w * np.log(np.clip(vote, 1e-9, 1))
+        return _softmax(z / self.settings.get("neighbour_fused_temperature", 1.0))
 
     def decide_states(self, texts: list[str], states: np.ndarray, use_fast_path: bool = True) -> Decision:
         """The cascade on precomputed per-layer states (n, L, h): identical decisions to live routing.
@@ -157,6 +184,7 @@ class Router:
             if self.fast_threshold is not None:
                 sure = fast.max(axis=1) >= self.fast_threshold
                 probs[sure], layers[sure] = fast[sure], 0
+            probs = self.vote(probs, texts, states[:, -1])
         return Decision(probs, layers)
 
     # ---- one request ---------------------------------------------------------------------
@@ -167,13 +195,20 @@ class Router:
         if not any(w not in ENGLISH_STOP_WORDS for w in tokens(text)):
             return self._fallback_only(started, "no words to route on" if not tokens(text) else "only stop words")
         fast = self.fast.probabilities(text)
+        exit_layer: int | None = None
         if fast_only or (not force_dact and self.fast_threshold is not None and fast.max() >= self.fast_threshold):
             probs, exit_layer = fast, 0
-        else:
-            decision = self.dact([text])
+        vote = not fast_only and not force_dact and self.neighbours is not None
+        last = None
+        if exit_layer is None:
+            decision, last = self.dact([text], last_layer=vote)
             probs, exit_layer = decision.probabilities[0], int(decision.exit_layer[0])
             if not force_dact:
                 probs = self.fuse(probs[None], fast[None])[0]
+        if vote:
+            if last is None:   # the fast path answered: one encoder pass for the vote
+                last = self._encoder_steps().encoder.encode([text])
+            probs = self.vote(probs[None], [text], last)[0]
         return self._decide(text, probs, exit_layer, started)
 
     def route_many(self, texts: list[str | bytes]) -> list[Route]:

@@ -21,6 +21,7 @@ from imoe_ray.embedding.ray_embed import layer_states_matrix
 from imoe_ray.embedding.stage import read_embeddings
 from imoe_ray.routing.dact import head_arrays, head_from_arrays
 from imoe_ray.routing.fastpath import FastPath
+from imoe_ray.routing.neighbours import NeighbourVote
 from imoe_ray.routing.router import ExpertProfile, Router
 from imoe_ray.routing.train import Corpus, LinearHead, train_router
 from imoe_ray.store import Store
@@ -76,12 +77,15 @@ def run(store: Store, cfg: Config, resume: bool, report: Callable[[str], None] =
 def save_router(store: Store, router: Router, metrics: dict) -> None:
     """The weights first, the JSON last: a config.json on disk always has its weights beside it."""
     arrays = head_arrays(router.head) | router.fast.arrays()
+    if router.neighbours is not None:
+        arrays |= router.neighbours.arrays()
     text = router.text_features if router.head.text_dims or router.fast.text_weights is not None else None
     if text is not None:
         arrays |= {"text.idf": text.idf, "text.svd_components": text.components}
     store.write_bytes(save_arrays(arrays), *WEIGHTS)
     trained = [asdict(p) for p in router.profiles if p.category is not None]
     store.write_json({"names": router.names, "settings": router.settings, "fast": router.fast.settings(),
+                      "neighbours": router.neighbours.settings() if router.neighbours is not None else None,
                       "text_vocabulary": text.vocabulary if text is not None else None,
                       "profiles": trained, "metrics": metrics}, *MODEL)
 
@@ -108,7 +112,8 @@ def load_router(store: Store, cfg: Config | None = None, with_encoder: bool = Tr
         text = TextFeatures(meta["text_vocabulary"], arrays["text.idf"], arrays["text.svd_components"])
     router = Router(meta["names"], FastPath.from_parts(meta["fast"], arrays, text), settings["fast_threshold"],
                     head_from_arrays(settings, arrays), settings["dact_temperature"], settings["threshold"],
-                    settings, encoder, profiles, text)
+                    settings, encoder, profiles, text,
+                    NeighbourVote.from_parts(meta["neighbours"], arrays) if meta.get("neighbours") else None)
     if store.exists(*EXTRA_EXPERTS):
         for p in store.read_json(*EXTRA_EXPERTS):
             if p.get("category") is not None or encoder is not None:  # joining by centroid needs the encoder

@@ -17,6 +17,7 @@ from imoe_ray.discovery.features import TextFeatures, combine
 from imoe_ray.routing import calibration
 from imoe_ray.routing.dact import exit_from_states, fit_classifiers, train_halting
 from imoe_ray.routing.fastpath import FastPath
+from imoe_ray.routing.neighbours import NeighbourVote
 from imoe_ray.routing.router import ExpertProfile, Router
 from imoe_ray.routing.views import sentences, split_of, token_prefixes, training_views
 
@@ -174,6 +175,19 @@ def train_router(corpus: Corpus, names: list[str], profiles: list[ExpertProfile]
     }
     router = Router(names, fast, fast_threshold, head, dact_temperature, threshold, settings, encoder, profiles, text)
 
+    # 5b. The neighbour vote over the training chunks and their prefix views, fused with the cascade's answer.
+    if cfg.neighbour_k > 0:
+        voters = np.r_[np.arange(len(train)), len(train) + np.flatnonzero(np.array(views.kinds) == "prefix")]
+        router.neighbours = NeighbourVote.fit(
+            reference_features(x_states[voters], None if x_text is None else x_text[voters]), y[voters], n_classes,
+            cfg.neighbour_k, cfg.neighbour_temperature, cfg.neighbour_rows, cfg.seed)
+        c_cascade = router.decide_states(c_texts, c_states).probabilities
+        c_vote = router.neighbours.probabilities(reference_features(c_states, c_text))
+        weight, temperature = _fit_vote(c_cascade, c_vote, c_labels)
+        router.settings |= {"neighbour_weight": weight, "neighbour_fused_temperature": temperature}
+        report(f"[router] neighbour vote of {cfg.neighbour_k} among {len(router.neighbours.labels)} training rows, "
+               f"fused at weight {weight:g}")
+
     # 6. Held-out evaluation (the test split was never seen by training or calibration).
     metrics = {"train_rows": len(y), "views": kinds, "calib_rows": len(c_labels), "lambda": chosen["lambda"],
                "lambda_sweep": sweep, "fast_threshold": fast_threshold,
@@ -206,6 +220,20 @@ def _fit_fusion(dact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> tuple
             best_w, best_acc = w, acc
     z = np.log(np.clip(dact, 1e-9, 1)) + best_w * np.log(np.clip(fast, 1e-9, 1))
     return best_w, calibration.fit_temperature(z, labels)
+
+
+def _fit_vote(cascade: np.ndarray, vote: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The weight of the neighbour vote's log-probabilities, and the temperature of the fused scores,
+    with the lowest held-out negative log-likelihood (a proper score: the runners-up count too)."""
+    best = (float("inf"), 0.0, 1.0)
+    for w in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
+        z = np.log(np.clip(cascade, 1e-9, 1)) + w * np.log(np.clip(vote, 1e-9, 1))
+        t = calibration.fit_temperature(z, labels)
+        p = _softmax(z / t)
+        nll = float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+        if nll < best[0] - 1e-9:
+            best = (nll, w, t)
+    return best[1], best[2]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
