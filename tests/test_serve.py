@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -515,20 +517,29 @@ def test_a_replica_crash_mid_request_is_survived(ray_session, server, client, se
 
     name = _expert_names(served_store)[0]
     outcomes = []
+    url = urllib.parse.urlsplit(server["url"])
 
-    def long_request(i: int):
-        r = requests.post(f"{server['url']}/completions", timeout=240, json={
-            "model": name, "prompt": f"request {i}", "max_tokens": 48, "temperature": 1.0, "seed": i})
-        outcomes.append((r.status_code, r.json()))
+    def send(i: int) -> http.client.HTTPConnection:
+        """The whole request written to the socket before this returns: it is on its way to the server."""
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=240)
+        conn.request("POST", f"{url.path}/completions", json.dumps({
+            "model": name, "prompt": f"request {i}", "max_tokens": 48, "temperature": 1.0, "seed": i}),
+            {"content-type": "application/json"})
+        return conn
+
+    def answer(conn: http.client.HTTPConnection):
+        r = conn.getresponse()
+        outcomes.append((r.status, json.loads(r.read())))
 
     replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Experts" in (a.class_name or "")]
     assert replicas, "no live expert replica"
     replica = ray.get_actor(replicas[0].name, namespace="serve")
-    workers = [threading.Thread(target=long_request, args=(i,)) for i in range(12)]
+    workers = [threading.Thread(target=answer, args=(send(i),)) for i in range(12)]
     for w in workers:
         w.start()
     # A stream's first token proves the replica is decoding (on a loaded machine a fixed sleep may
-    # kill it before any request arrived); the requests above were sent first and decode with it.
+    # kill it before any request arrived). The requests above were written to the server before this
+    # one, so they decode in the same continuous batch, each with more than one token still to go.
     probe = requests.post(f"{server['url']}/completions", stream=True, timeout=240, json={
         "model": name, "prompt": "probe", "max_tokens": 40, "stream": True})
     next(line for line in probe.iter_lines() if line.startswith(b"data:"))
