@@ -112,11 +112,11 @@ def cross_validate(store, cfg, folds: int, length: int, budget: float) -> dict:
     served = load_router(store, cfg)   # its experts' routing keywords and which expert serves each category
     keywords = {p.category: p.keywords for p in served.profiles if p.category is not None}
     rc = cfg.router.model_copy(update={"test_fraction": 1.0 / folds})
+    profiles = [ExpertProfile(c.name, c.id, keywords.get(c.id, []), c.centroid) for c in discovery.categories]
     pooled: dict[str, list[tuple[float, float, int]]] = {"fixed": [], "adaptive (default)": [],
                                                          "adaptive (tuned, fewest on a tie)": [], "adaptive (tuned)": []}
     for f in range(folds):
         split = np.array([split_of(i, rc.calib_fraction, rc.test_fraction, offset=f / folds) for i in corpus.ids])
-        profiles = [ExpertProfile(c.name, c.id, keywords.get(c.id, []), c.centroid) for c in discovery.categories]
         router, _, _ = train_router(corpus, names, profiles, discovery.threshold, rc, encoder, lambda m: None,
                                     discovery.text_features, split=split)
         router.served_by = served.served_by

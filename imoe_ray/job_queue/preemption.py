@@ -10,6 +10,8 @@ vocabulary, and each step continues them on the expert replicas' whole-model poo
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from imoe_ray.job_queue.records import JobRecord
 from imoe_ray.serving.generation import GenerationRequest
 from imoe_ray.serving.model_experts import ModelRequest
@@ -28,7 +30,7 @@ def step_request(record: JobRecord, step_tokens: int) -> GenerationRequest | Mod
                              stop_ids=tuple(record.stop_ids), seed=seed)
 
 
-def decoded_by(experts: dict[str, float], whole_models: set[str] | dict) -> tuple[str | None, dict[str, float]]:
+def decoded_by(experts: dict[str, float], whole_models: Container[str]) -> tuple[str | None, dict[str, float]]:
     """Who decodes a job routed or sent to `experts`: (a whole-model expert, {it: 1.0}) when the most
     probable one is a whole model; else (None, the adapters' mixture without the whole models,
     weights renormalised)."""

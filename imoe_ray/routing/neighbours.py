@@ -6,7 +6,7 @@ vote for their categories, each by its similarity.
 
 A linear head draws one border per category; the vote follows the corpus's own local structure, so
 where a short query sits between categories its runners-up are the categories of the chunks it
-resembles. The router fuses it with its other opinions (`Router.fuse`).
+resembles. The router fuses it with the cascade's answer (`Router.vote`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.preprocessing import normalize
 
 EPSILON = 1e-3   # every category keeps a little mass: a vote of k rows is not a certainty
 
@@ -33,11 +34,11 @@ class NeighbourVote:
         if len(features) > max_rows:
             keep = np.sort(np.random.default_rng(seed).choice(len(features), max_rows, replace=False))
             features, labels = features[keep], labels[keep]
-        return cls(_unit(features).astype(np.float32), np.asarray(labels, np.int64), n_classes, k, temperature)
+        return cls(normalize(features).astype(np.float32), np.asarray(labels, np.int64), n_classes, k, temperature)
 
     def probabilities(self, queries: np.ndarray) -> np.ndarray:
         """(m, K) vote shares of `queries` (m, d) in the same feature space."""
-        sims = _unit(np.asarray(queries, np.float32)) @ self.features.T
+        sims = normalize(np.asarray(queries, np.float32)) @ self.features.T
         k = min(self.k, sims.shape[1])
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         rows = np.arange(len(sims))[:, None]
@@ -57,6 +58,3 @@ class NeighbourVote:
         return cls(arrays["neighbours.features"].astype(np.float32), arrays["neighbours.labels"].astype(np.int64),
                    settings["n_classes"], settings["k"], settings["temperature"])
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+from sklearn.preprocessing import normalize
 
 from imoe_ray.config import RouterConfig
 from imoe_ray.discovery.features import TextFeatures, combine
@@ -157,10 +158,7 @@ class Router:
     def fuse(self, dact_probs: np.ndarray, fast_probs: np.ndarray) -> np.ndarray:
         """Product of the two calibrated opinions (the n-gram and the encoder views complement each other)."""
         w, t = self.settings.get("fusion_weight", 0.0), self.settings.get("fusion_temperature", 1.0)
-        if w == 0:
-            return dact_probs
-        z = (np.log(np.clip(dact_probs, 1e-9, 1)) + w * np.log(np.clip(fast_probs, 1e-9, 1))) / t
-        return _softmax(z)
+        return dact_probs if w == 0 else product(dact_probs, fast_probs, w, t)
 
     def vote(self, probs: np.ndarray, texts: list[str], embeddings: np.ndarray) -> np.ndarray:
         """The cascade's probabilities (n, K) fused with the neighbour vote of the rows' pooled last
@@ -170,8 +168,7 @@ class Router:
             return probs
         text = self.text_features.transform(texts) if self.text_features is not None else None
         vote = self.neighbours.probabilities(combine(embeddings, text))
-        z = np.log(np.clip(probs, 1e-9, 1)) + w * np.log(np.clip(vote, 1e-9, 1))
-        return _softmax(z / self.settings.get("neighbour_fused_temperature", 1.0))
+        return product(probs, vote, w, self.settings.get("neighbour_fused_temperature", 1.0))
 
     def decide_states(self, texts: list[str], states: np.ndarray, use_fast_path: bool = True) -> Decision:
         """The cascade on precomputed per-layer states (n, L, h): identical decisions to live routing.
@@ -199,7 +196,7 @@ class Router:
         if fast_only or (not force_dact and self.fast_threshold is not None and fast.max() >= self.fast_threshold):
             probs, exit_layer = fast, 0
         vote = not fast_only and not force_dact and self.neighbours is not None
-        last = None
+        last = None   # the query's pooled last layer, when an encoder pass made it (the vote, later experts)
         if exit_layer is None:
             decision, last = self.dact([text], last_layer=vote)
             probs, exit_layer = decision.probabilities[0], int(decision.exit_layer[0])
@@ -209,15 +206,16 @@ class Router:
             if last is None:   # the fast path answered: one encoder pass for the vote
                 last = self._encoder_steps().encoder.encode([text])
             probs = self.vote(probs[None], [text], last)[0]
-        return self._decide(text, probs, exit_layer, started)
+        return self._decide(text, probs, exit_layer, started, None if last is None else last[0])
 
     def route_many(self, texts: list[str | bytes]) -> list[Route]:
         return [self.route(t) for t in texts]
 
     # ---- decisions -----------------------------------------------------------------------
-    def _decide(self, text: str, probs: np.ndarray, exit_layer: int, started: float) -> Route:
+    def _decide(self, text: str, probs: np.ndarray, exit_layer: int, started: float,
+                vector: np.ndarray | None = None) -> Route:
         names = [p.name for p in self.profiles]
-        scores = self._with_profiles(text, probs)
+        scores = self._with_profiles(text, probs, vector)
         order = np.argsort(-scores)
         # the top category clears the store's t_C; the others the request's (the same one when fixed)
         selection = select(scores, self.threshold, self.adaptive,
@@ -270,12 +268,12 @@ class Router:
         known = len(content) - len(words) + (self.fast.known_fraction(" ".join(words)) * len(words) if words else 0)
         return known / len(content) < self.settings["min_known_fraction"]
 
-    def _with_profiles(self, text: str, probs: np.ndarray) -> np.ndarray:
+    def _with_profiles(self, text: str, probs: np.ndarray, vector: np.ndarray | None = None) -> np.ndarray:
         """Trained probabilities, extended to experts that joined later and tilted by keyword priors."""
         scores = np.asarray(probs, np.float64)
         extra = [p for p in self.profiles if p.category is None]
         if extra:
-            scores = self._join_extra(text, scores, extra)
+            scores = self._join_extra(text, scores, extra, vector)
         boost = self.settings["keyword_boost"]
         if boost:
             words = f" {' '.join(tokens(text))} "
@@ -286,11 +284,13 @@ class Router:
                 scores /= scores.sum()
         return scores
 
-    def _join_extra(self, text: str, scores: np.ndarray, extra: list[ExpertProfile]) -> np.ndarray:
+    def _join_extra(self, text: str, scores: np.ndarray, extra: list[ExpertProfile],
+                    vector: np.ndarray | None = None) -> np.ndarray:
         """c-BTM style: softmax(cos(query, centroid) / T) over every profile's centroid says how much
-        mass the later experts take; the trained probabilities share the rest."""
+        mass the later experts take; the trained probabilities share the rest. `vector`: the query's
+        pooled last layer when routing already computed it (the encoder's embedding, not yet unit length)."""
         trained = [p for p in self.profiles if p.category is not None]
-        query = self._encoder.encode([text])[0]
+        query = self._encoder.encode([text])[0] if vector is None else normalize(vector[None])[0]
         centroids = np.array([p.centroid for p in trained + extra], np.float64)
         sims = centroids @ query / np.maximum(np.linalg.norm(centroids, axis=1), 1e-9)
         z = sims / self.settings["centroid_temperature"]
@@ -333,6 +333,11 @@ def _as_text(text: str | bytes) -> str:
     if not isinstance(text, str):
         raise TypeError(f"a route request is text, not {type(text).__name__}")
     return text
+
+
+def product(p: np.ndarray, q: np.ndarray, weight: float, temperature: float) -> np.ndarray:
+    """Two calibrated opinions fused: softmax((log p + weight · log q) / temperature)."""
+    return _softmax((np.log(np.clip(p, 1e-9, 1)) + weight * np.log(np.clip(q, 1e-9, 1))) / temperature)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
